@@ -1,0 +1,43 @@
+"""structprune: structured pruning of LLM checkpoints into smaller standard checkpoints.
+
+Importing the package stays light (no torch): the shard engine and the CLI's ``info``/``apply`` run
+in a few megabytes of Python.
+"""
+
+from structprune._core import __version__
+from structprune.apply import ApplyReport, PlannedOutput, apply_plan, plan_output
+from structprune.checkpoint import Checkpoint, TensorInfo, read_checkpoint
+from structprune.errors import (
+    CheckpointError,
+    ConfigError,
+    HeaderError,
+    OutputError,
+    OutputExistsError,
+    PlanError,
+    ShardIndexError,
+    StructpruneError,
+    StructpruneIOError,
+)
+from structprune.plan import CutPlan, TensorCut
+
+__all__ = [
+    "__version__",
+    "ApplyReport",
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "CutPlan",
+    "HeaderError",
+    "OutputError",
+    "OutputExistsError",
+    "PlanError",
+    "PlannedOutput",
+    "ShardIndexError",
+    "StructpruneError",
+    "StructpruneIOError",
+    "TensorCut",
+    "TensorInfo",
+    "apply_plan",
+    "plan_output",
+    "read_checkpoint",
+]

@@ -1,0 +1,3 @@
+from structprune.cli import main
+
+main()

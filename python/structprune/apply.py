@@ -1,0 +1,122 @@
+"""Applying a cut plan: the Python face of the Rust shard engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, Union
+
+from structprune import _core
+from structprune.plan import PlanLike, as_plan_json
+from structprune.sizes import parse_size
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_MEMORY_BUDGET = "256MiB"
+# The engine is bound by disk and page-cache copies; past four threads it only adds contention.
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+
+ProgressCallback = Callable[[int, int], None]
+_PathLike = Union[str, "PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    output_dir: Path
+    tensors: int
+    bytes_written: int
+    total_size: int
+    shards: List[str]
+    copied_files: List[str]
+    skipped_files: List[str]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    file: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """What applying a plan would write (``structprune apply --dry-run``)."""
+
+    tensors: List[PlannedTensor]
+    shards: List[str]
+    total_size: int
+
+
+def plan_output(model_dir: _PathLike, plan: PlanLike, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> PlannedOutput:
+    """Validates ``plan`` against the checkpoint and describes the output, writing nothing."""
+    raw = _core.plan_layout(str(model_dir), as_plan_json(plan), parse_size(max_shard_size))
+    tensors = [PlannedTensor(n, d, tuple(s), f, b) for n, d, s, f, b in raw["tensors"]]
+    return PlannedOutput(tensors=tensors, shards=list(raw["shards"]), total_size=raw["total_size"])
+
+
+def apply_plan(
+    model_dir: _PathLike,
+    plan: PlanLike,
+    output_dir: _PathLike,
+    *,
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
+    threads: Optional[int] = None,
+    overwrite: bool = False,
+    progress: Union[bool, ProgressCallback] = False,
+) -> ApplyReport:
+    """Writes the checkpoint ``model_dir`` cut by ``plan`` to ``output_dir``.
+
+    Memory stays within ``memory_budget`` whatever the checkpoint's size. The output appears only
+    when complete (an error or Ctrl-C leaves nothing); the input is never modified; the same input
+    and plan give byte-identical output. ``progress`` is ``True`` for a progress bar on stderr or a
+    callable receiving ``(done_bytes, total_bytes)``.
+    """
+    thread_count = DEFAULT_THREADS if threads is None else threads
+    if thread_count < 1:
+        raise ValueError(f"threads must be at least 1, got {thread_count}")
+    arguments = (
+        str(model_dir),
+        as_plan_json(plan),
+        str(output_dir),
+        parse_size(max_shard_size),
+        parse_size(memory_budget),
+        thread_count,
+        overwrite,
+    )
+    if progress is True:
+        raw = _apply_with_bar(arguments)
+    else:
+        raw = _core.apply_plan(*arguments, progress=progress or None)
+    return ApplyReport(
+        output_dir=Path(raw["output_dir"]),
+        tensors=raw["tensors"],
+        bytes_written=raw["bytes_written"],
+        total_size=raw["total_size"],
+        shards=list(raw["shards"]),
+        copied_files=list(raw["copied_files"]),
+        skipped_files=list(raw["skipped_files"]),
+    )
+
+
+def _apply_with_bar(arguments: tuple) -> "_core._ReportDict":
+    from tqdm.auto import tqdm
+
+    bars: List[tqdm] = []
+
+    def update(done: int, total: int) -> None:
+        # Created on the first report, so a run that fails validation prints no empty bar.
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", dynamic_ncols=True))
+        bar = bars[0]
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return _core.apply_plan(*arguments, progress=update)
+    finally:
+        for bar in bars:
+            bar.close()

@@ -1,0 +1,170 @@
+"""The ``structprune`` command."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from functools import wraps
+from math import prod
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, TypeVar
+
+import click
+
+from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, plan_output
+from structprune.checkpoint import Checkpoint, read_checkpoint
+from structprune.errors import StructpruneError
+from structprune.sizes import format_size, parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+# A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
+_BLOCK_TENSOR = re.compile(r"\.\d+\.")
+
+
+class SizeParam(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def reports_errors(command: F) -> F:
+    """Turns structprune's errors into one ``error:`` line and exit status 1, Ctrl-C into 130."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StructpruneError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="structprune")
+def main() -> None:
+    """Structured pruning of LLM checkpoints into smaller standard checkpoints."""
+
+
+def describe(checkpoint: Checkpoint) -> Dict[str, Any]:
+    config = checkpoint.config or {}
+    block_params = sum(t.numel for t in checkpoint.tensors.values() if _BLOCK_TENSOR.search(t.name))
+    shape_keys = (
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+    return {
+        "path": str(checkpoint.path),
+        "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"),
+        "config": {key: config[key] for key in shape_keys if key in config},
+        "parameters": checkpoint.parameters,
+        "block_parameters": block_params,
+        "tensors": len(checkpoint.tensors),
+        "shards": checkpoint.shards,
+        "bytes_by_dtype": checkpoint.bytes_by_dtype(),
+        "total_bytes": checkpoint.total_bytes,
+    }
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@reports_errors
+def info(model: Path, as_json: bool) -> None:
+    """Describe the checkpoint MODEL (a directory) from its headers alone: architecture,
+    parameters, shards, dtypes and bytes."""
+    summary = describe(read_checkpoint(model))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    params, blocks = summary["parameters"], summary["block_parameters"]
+    rows = [
+        ("model", summary["path"]),
+        ("architecture", f"{', '.join(summary['architectures'] or ['?'])} ({summary['model_type'] or '?'})"),
+        ("shape", ", ".join(f"{k}={v}" for k, v in summary["config"].items()) or "(no config.json)"),
+        ("parameters", f"{params:,} ({blocks:,} in repeated blocks, {params - blocks:,} outside)"),
+        ("tensors", f"{summary['tensors']} in {len(summary['shards'])} shard(s): {', '.join(summary['shards'])}"),
+        ("dtypes", ", ".join(f"{d} {format_size(b)}" for d, b in summary["bytes_by_dtype"].items())),
+        ("bytes", f"{summary['total_bytes']:,} ({format_size(summary['total_bytes'])})"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label:<{width}}  {value}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("plan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
+@click.option("--max-shard-size", type=SizeParam(), default=DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest output shard (a larger tensor gets a shard of its own).")
+@click.option("--memory-budget", type=SizeParam(), default=DEFAULT_MEMORY_BUDGET, show_default=True, help="Buffer memory the engine may use, whatever the checkpoint's size.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Copy threads [default: min(4, cores)].")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("--dry-run", is_flag=True, help="Validate the plan and print the result's size; write nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@reports_errors
+def apply(
+    model: Path,
+    plan: Path,
+    output: Path,
+    max_shard_size: int,
+    memory_budget: int,
+    threads: Optional[int],
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
+    """Write the checkpoint MODEL cut by the plan PLAN (JSON, docs/plan-format.md) to OUTPUT.
+
+    The input is never modified; the output appears only when complete."""
+    source = read_checkpoint(model)
+    planned = plan_output(model, plan, max_shard_size=max_shard_size)
+    before, after = source.parameters, sum(prod(t.shape) for t in planned.tensors)
+    if dry_run:
+        click.echo(f"parameters  {before:,} -> {after:,} ({_removed(before, after)})")
+        click.echo(f"bytes       {source.total_bytes:,} -> {planned.total_size:,}")
+        click.echo(f"shards      {', '.join(planned.shards)}")
+        click.echo("dry run: nothing written")
+        return
+    started = time.perf_counter()
+    report = apply_plan(
+        model,
+        plan,
+        output,
+        max_shard_size=max_shard_size,
+        memory_budget=memory_budget,
+        threads=threads,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    if quiet:
+        return
+    elapsed = time.perf_counter() - started
+    click.echo(f"wrote {report.output_dir} in {elapsed:.1f} s")
+    click.echo(f"parameters  {before:,} -> {after:,} ({_removed(before, after)})")
+    click.echo(f"bytes       {source.total_bytes:,} -> {report.total_size:,} in {len(report.shards)} shard(s)")
+    if report.copied_files:
+        click.echo(f"copied      {', '.join(report.copied_files)}")
+    if report.skipped_files:
+        click.echo(f"not copied  {', '.join(report.skipped_files)} (other weight formats would be stale)")
+
+
+def _removed(before: int, after: int) -> str:
+    return f"{100 * (before - after) / before:.2f}% removed" if before else "empty checkpoint"

@@ -1,0 +1,62 @@
+"""The exception hierarchy. The Rust core raises these same classes (it looks them up here), so
+``except StructpruneError`` catches every failure structprune reports on purpose.
+
+Each exception carries ``path`` (the file or directory at fault) and ``tensor`` (the tensor's name)
+when they apply, else ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class StructpruneError(Exception):
+    """Base class of every error structprune raises on purpose."""
+
+    path: Optional[str] = None
+    tensor: Optional[str] = None
+
+
+class CheckpointError(StructpruneError, ValueError):
+    """The input checkpoint is malformed."""
+
+
+class HeaderError(CheckpointError):
+    """A safetensors file's header is invalid or does not match the file."""
+
+
+class ShardIndexError(CheckpointError):
+    """The shard index and the shards disagree, or a shard is missing."""
+
+
+class PlanError(StructpruneError, ValueError):
+    """A cut plan is malformed or does not fit the checkpoint."""
+
+
+class ConfigError(StructpruneError, ValueError):
+    """config.json is missing or cannot be edited as the plan asks."""
+
+
+class OutputError(StructpruneError):
+    """The output path cannot be used."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output exists and overwriting was not asked for."""
+
+
+class StructpruneIOError(StructpruneError, OSError):
+    """Reading or writing a file failed."""
+
+
+__all__ = [
+    "StructpruneError",
+    "CheckpointError",
+    "HeaderError",
+    "ShardIndexError",
+    "PlanError",
+    "ConfigError",
+    "OutputError",
+    "OutputExistsError",
+    "StructpruneIOError",
+]

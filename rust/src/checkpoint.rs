@@ -1,0 +1,162 @@
+//! Discovering and validating a Hugging Face checkpoint directory: one `model.safetensors`, or
+//! shards listed by `model.safetensors.index.json`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::header::{read_header, Header, TensorEntry};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const CONFIG_FILE: &str = "config.json";
+
+#[derive(Debug)]
+pub struct Shard {
+    pub file_name: String,
+    pub path: PathBuf,
+    pub header: Header,
+}
+
+/// Where a tensor lives: shard number and entry number within that shard's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorRef {
+    pub shard: usize,
+    pub entry: usize,
+}
+
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    /// Shards in file-name order.
+    pub shards: Vec<Shard>,
+    /// Set when the checkpoint is sharded.
+    pub index_path: Option<PathBuf>,
+    /// Every tensor in storage order: shard by shard, then by offset.
+    pub order: Vec<TensorRef>,
+    by_name: HashMap<String, TensorRef>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(Error::ShardIndex {
+                path: dir.to_owned(),
+                reason: "not a directory".into(),
+            });
+        }
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let (shards, index_path) = if index_path.is_file() {
+            (open_sharded(dir, &index_path)?, Some(index_path))
+        } else if single_path.is_file() {
+            let header = read_header(&single_path)?;
+            let shard = Shard { file_name: SINGLE_FILE.into(), path: single_path, header };
+            (vec![shard], None)
+        } else {
+            return Err(Error::ShardIndex {
+                path: dir.to_owned(),
+                reason: format!(
+                    "no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are supported; \
+                     convert pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))"
+                ),
+            });
+        };
+        let mut order = Vec::new();
+        let mut by_name = HashMap::new();
+        for (s, shard) in shards.iter().enumerate() {
+            for (e, entry) in shard.header.tensors.iter().enumerate() {
+                let r = TensorRef { shard: s, entry: e };
+                if let Some(previous) = by_name.insert(entry.name.clone(), r) {
+                    return Err(Error::ShardIndex {
+                        path: shard.path.clone(),
+                        reason: format!(
+                            "tensor '{}' is stored in both {} and {}",
+                            entry.name, shards[previous.shard].file_name, shard.file_name
+                        ),
+                    });
+                }
+                order.push(r);
+            }
+        }
+        Ok(Checkpoint { dir: dir.to_owned(), shards, index_path, order, by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<TensorRef> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn entry(&self, r: TensorRef) -> &TensorEntry {
+        &self.shards[r.shard].header.tensors[r.entry]
+    }
+
+    pub fn tensors(&self) -> impl Iterator<Item = (TensorRef, &TensorEntry)> + '_ {
+        self.order.iter().map(|&r| (r, self.entry(r)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Files that are part of the weights and therefore rewritten rather than copied.
+    pub fn weight_files(&self) -> BTreeSet<String> {
+        let mut files: BTreeSet<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
+        if self.index_path.is_some() {
+            files.insert(INDEX_FILE.into());
+        }
+        files
+    }
+}
+
+fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Shard>> {
+    let invalid = |reason: String| Error::ShardIndex { path: index_path.to_owned(), reason };
+    let text = std::fs::read_to_string(index_path).map_err(Error::io(index_path))?;
+    let root: Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let weight_map = root
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| invalid("missing object 'weight_map'".into()))?;
+    let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (tensor, file) in weight_map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| invalid(format!("weight_map entry of tensor '{tensor}' is not a file name")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(invalid(format!("weight_map names '{file}' for tensor '{tensor}', which is not a file in the checkpoint directory")));
+        }
+        by_file.entry(file.to_owned()).or_default().insert(tensor.clone());
+    }
+    let mut shards = Vec::with_capacity(by_file.len());
+    for (file_name, listed) in by_file {
+        let path = dir.join(&file_name);
+        if !path.is_file() {
+            let example = listed.iter().next().map(String::as_str).unwrap_or_default();
+            return Err(invalid(format!(
+                "shard {file_name} (holding tensor '{example}' and {} more) does not exist",
+                listed.len().saturating_sub(1)
+            )));
+        }
+        let header = read_header(&path)?;
+        let stored: BTreeSet<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+        if let Some(missing) = listed.iter().find(|t| !stored.contains(t.as_str())) {
+            return Err(invalid(format!("the index maps tensor '{missing}' to {file_name}, which does not contain it")));
+        }
+        if let Some(extra) = stored.iter().find(|t| !listed.contains(**t)) {
+            let mapped = weight_map.get(*extra).and_then(Value::as_str);
+            let reason = match mapped {
+                Some(other) => format!("tensor '{extra}' is stored in {file_name} but the index maps it to {other}"),
+                None => format!("tensor '{extra}' is stored in {file_name} but the index does not list it"),
+            };
+            return Err(invalid(reason));
+        }
+        shards.push(Shard { file_name, path, header });
+    }
+    Ok(shards)
+}

@@ -1,0 +1,65 @@
+//! The crate's one error type. Every variant names the file, tensor or setting at fault, because
+//! the person reading the message usually has a multi-gigabyte checkpoint and no debugger.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid safetensors file{}: {reason}", tensor_clause(.tensor))]
+    Header {
+        path: PathBuf,
+        tensor: Option<String>,
+        reason: String,
+    },
+
+    #[error("{path}: invalid checkpoint: {reason}")]
+    ShardIndex { path: PathBuf, reason: String },
+
+    #[error("invalid cut plan{}: {reason}", tensor_clause(.tensor))]
+    Plan {
+        tensor: Option<String>,
+        reason: String,
+    },
+
+    #[error("{path}: invalid config: {reason}")]
+    Config { path: PathBuf, reason: String },
+
+    #[error("{path}: output already exists (pass --overwrite, or overwrite=True, to replace it)")]
+    OutputExists { path: PathBuf },
+
+    #[error("{path}: {reason}")]
+    Output { path: PathBuf, reason: String },
+
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn tensor_clause(tensor: &Option<String>) -> String {
+    match tensor {
+        Some(name) => format!(", tensor '{name}'"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+
+    pub(crate) fn plan(tensor: &str, reason: impl Into<String>) -> Error {
+        Error::Plan {
+            tensor: Some(tensor.to_owned()),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! structprune's core: safetensors checkpoints read and rewritten out of core, cut plans validated
+//! and applied. Pure Rust; the Python binding lives in `python.rs` behind the `python` feature.
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod gather;
+pub mod header;
+pub mod plan;
+pub mod rewrite;
+pub mod staging;
+
+pub use error::{Error, Result};
+
+#[cfg(feature = "python")]
+mod python;

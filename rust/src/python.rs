@@ -1,0 +1,154 @@
+//! The thin PyO3 layer: converts arguments and results, maps `Error` onto the Python exception
+//! hierarchy of `structprune.errors`, and runs long work with the GIL released.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Error;
+use crate::plan::CutPlan;
+use crate::rewrite::{self, ApplyOptions, ApplyReport, Progress};
+
+/// How often a long call wakes up to report progress and notice Ctrl-C.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+fn to_pyerr(err: Error) -> PyErr {
+    Python::attach(|py| {
+        let (class, path, tensor) = match &err {
+            Error::Io { path, .. } => ("StructpruneIOError", Some(path.clone()), None),
+            Error::Header { path, tensor, .. } => ("HeaderError", Some(path.clone()), tensor.clone()),
+            Error::ShardIndex { path, .. } => ("ShardIndexError", Some(path.clone()), None),
+            Error::Plan { tensor, .. } => ("PlanError", None, tensor.clone()),
+            Error::Config { path, .. } => ("ConfigError", Some(path.clone()), None),
+            Error::OutputExists { path } => ("OutputExistsError", Some(path.clone()), None),
+            Error::Output { path, .. } => ("OutputError", Some(path.clone()), None),
+            Error::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
+        };
+        let build = || -> PyResult<PyErr> {
+            let cls = py.import("structprune.errors")?.getattr(class)?;
+            let instance = cls.call1((err.to_string(),))?;
+            instance.setattr("path", path.map(|p| p.to_string_lossy().into_owned()))?;
+            instance.setattr("tensor", tensor)?;
+            Ok(PyErr::from_value(instance))
+        };
+        build().unwrap_or_else(|e| e)
+    })
+}
+
+#[pyfunction]
+fn read_checkpoint<'py>(py: Python<'py>, model_dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let checkpoint = py.detach(|| Checkpoint::open(&model_dir)).map_err(to_pyerr)?;
+    let tensors = PyList::empty(py);
+    for (r, entry) in checkpoint.tensors() {
+        let file = &checkpoint.shards[r.shard].file_name;
+        tensors.append((&entry.name, entry.dtype.name(), entry.shape.clone(), file, entry.nbytes()))?;
+    }
+    let result = PyDict::new(py);
+    result.set_item("shards", checkpoint.shards.iter().map(|s| s.file_name.clone()).collect::<Vec<_>>())?;
+    result.set_item("sharded", checkpoint.index_path.is_some())?;
+    result.set_item("tensors", tensors)?;
+    Ok(result)
+}
+
+/// Validates a plan against a checkpoint and returns the output it would produce, writing nothing.
+#[pyfunction]
+fn plan_layout<'py>(py: Python<'py>, model_dir: PathBuf, plan_json: &str, max_shard_size: u64) -> PyResult<Bound<'py, PyDict>> {
+    let layout = py
+        .detach(|| {
+            let plan = CutPlan::from_json(plan_json)?;
+            let checkpoint = Checkpoint::open(&model_dir)?;
+            rewrite::layout(&checkpoint, &plan, max_shard_size)
+        })
+        .map_err(to_pyerr)?;
+    let tensors = PyList::empty(py);
+    for (t, (shard, _)) in layout.tensors.iter().zip(&layout.placements) {
+        tensors.append((&t.name, t.dtype.name(), t.shape.clone(), &layout.shards[*shard].file_name, t.nbytes))?;
+    }
+    let result = PyDict::new(py);
+    result.set_item("shards", layout.shards.iter().map(|s| s.file_name.clone()).collect::<Vec<_>>())?;
+    result.set_item("tensors", tensors)?;
+    result.set_item("total_size", layout.total_size)?;
+    Ok(result)
+}
+
+#[pyfunction]
+#[pyo3(signature = (model_dir, plan_json, output_dir, max_shard_size, memory_budget, threads, overwrite, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn apply_plan<'py>(
+    py: Python<'py>,
+    model_dir: PathBuf,
+    plan_json: &str,
+    output_dir: PathBuf,
+    max_shard_size: u64,
+    memory_budget: u64,
+    threads: usize,
+    overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let plan = CutPlan::from_json(plan_json).map_err(to_pyerr)?;
+    let options = ApplyOptions { max_shard_size, memory_budget, threads, overwrite };
+    let state = Arc::new(Progress::default());
+    let (sender, mut receiver) = mpsc::channel();
+    let engine_state = Arc::clone(&state);
+    std::thread::spawn(move || {
+        let result = rewrite::apply_plan(&model_dir, &plan, &output_dir, &options, &engine_state);
+        let _ = sender.send(result);
+    });
+    let outcome = loop {
+        let (received, back) = py.detach(move || (receiver.recv_timeout(POLL_INTERVAL), receiver));
+        receiver = back;
+        let report_progress = || -> PyResult<()> {
+            if let Some(callback) = &progress {
+                callback.call1((state.done.load(Ordering::Relaxed), state.total.load(Ordering::Relaxed)))?;
+            }
+            py.check_signals()
+        };
+        match received {
+            Ok(result) => {
+                report_progress()?;
+                break result;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(err) = report_progress() {
+                    state.cancel.store(true, Ordering::Relaxed);
+                    // The engine removes its partial output before it answers; wait for that.
+                    let _ = py.detach(move || receiver.recv());
+                    return Err(err);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(PyRuntimeError::new_err("internal error: the rewrite engine stopped without a result"));
+            }
+        }
+    };
+    let report = outcome.map_err(to_pyerr)?;
+    report_dict(py, &report)
+}
+
+fn report_dict<'py>(py: Python<'py>, report: &ApplyReport) -> PyResult<Bound<'py, PyDict>> {
+    let result = PyDict::new(py);
+    result.set_item("output_dir", &report.output_dir)?;
+    result.set_item("tensors", report.tensors)?;
+    result.set_item("bytes_written", report.bytes_written)?;
+    result.set_item("total_size", report.total_size)?;
+    result.set_item("shards", &report.shards)?;
+    result.set_item("copied_files", &report.copied_files)?;
+    result.set_item("skipped_files", &report.skipped_files)?;
+    Ok(result)
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_plan, m)?)?;
+    Ok(())
+}

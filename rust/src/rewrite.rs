@@ -1,0 +1,506 @@
+//! The out-of-core rewrite: a checkpoint and a cut plan in, a new checkpoint directory out.
+//!
+//! Every output tensor gets a fixed place (shard, offset) before any byte moves, so workers can copy
+//! tensors in any order with positional reads and writes, and the result is byte-identical whatever
+//! the thread count or buffer size. Each worker owns one output buffer and one read buffer, so peak
+//! memory is `memory_budget` however large the tensors and shards are.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+
+use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::error::{Error, Result};
+use crate::gather::{Segment, SegmentIter};
+use crate::header::{serialize_header, TensorEntry};
+use crate::plan::{output_tensors, CutPlan, OutputTensor};
+use crate::staging::{sync_dir, Staging};
+
+/// Reading a gap between two wanted ranges is cheaper than another system call when it is this small.
+const MAX_READ_GAP: u64 = 16 * 1024;
+/// Below this a per-worker buffer makes system-call overhead dominate.
+const MIN_BUFFER: u64 = 4 * 1024;
+/// Weight formats that would be stale after pruning; they are reported and not copied.
+const WEIGHT_EXTENSIONS: [&str; 8] = ["bin", "safetensors", "h5", "msgpack", "gguf", "pt", "pth", "ckpt"];
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    pub max_shard_size: u64,
+    pub memory_budget: u64,
+    pub threads: usize,
+    pub overwrite: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 256 << 20, threads: 4, overwrite: false }
+    }
+}
+
+/// Shared between the engine and whoever watches it: bytes done so far, the total, a cancel flag.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputShard {
+    pub file_name: String,
+    /// Range into `Layout::tensors`.
+    pub tensors: Range<usize>,
+    pub header: Vec<u8>,
+    pub data_len: u64,
+}
+
+/// Where every output tensor goes.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub tensors: Vec<OutputTensor>,
+    /// Per tensor: output shard and absolute file offset.
+    pub placements: Vec<(usize, u64)>,
+    pub shards: Vec<OutputShard>,
+    pub total_size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    pub output_dir: PathBuf,
+    pub tensors: usize,
+    pub bytes_written: u64,
+    pub total_size: u64,
+    pub shards: Vec<String>,
+    pub copied_files: Vec<String>,
+    pub skipped_files: Vec<String>,
+}
+
+/// Validates `plan` against `checkpoint` and places every output tensor.
+pub fn layout(checkpoint: &Checkpoint, plan: &CutPlan, max_shard_size: u64) -> Result<Layout> {
+    let tensors = output_tensors(plan, checkpoint)?;
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    let mut current = 0..0;
+    let mut current_bytes = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        if current.end > current.start && current_bytes + t.nbytes > max_shard_size {
+            groups.push(current.clone());
+            current = i..i;
+            current_bytes = 0;
+        }
+        current.end = i + 1;
+        current_bytes += t.nbytes;
+    }
+    groups.push(current);
+    let count = groups.len();
+    let metadata = Map::from_iter([("format".to_owned(), Value::from("pt"))]);
+    let mut placements = vec![(0, 0); tensors.len()];
+    let mut shards = Vec::with_capacity(count);
+    for (s, range) in groups.into_iter().enumerate() {
+        let mut offset = 0u64;
+        let entries: Vec<TensorEntry> = tensors[range.clone()]
+            .iter()
+            .map(|t| {
+                let entry = TensorEntry {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    begin: offset,
+                    end: offset + t.nbytes,
+                };
+                offset += t.nbytes;
+                entry
+            })
+            .collect();
+        let header = serialize_header(&entries, &metadata);
+        for (i, entry) in range.clone().zip(&entries) {
+            placements[i] = (s, header.len() as u64 + entry.begin);
+        }
+        let file_name = if count == 1 {
+            SINGLE_FILE.to_owned()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", s + 1)
+        };
+        shards.push(OutputShard { file_name, tensors: range, header, data_len: offset });
+    }
+    let total_size = tensors.iter().map(|t| t.nbytes).sum();
+    Ok(Layout { tensors, placements, shards, total_size })
+}
+
+/// Writes the pruned checkpoint of `input` under `plan` to `output`, atomically.
+pub fn apply_plan(
+    input: &Path,
+    plan: &CutPlan,
+    output: &Path,
+    options: &ApplyOptions,
+    progress: &Progress,
+) -> Result<ApplyReport> {
+    check_paths(input, output)?;
+    let checkpoint = Checkpoint::open(input)?;
+    let layout = layout(&checkpoint, plan, options.max_shard_size)?;
+    let config = patched_config(input, plan)?;
+    let (to_copy, skipped) = other_files(input, &checkpoint, config.is_some())?;
+    let copy_bytes: u64 = to_copy.iter().map(|(_, len)| len).sum();
+    progress.total.store(layout.total_size + copy_bytes, Ordering::Relaxed);
+
+    let staging = Staging::create(output, options.overwrite)?;
+    let dir = staging.path().to_owned();
+    let files = create_shards(&dir, &layout)?;
+    copy_tensors(&checkpoint, &layout, &files, options, progress)?;
+    for (file, path) in files.iter().zip(layout.shards.iter().map(|s| dir.join(&s.file_name))) {
+        file.sync_all().map_err(Error::io(path))?;
+    }
+    if layout.shards.len() > 1 {
+        write_synced(&dir.join(INDEX_FILE), &index_json(&layout))?;
+    }
+    if let Some(config) = &config {
+        write_synced(&dir.join(CONFIG_FILE), config)?;
+    }
+    let mut copied_files = Vec::with_capacity(to_copy.len());
+    for (relative, len) in &to_copy {
+        copy_file(&input.join(relative), &dir.join(relative))?;
+        progress.done.fetch_add(*len, Ordering::Relaxed);
+        copied_files.push(relative.to_string_lossy().into_owned());
+    }
+    if progress.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    staging.commit()?;
+    let headers: u64 = layout.shards.iter().map(|s| s.header.len() as u64).sum();
+    Ok(ApplyReport {
+        output_dir: output.to_owned(),
+        tensors: layout.tensors.len(),
+        bytes_written: layout.total_size + headers,
+        total_size: layout.total_size,
+        shards: layout.shards.iter().map(|s| s.file_name.clone()).collect(),
+        copied_files,
+        skipped_files: skipped,
+    })
+}
+
+/// Refuses outputs that would modify or delete the input.
+fn check_paths(input: &Path, output: &Path) -> Result<()> {
+    let input = input.canonicalize().map_err(Error::io(input))?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(parent) = parent.canonicalize() else {
+        return Ok(());
+    };
+    let output_abs = parent.join(output.file_name().unwrap_or_default());
+    let output_abs = output_abs.canonicalize().unwrap_or(output_abs);
+    if output_abs.starts_with(&input) || input.starts_with(&output_abs) {
+        return Err(Error::Output {
+            path: output.to_owned(),
+            reason: format!("output must be outside the input checkpoint {} and must not contain it", input.display()),
+        });
+    }
+    Ok(())
+}
+
+fn create_shards(dir: &Path, layout: &Layout) -> Result<Vec<File>> {
+    layout
+        .shards
+        .iter()
+        .map(|shard| {
+            let path = dir.join(&shard.file_name);
+            let file = File::options().read(true).write(true).create_new(true).open(&path).map_err(Error::io(&path))?;
+            file.set_len(shard.header.len() as u64 + shard.data_len).map_err(Error::io(&path))?;
+            file.write_all_at(&shard.header, 0).map_err(Error::io(&path))?;
+            Ok(file)
+        })
+        .collect()
+}
+
+/// One unit of work: output rows `rows` (along dimension 0) of tensor `tensor`.
+struct WorkItem {
+    tensor: usize,
+    rows: Range<u64>,
+}
+
+fn work_items(layout: &Layout, chunk_bytes: u64) -> Vec<WorkItem> {
+    let mut items = Vec::new();
+    for (i, t) in layout.tensors.iter().enumerate() {
+        let rows = t.shape.first().copied().unwrap_or(0);
+        if t.nbytes == 0 || rows == 0 {
+            items.push(WorkItem { tensor: i, rows: 0..rows });
+            continue;
+        }
+        let rows_per_item = (chunk_bytes / (t.nbytes / rows)).clamp(1, rows);
+        let mut start = 0;
+        while start < rows {
+            let end = (start + rows_per_item).min(rows);
+            items.push(WorkItem { tensor: i, rows: start..end });
+            start = end;
+        }
+    }
+    items
+}
+
+fn copy_tensors(
+    checkpoint: &Checkpoint,
+    layout: &Layout,
+    outputs: &[File],
+    options: &ApplyOptions,
+    progress: &Progress,
+) -> Result<()> {
+    let inputs: Vec<File> = checkpoint
+        .shards
+        .iter()
+        .map(|s| File::open(&s.path).map_err(Error::io(&s.path)))
+        .collect::<Result<_>>()?;
+    let threads = options.threads.max(1);
+    let buffer = (options.memory_budget / (2 * threads as u64)).max(MIN_BUFFER);
+    let items = work_items(layout, buffer);
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(items.len()) {
+            scope.spawn(|| {
+                let mut worker = Worker::new(buffer as usize);
+                loop {
+                    if progress.cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+                    if let Err(err) = worker.copy(checkpoint, layout, &inputs, outputs, item, progress) {
+                        progress.cancel.store(true, Ordering::Relaxed);
+                        failure.lock().unwrap().get_or_insert(err);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failure.into_inner().unwrap() {
+        Some(err) => Err(err),
+        None if progress.cancel.load(Ordering::Relaxed) => Err(Error::Cancelled),
+        None => Ok(()),
+    }
+}
+
+struct Worker {
+    out: Vec<u8>,
+    read: Vec<u8>,
+    batch: Vec<Segment>,
+}
+
+impl Worker {
+    fn new(buffer: usize) -> Worker {
+        Worker { out: vec![0; buffer], read: vec![0; buffer], batch: Vec::new() }
+    }
+
+    fn copy(
+        &mut self,
+        checkpoint: &Checkpoint,
+        layout: &Layout,
+        inputs: &[File],
+        outputs: &[File],
+        item: &WorkItem,
+        progress: &Progress,
+    ) -> Result<()> {
+        let t = &layout.tensors[item.tensor];
+        if t.nbytes == 0 {
+            return Ok(());
+        }
+        let shard = &checkpoint.shards[t.source.shard];
+        let source_base = shard.header.data_start + checkpoint.entry(t.source).begin;
+        let (out_shard, tensor_offset) = layout.placements[item.tensor];
+        let out_row_bytes = t.shape.first().map_or(t.nbytes, |&rows| t.nbytes / rows);
+        let mut out_offset = tensor_offset + item.rows.start * out_row_bytes;
+        let (input, output) = (&inputs[t.source.shard], &outputs[out_shard]);
+        let out_path = || PathBuf::from(&layout.shards[out_shard].file_name);
+        let mut segments = SegmentIter::new(t, item.rows.clone()).peekable();
+        let mut carry: Option<Segment> = None;
+        loop {
+            if progress.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let filled = self.fill_batch(&mut carry, &mut segments);
+            if filled == 0 {
+                return Ok(());
+            }
+            self.gather(input, source_base, &shard.path)?;
+            output.write_all_at(&self.out[..filled], out_offset).map_err(Error::io(out_path()))?;
+            out_offset += filled as u64;
+            progress.done.fetch_add(filled as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes segments until the output buffer is full, splitting the last one if needed.
+    fn fill_batch(&mut self, carry: &mut Option<Segment>, segments: &mut impl Iterator<Item = Segment>) -> usize {
+        self.batch.clear();
+        let capacity = self.out.len() as u64;
+        let mut filled = 0u64;
+        while filled < capacity {
+            let Some(segment) = carry.take().or_else(|| segments.next()) else { break };
+            let take = segment.len.min(capacity - filled);
+            self.batch.push(Segment { offset: segment.offset, len: take });
+            if take < segment.len {
+                *carry = Some(Segment { offset: segment.offset + take, len: segment.len - take });
+            }
+            filled += take;
+        }
+        filled as usize
+    }
+
+    /// Reads the batch's segments into the output buffer, merging nearby segments into one read.
+    fn gather(&mut self, input: &File, source_base: u64, path: &Path) -> Result<()> {
+        let read_capacity = self.read.len() as u64;
+        let mut out_pos = 0usize;
+        let mut i = 0;
+        while i < self.batch.len() {
+            let start = self.batch[i].offset;
+            let mut j = i;
+            while j + 1 < self.batch.len() {
+                let (prev, next) = (self.batch[j], self.batch[j + 1]);
+                if next.offset - (prev.offset + prev.len) > MAX_READ_GAP || next.offset + next.len - start > read_capacity {
+                    break;
+                }
+                j += 1;
+            }
+            if i == j {
+                let len = self.batch[i].len as usize;
+                input
+                    .read_exact_at(&mut self.out[out_pos..out_pos + len], source_base + start)
+                    .map_err(Error::io(path))?;
+                out_pos += len;
+            } else {
+                let end = self.batch[j].offset + self.batch[j].len;
+                let window = &mut self.read[..(end - start) as usize];
+                input.read_exact_at(window, source_base + start).map_err(Error::io(path))?;
+                for segment in &self.batch[i..=j] {
+                    let from = (segment.offset - start) as usize;
+                    let len = segment.len as usize;
+                    self.out[out_pos..out_pos + len].copy_from_slice(&window[from..from + len]);
+                    out_pos += len;
+                }
+            }
+            i = j + 1;
+        }
+        Ok(())
+    }
+}
+
+fn index_json(layout: &Layout) -> Vec<u8> {
+    let mut weight_map: Vec<(&str, &str)> = Vec::with_capacity(layout.tensors.len());
+    for shard in &layout.shards {
+        for t in &layout.tensors[shard.tensors.clone()] {
+            weight_map.push((&t.name, &shard.file_name));
+        }
+    }
+    weight_map.sort();
+    let weight_map: Map<String, Value> =
+        weight_map.into_iter().map(|(t, f)| (t.to_owned(), Value::from(f))).collect();
+    let index = serde_json::json!({
+        "metadata": {"total_size": layout.total_size},
+        "weight_map": weight_map,
+    });
+    pretty_json(&index)
+}
+
+fn pretty_json(value: &Value) -> Vec<u8> {
+    let mut text = serde_json::to_vec_pretty(value).expect("JSON values always serialise");
+    text.push(b'\n');
+    text
+}
+
+/// The input's config.json with the plan's merge patch applied, or `None` when the plan has none.
+fn patched_config(input: &Path, plan: &CutPlan) -> Result<Option<Vec<u8>>> {
+    let Some(patch) = &plan.config_patch else { return Ok(None) };
+    let path = input.join(CONFIG_FILE);
+    if !path.is_file() {
+        return Err(Error::Config { path, reason: "the plan edits config.json but the checkpoint has none".into() });
+    }
+    let text = fs::read_to_string(&path).map_err(Error::io(&path))?;
+    let mut config: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config { path: path.clone(), reason: format!("not valid JSON: {e}") })?;
+    if !config.is_object() {
+        return Err(Error::Config { path, reason: "not a JSON object".into() });
+    }
+    merge_patch(&mut config, patch);
+    Ok(Some(pretty_json(&config)))
+}
+
+/// RFC 7386 JSON Merge Patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let target = target.as_object_mut().expect("made an object above");
+    for (key, value) in patch {
+        if value.is_null() {
+            target.shift_remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// Files to copy unchanged (relative path, bytes) and files left out because they hold weights.
+fn other_files(input: &Path, checkpoint: &Checkpoint, config_rewritten: bool) -> Result<(Vec<(PathBuf, u64)>, Vec<String>)> {
+    let weights = checkpoint.weight_files();
+    let mut copy = Vec::new();
+    let mut skipped = BTreeSet::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let dir = input.join(&relative);
+        let mut entries: Vec<_> = fs::read_dir(&dir)
+            .map_err(Error::io(&dir))?
+            .collect::<std::io::Result<_>>()
+            .map_err(Error::io(&dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = relative.join(entry.file_name());
+            let name = path.to_string_lossy().into_owned();
+            let full = input.join(&path);
+            let metadata = fs::metadata(&full).map_err(Error::io(&full))?;
+            if metadata.is_dir() {
+                pending.push(path);
+            } else if weights.contains(&name) || (config_rewritten && name == CONFIG_FILE) {
+                continue;
+            } else if is_weight_file(&name) {
+                skipped.insert(name);
+            } else {
+                copy.push((path, metadata.len()));
+            }
+        }
+    }
+    copy.sort();
+    Ok((copy, skipped.into_iter().collect()))
+}
+
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".bin.index.json")
+        || Path::new(name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e))
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    }
+    fs::copy(from, to).map_err(Error::io(from))?;
+    File::open(to).and_then(|f| f.sync_all()).map_err(Error::io(to))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file = File::create(path).map_err(Error::io(path))?;
+    file.write_all_at(bytes, 0).and_then(|_| file.sync_all()).map_err(Error::io(path))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
