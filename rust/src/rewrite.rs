@@ -152,7 +152,7 @@ pub fn apply_plan(
     let dir = staging.path().to_owned();
     let files = create_shards(&dir, &layout)?;
     copy_tensors(&checkpoint, &layout, &files, options, progress)?;
-    for (file, path) in files.iter().zip(layout.shards.iter().map(|s| dir.join(&s.file_name))) {
+    for (path, file) in &files {
         file.sync_all().map_err(Error::io(path))?;
     }
     if layout.shards.len() > 1 {
@@ -204,7 +204,7 @@ fn check_paths(input: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn create_shards(dir: &Path, layout: &Layout) -> Result<Vec<File>> {
+fn create_shards(dir: &Path, layout: &Layout) -> Result<Vec<(PathBuf, File)>> {
     layout
         .shards
         .iter()
@@ -213,7 +213,7 @@ fn create_shards(dir: &Path, layout: &Layout) -> Result<Vec<File>> {
             let file = File::options().read(true).write(true).create_new(true).open(&path).map_err(Error::io(&path))?;
             file.set_len(shard.header.len() as u64 + shard.data_len).map_err(Error::io(&path))?;
             file.write_all_at(&shard.header, 0).map_err(Error::io(&path))?;
-            Ok(file)
+            Ok((path, file))
         })
         .collect()
 }
@@ -246,7 +246,7 @@ fn work_items(layout: &Layout, chunk_bytes: u64) -> Vec<WorkItem> {
 fn copy_tensors(
     checkpoint: &Checkpoint,
     layout: &Layout,
-    outputs: &[File],
+    outputs: &[(PathBuf, File)],
     options: &ApplyOptions,
     progress: &Progress,
 ) -> Result<()> {
@@ -301,7 +301,7 @@ impl Worker {
         checkpoint: &Checkpoint,
         layout: &Layout,
         inputs: &[File],
-        outputs: &[File],
+        outputs: &[(PathBuf, File)],
         item: &WorkItem,
         progress: &Progress,
     ) -> Result<()> {
@@ -314,8 +314,8 @@ impl Worker {
         let (out_shard, tensor_offset) = layout.placements[item.tensor];
         let out_row_bytes = t.shape.first().map_or(t.nbytes, |&rows| t.nbytes / rows);
         let mut out_offset = tensor_offset + item.rows.start * out_row_bytes;
-        let (input, output) = (&inputs[t.source.shard], &outputs[out_shard]);
-        let out_path = || PathBuf::from(&layout.shards[out_shard].file_name);
+        let input = &inputs[t.source.shard];
+        let (out_path, output) = &outputs[out_shard];
         let mut segments = SegmentIter::new(t, item.rows.clone()).peekable();
         let mut carry: Option<Segment> = None;
         loop {
@@ -327,7 +327,7 @@ impl Worker {
                 return Ok(());
             }
             self.gather(input, source_base, &shard.path)?;
-            output.write_all_at(&self.out[..filled], out_offset).map_err(Error::io(out_path()))?;
+            output.write_all_at(&self.out[..filled], out_offset).map_err(Error::io(out_path))?;
             out_offset += filled as u64;
             progress.done.fetch_add(filled as u64, Ordering::Relaxed);
         }

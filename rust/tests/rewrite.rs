@@ -1,0 +1,173 @@
+//! End-to-end checks of the rewrite engine on checkpoints written here byte by byte.
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use serde_json::{json, Map, Value};
+use structprune_core::dtype::Dtype;
+use structprune_core::header::{read_header, serialize_header, TensorEntry};
+use structprune_core::plan::CutPlan;
+use structprune_core::rewrite::{apply_plan, ApplyOptions, Progress};
+use structprune_core::Error;
+
+/// A tensor of 2-byte elements whose element i holds the value i, so every byte tells its origin.
+fn tensor(name: &str, shape: &[u64]) -> (TensorEntry, Vec<u8>) {
+    let numel: u64 = shape.iter().product();
+    let data: Vec<u8> = (0..numel as u16).flat_map(u16::to_le_bytes).collect();
+    let entry = TensorEntry { name: name.into(), dtype: Dtype::I16, shape: shape.to_vec(), begin: 0, end: 0 };
+    (entry, data)
+}
+
+fn write_shard(path: &Path, tensors: &[(TensorEntry, Vec<u8>)]) {
+    let mut offset = 0;
+    let entries: Vec<TensorEntry> = tensors
+        .iter()
+        .map(|(e, data)| {
+            let entry = TensorEntry { begin: offset, end: offset + data.len() as u64, ..e.clone() };
+            offset = entry.end;
+            entry
+        })
+        .collect();
+    let mut bytes = serialize_header(&entries, &Map::new());
+    for (_, data) in tensors {
+        bytes.extend_from_slice(data);
+    }
+    fs::write(path, bytes).unwrap();
+}
+
+fn sharded_checkpoint(dir: &Path) {
+    let first = vec![tensor("embed", &[10, 6]), tensor("layers.0.up", &[8, 6])];
+    let second = vec![tensor("layers.0.down", &[6, 8]), tensor("layers.1.up", &[8, 6]), tensor("scalar", &[])];
+    write_shard(&dir.join("a.safetensors"), &first);
+    write_shard(&dir.join("b.safetensors"), &second);
+    let weight_map: Map<String, Value> = first
+        .iter()
+        .map(|(e, _)| (e.name.clone(), json!("a.safetensors")))
+        .chain(second.iter().map(|(e, _)| (e.name.clone(), json!("b.safetensors"))))
+        .collect();
+    let index = json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    fs::write(dir.join("config.json"), r#"{"hidden_size": 6, "intermediate_size": 8, "keep_me": {"a": 1, "b": 2}}"#).unwrap();
+    fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+    fs::write(dir.join("pytorch_model.bin"), "stale").unwrap();
+}
+
+fn plan() -> CutPlan {
+    CutPlan::from_json(
+        &json!({
+            "format": "structprune.cut-plan", "version": 1,
+            "index_sets": {"hidden": [0, 2, 3, 5], "mlp": [1, 2, 6]},
+            "tensors": {
+                "embed": {"keep": {"1": "hidden"}},
+                "layers.0.up": {"keep": {"0": "mlp", "1": "hidden"}},
+                "layers.0.down": {"keep": {"0": "hidden", "1": "mlp"}},
+                "layers.1.up": {"drop": true},
+                "scalar": {"rename": "renamed"}
+            },
+            "config": {"hidden_size": 4, "intermediate_size": 3, "keep_me": {"b": null}}
+        })
+        .to_string(),
+    )
+    .unwrap()
+}
+
+fn options(threads: usize, memory_budget: u64, max_shard_size: u64) -> ApplyOptions {
+    ApplyOptions { threads, memory_budget, max_shard_size, overwrite: false }
+}
+
+/// Element values of a tensor in an output shard, as written by `tensor` (value = source index).
+fn values(path: &Path, name: &str) -> (Vec<u64>, Vec<u16>) {
+    let header = read_header(path).unwrap();
+    let entry = header.tensors.iter().find(|t| t.name == name).unwrap();
+    let bytes = fs::read(path).unwrap();
+    let data = &bytes[(header.data_start + entry.begin) as usize..(header.data_start + entry.end) as usize];
+    (entry.shape.clone(), data.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+}
+
+fn flat(rows: &[u16], cols: &[u16], width: u16) -> Vec<u16> {
+    rows.iter().flat_map(|r| cols.iter().map(move |c| r * width + c)).collect()
+}
+
+#[test]
+fn cuts_renames_drops_and_patches_config() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    sharded_checkpoint(&input);
+    let output = root.path().join("out");
+    let report = apply_plan(&input, &plan(), &output, &options(2, 1 << 20, 1 << 30), &Progress::default()).unwrap();
+    assert_eq!(report.shards, ["model.safetensors"]);
+    assert_eq!(report.copied_files, ["tokenizer.json"]);
+    assert_eq!(report.skipped_files, ["pytorch_model.bin"]);
+    let shard = output.join("model.safetensors");
+    let names: Vec<String> = read_header(&shard).unwrap().tensors.into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["embed", "layers.0.up", "layers.0.down", "renamed"]);
+    let all_rows: Vec<u16> = (0..10).collect();
+    assert_eq!(values(&shard, "embed"), (vec![10, 4], flat(&all_rows, &[0, 2, 3, 5], 6)));
+    assert_eq!(values(&shard, "layers.0.up"), (vec![3, 4], flat(&[1, 2, 6], &[0, 2, 3, 5], 6)));
+    assert_eq!(values(&shard, "layers.0.down"), (vec![4, 3], flat(&[0, 2, 3, 5], &[1, 2, 6], 8)));
+    assert_eq!(values(&shard, "renamed"), (vec![], vec![0]));
+    let config: Value = serde_json::from_slice(&fs::read(output.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config, json!({"hidden_size": 4, "intermediate_size": 3, "keep_me": {"a": 1}}));
+}
+
+#[test]
+fn output_bytes_do_not_depend_on_threads_buffers_or_input_sharding() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    sharded_checkpoint(&input);
+    let read_all = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let mut outputs = Vec::new();
+    for (i, (threads, budget)) in [(1, 1 << 20), (3, 64), (4, 4096)].into_iter().enumerate() {
+        let output = root.path().join(format!("out{i}"));
+        apply_plan(&input, &plan(), &output, &options(threads, budget, 100), &Progress::default()).unwrap();
+        outputs.push(read_all(&output));
+    }
+    assert!(outputs[0].len() > 3, "a 100-byte shard limit gives several shards");
+    assert_eq!(outputs[0], outputs[1]);
+    assert_eq!(outputs[0], outputs[2]);
+    let index: Value = serde_json::from_slice(&outputs[0].iter().find(|(n, _)| n == "model.safetensors.index.json").unwrap().1).unwrap();
+    assert_eq!(index["metadata"]["total_size"], json!(2 * (40 + 12 + 12 + 1)));
+}
+
+#[test]
+fn cancellation_and_errors_leave_no_output() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    sharded_checkpoint(&input);
+    let output = root.path().join("out");
+    let cancelled = Progress::default();
+    cancelled.cancel.store(true, Ordering::Relaxed);
+    let result = apply_plan(&input, &plan(), &output, &options(2, 1 << 20, 1 << 30), &cancelled);
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    fs::remove_file(input.join("b.safetensors")).unwrap();
+    let result = apply_plan(&input, &plan(), &output, &options(2, 1 << 20, 1 << 30), &Progress::default());
+    assert!(matches!(result, Err(Error::ShardIndex { .. })), "{result:?}");
+    let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["in"]);
+}
+
+#[test]
+fn refuses_outputs_that_would_touch_the_input() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    sharded_checkpoint(&input);
+    for output in [input.clone(), input.join("nested"), root.path().to_owned()] {
+        let mut opts = options(1, 1 << 20, 1 << 30);
+        opts.overwrite = true;
+        let result = apply_plan(&input, &plan(), &output, &opts, &Progress::default());
+        assert!(matches!(result, Err(Error::Output { .. })), "{output:?}: {result:?}");
+    }
+}
