@@ -45,6 +45,10 @@ class OutputExistsError(OutputError, FileExistsError):
     """The output exists and overwriting was not asked for."""
 
 
+class GraphError(StructpruneError, ValueError):
+    """A traced graph is malformed, or a model cannot be traced."""
+
+
 class StructpruneIOError(StructpruneError, OSError):
     """Reading or writing a file failed."""
 
@@ -58,5 +62,6 @@ __all__ = [
     "ConfigError",
     "OutputError",
     "OutputExistsError",
+    "GraphError",
     "StructpruneIOError",
 ]

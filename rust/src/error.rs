@@ -39,6 +39,9 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Output { path: PathBuf, reason: String },
 
+    #[error("traced graph{}: {reason}", node_clause(.node))]
+    Graph { node: Option<usize>, reason: String },
+
     #[error("cancelled")]
     Cancelled,
 }
@@ -46,6 +49,13 @@ pub enum Error {
 fn tensor_clause(tensor: &Option<String>) -> String {
     match tensor {
         Some(name) => format!(", tensor '{name}'"),
+        None => String::new(),
+    }
+}
+
+fn node_clause(node: &Option<usize>) -> String {
+    match node {
+        Some(id) => format!(", node {id}"),
         None => String::new(),
     }
 }

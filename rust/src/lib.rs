@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod gather;
+pub mod graph;
 pub mod header;
 pub mod plan;
 pub mod rewrite;

@@ -28,6 +28,7 @@ fn to_pyerr(err: Error) -> PyErr {
             Error::Config { path, .. } => ("ConfigError", Some(path.clone()), None),
             Error::OutputExists { path } => ("OutputExistsError", Some(path.clone()), None),
             Error::Output { path, .. } => ("OutputError", Some(path.clone()), None),
+            Error::Graph { .. } => ("GraphError", None, None),
             Error::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
         };
         let build = || -> PyResult<PyErr> {
@@ -143,6 +144,13 @@ fn report_dict<'py>(py: Python<'py>, report: &ApplyReport) -> PyResult<Bound<'py
     Ok(result)
 }
 
+/// Traced-graph JSON in, prunable structures as JSON out (see docs/traced-graph.md).
+#[pyfunction]
+fn build_structures(py: Python<'_>, ir_json: &str) -> PyResult<String> {
+    let set = py.detach(|| crate::graph::build_structures(ir_json)).map_err(to_pyerr)?;
+    Ok(serde_json::to_string(&set).expect("structures always serialise"))
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -150,5 +158,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(apply_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(build_structures, m)?)?;
     Ok(())
 }

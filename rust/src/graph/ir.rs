@@ -1,0 +1,107 @@
+//! The traced-graph IR written by `structprune.trace` (docs/traced-graph.md).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub const FORMAT: &str = "structprune.traced-graph";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Graph {
+    pub format: String,
+    pub version: u64,
+    #[serde(default)]
+    pub model: Value,
+    #[serde(default)]
+    pub layers: Option<Layers>,
+    pub params: Vec<Param>,
+    #[serde(default)]
+    pub tied: std::collections::BTreeMap<String, String>,
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Layers {
+    pub prefix: String,
+    pub traced: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<u64>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Node {
+    pub op: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub shape: Option<Vec<u64>>,
+    #[serde(default)]
+    pub shapes: Option<Vec<Option<Vec<u64>>>>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+}
+
+impl Node {
+    /// `aten.linear.default` → `linear`; `getitem` stays `getitem`.
+    pub fn base_op(&self) -> &str {
+        let op = self.op.strip_prefix("aten.").unwrap_or(&self.op);
+        op.split('.').next().unwrap_or(op)
+    }
+}
+
+impl Graph {
+    pub fn from_json(text: &str) -> Result<Graph> {
+        let invalid = |reason: String| Error::Graph { node: None, reason };
+        let graph: Graph = serde_json::from_str(text).map_err(|e| invalid(format!("not a valid traced graph: {e}")))?;
+        if graph.format != FORMAT || graph.version != 1 {
+            return Err(invalid(format!(
+                "format '{}' version {} is not '{FORMAT}' version 1",
+                graph.format, graph.version
+            )));
+        }
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for arg in node.args.iter().chain(node.kwargs.values()) {
+                if let Some(bad) = node_refs(arg).into_iter().find(|&r| r >= i) {
+                    return Err(Error::Graph {
+                        node: Some(i),
+                        reason: format!("{} refers to node {bad}, which does not come before it", node.op),
+                    });
+                }
+            }
+        }
+        if let Some(&bad) = graph.outputs.iter().find(|&&o| o >= graph.nodes.len()) {
+            return Err(invalid(format!("output refers to node {bad}, past the last node")));
+        }
+        Ok(graph)
+    }
+}
+
+/// Node ids referenced anywhere inside an argument.
+pub fn node_refs(value: &Value) -> Vec<usize> {
+    match value {
+        Value::Object(map) => match map.get("node").and_then(Value::as_u64) {
+            Some(id) => vec![id as usize],
+            None => map.values().flat_map(node_refs).collect(),
+        },
+        Value::Array(items) => items.iter().flat_map(node_refs).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The node id when the argument is a single tensor reference.
+pub fn as_node(value: &Value) -> Option<usize> {
+    value.as_object().filter(|m| m.len() == 1).and_then(|m| m.get("node")).and_then(Value::as_u64).map(|v| v as usize)
+}

@@ -1,0 +1,687 @@
+//! Index-level propagation rules: walk the traced graph once, in order, and for every op couple the
+//! spaces of its inputs' and outputs' dimensions (see `spaces.rs`). Ops without a rule pin every
+//! dimension they touch, naming the op and node, so a structure is either right or not offered.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::ir::{as_node, node_refs, Graph, Node};
+use super::spaces::{Refinement, SpaceId, Spaces, Tag};
+use crate::error::{Error, Result};
+
+type Dims = Vec<SpaceId>;
+
+#[derive(Debug, Clone)]
+enum Val {
+    Tensor(Dims),
+    Tuple(Vec<Option<Dims>>),
+    Other,
+}
+
+const ELEMENTWISE: &[&str] = &[
+    "add", "sub", "rsub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "silu", "gelu", "relu", "tanh", "sigmoid",
+    "exp", "log", "erf", "abs", "clone", "contiguous", "alias", "to", "_to_copy", "type_as", "dropout", "where",
+    "masked_fill", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "square", "reciprocal", "softplus",
+    "sin", "cos", "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__", "bitwise_and", "bitwise_or",
+    "bitwise_not", "logical_not", "logical_and", "logical_or", "detach", "lift_fresh_copy", "fill", "mish",
+    "hardtanh", "leaky_relu", "elu", "gelu_tanh", "isinf", "isnan", "sign", "floor", "ceil", "round", "trunc",
+    "log1p", "expm1", "float", "double", "half", "bfloat16", "_autocast_to_reduced_precision",
+];
+const CREATION: &[&str] = &[
+    "arange", "full", "zeros", "ones", "empty", "scalar_tensor", "new_ones", "new_zeros", "new_full", "new_empty",
+    "zeros_like", "ones_like", "full_like", "empty_like", "rand", "randn", "tensor", "linspace",
+];
+const RESHAPES: &[&str] = &["view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"];
+const REDUCTIONS: &[&str] = &["mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "logsumexp", "all", "any"];
+const PER_DIM_SCANS: &[&str] = &["cumsum", "cumprod", "diff", "flip", "roll"];
+const IGNORED: &[&str] = &["_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "sym_stride", "sym_constrain_range_for_size", "_assert_async"];
+
+/// The result of propagation: the spaces and, per parameter, the space of each dimension.
+pub struct Propagation {
+    pub spaces: Spaces,
+    pub param_dims: BTreeMap<String, Dims>,
+    /// (query-heads-within-group space, KV-group space) pairs found at GQA attention ops.
+    pub nested: Vec<(SpaceId, SpaceId)>,
+}
+
+pub fn propagate(graph: &Graph) -> Result<Propagation> {
+    let mut p = Propagator {
+        spaces: Spaces::default(),
+        values: Vec::with_capacity(graph.nodes.len()),
+        param_dims: BTreeMap::new(),
+        nested: Vec::new(),
+    };
+    for (id, node) in graph.nodes.iter().enumerate() {
+        let value = p.run(id, node)?;
+        p.values.push(value);
+    }
+    for &out in &graph.outputs {
+        let dims = p.all_dims(&p.values[out].clone());
+        for d in dims {
+            p.spaces.pin_deep(d, "model output");
+        }
+    }
+    Ok(Propagation { spaces: p.spaces, param_dims: p.param_dims, nested: p.nested })
+}
+
+struct Propagator {
+    spaces: Spaces,
+    values: Vec<Val>,
+    param_dims: BTreeMap<String, Dims>,
+    nested: Vec<(SpaceId, SpaceId)>,
+}
+
+impl Propagator {
+    fn run(&mut self, id: usize, node: &Node) -> Result<Val> {
+        let op = node.base_op();
+        let context = match &node.name {
+            Some(name) => format!("{} at node {id} ({name})", node.op),
+            None => format!("{} at node {id}", node.op),
+        };
+        let out_shape = node.shape.clone();
+        let result = match op {
+            "param" => {
+                let name = node.name.clone().ok_or_else(|| Error::Graph { node: Some(id), reason: "param node without a name".into() })?;
+                let dims = self.fresh_dims(node, id)?;
+                self.param_dims.insert(name, dims.clone());
+                Some(Val::Tensor(dims))
+            }
+            "buffer" | "constant" => {
+                let dims = self.fresh_dims(node, id)?;
+                let what = node.name.clone().unwrap_or_default();
+                for &d in &dims {
+                    self.spaces.pin(d, &format!("{op} '{what}' is computed from the config, not a weight that can be cut"));
+                }
+                Some(Val::Tensor(dims))
+            }
+            "input" => {
+                let dims = self.fresh_dims(node, id)?;
+                for &d in &dims {
+                    self.spaces.pin(d, "model input (batch, sequence)");
+                }
+                Some(Val::Tensor(dims))
+            }
+            "getitem" => Some(self.getitem(node)),
+            _ if IGNORED.contains(&op) => Some(Val::Other),
+            _ if ELEMENTWISE.contains(&op) => self.elementwise(node, &context),
+            _ if CREATION.contains(&op) => {
+                let dims = self.fresh_dims(node, id)?;
+                for &d in &dims {
+                    self.spaces.pin(d, &format!("created by {context}"));
+                }
+                Some(Val::Tensor(dims))
+            }
+            _ if RESHAPES.contains(&op) => self.tensor_arg(node, 0).and_then(|x| Some(Val::Tensor(self.reshape(&x, out_shape.as_ref()?, &context)))),
+            _ if REDUCTIONS.contains(&op) => self.reduction(node, &context),
+            _ if PER_DIM_SCANS.contains(&op) => self.scan(node, &context),
+            "linear" => self.linear(node, &context),
+            "addmm" => self.addmm(node, &context),
+            "mm" | "bmm" | "matmul" => self.matmul(node, 0, &context),
+            "baddbmm" => self.matmul(node, 1, &context).map(|v| {
+                if let (Val::Tensor(out), Some(input)) = (&v, self.tensor_arg(node, 0)) {
+                    self.broadcast_into(&input, out, &context);
+                }
+                v
+            }),
+            "embedding" => self.embedding(node),
+            "transpose" | "t" | "permute" | "swapaxes" | "movedim" => self.permute(node),
+            "expand" | "expand_as" => self.expand(node),
+            "repeat" => self.repeat(node),
+            "repeat_interleave" => self.repeat_interleave(node, &context),
+            "slice" | "narrow" => self.slice(node, &context),
+            "select" => self.select(node),
+            "split" | "split_with_sizes" | "chunk" | "unbind" | "tensor_split" => self.split(node, &context),
+            "cat" | "concat" | "concatenate" => self.cat(node, &context),
+            "stack" => self.stack(node, &context),
+            "scaled_dot_product_attention" => self.attention(node, &context),
+            "softmax" | "_softmax" | "log_softmax" | "_log_softmax" => self.softmax(node, &context),
+            "layer_norm" | "native_layer_norm" | "rms_norm" | "_fused_rms_norm" => self.norm(node, &context),
+            "tril" | "triu" => self.elementwise(node, &context).inspect(|v| {
+                if let Val::Tensor(dims) = v {
+                    for &d in dims.iter().rev().take(2) {
+                        self.spaces.pin(d, &format!("masked by {context}"));
+                    }
+                }
+            }),
+            _ => None,
+        };
+        Ok(match result {
+            Some(value) => value,
+            None => self.unsupported(node, &context),
+        })
+    }
+
+    fn fresh_dims(&mut self, node: &Node, id: usize) -> Result<Dims> {
+        let shape = node
+            .shape
+            .as_ref()
+            .ok_or_else(|| Error::Graph { node: Some(id), reason: format!("{} has no shape", node.op) })?;
+        Ok(shape.iter().map(|&s| self.spaces.fresh(s)).collect())
+    }
+
+    fn fresh_from(&mut self, shape: &[u64]) -> Dims {
+        shape.iter().map(|&s| self.spaces.fresh(s)).collect()
+    }
+
+    /// Pins everything an op without a rule touches, and gives its outputs pinned spaces.
+    fn unsupported(&mut self, node: &Node, context: &str) -> Val {
+        let reason = format!("{context} has no propagation rule");
+        let inputs: Vec<usize> = node.args.iter().chain(node.kwargs.values()).flat_map(node_refs).collect();
+        for input in inputs {
+            for d in self.all_dims(&self.values[input].clone()) {
+                self.spaces.pin_deep(d, &reason);
+            }
+        }
+        let pinned_fresh = |shape: &[u64], spaces: &mut Spaces| -> Dims {
+            shape
+                .iter()
+                .map(|&s| {
+                    let d = spaces.fresh(s);
+                    spaces.pin(d, &reason);
+                    d
+                })
+                .collect()
+        };
+        if let Some(shape) = &node.shape {
+            return Val::Tensor(pinned_fresh(shape, &mut self.spaces));
+        }
+        if let Some(shapes) = &node.shapes {
+            return Val::Tuple(shapes.iter().map(|s| s.as_ref().map(|s| pinned_fresh(s, &mut self.spaces))).collect());
+        }
+        Val::Other
+    }
+
+    fn all_dims(&self, value: &Val) -> Dims {
+        match value {
+            Val::Tensor(d) => d.clone(),
+            Val::Tuple(items) => items.iter().flatten().flatten().copied().collect(),
+            Val::Other => Vec::new(),
+        }
+    }
+
+    fn tensor(&self, value: &Value) -> Option<Dims> {
+        match &self.values[as_node(value)?] {
+            Val::Tensor(d) => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    fn arg<'n>(&self, node: &'n Node, index: usize, name: &str) -> Option<&'n Value> {
+        node.args.get(index).or_else(|| node.kwargs.get(name))
+    }
+
+    fn tensor_arg(&self, node: &Node, index: usize) -> Option<Dims> {
+        self.tensor(node.args.get(index)?)
+    }
+
+    fn int_arg(&self, node: &Node, index: usize, name: &str) -> Option<i64> {
+        self.arg(node, index, name).and_then(Value::as_i64)
+    }
+
+    /// Sizes never change under union, so any id's own record is exact.
+    fn size(&self, d: SpaceId) -> u64 {
+        self.spaces.size(d)
+    }
+
+    /// Unifies `input` into `out` aligned from the right, skipping broadcast dimensions.
+    fn broadcast_into(&mut self, input: &Dims, out: &Dims, context: &str) {
+        for (i, o) in input.iter().rev().zip(out.iter().rev()) {
+            if self.size(*i) == self.size(*o) && self.size(*i) > 1 {
+                self.spaces.unify(*i, *o, context);
+            }
+        }
+    }
+
+    fn elementwise(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let shape = node.shape.clone()?;
+        let inputs: Vec<Dims> = node.args.iter().chain(node.kwargs.values()).filter_map(|a| self.tensor(a)).collect();
+        let mut out: Vec<Option<SpaceId>> = vec![None; shape.len()];
+        for input in &inputs {
+            for (k, &d) in input.iter().rev().enumerate() {
+                let Some(slot) = out.len().checked_sub(k + 1) else { continue };
+                if self.size(d) != shape[slot] || shape[slot] <= 1 {
+                    continue;
+                }
+                match out[slot] {
+                    Some(existing) => {
+                        self.spaces.unify(existing, d, context);
+                    }
+                    None => out[slot] = Some(d),
+                }
+            }
+        }
+        Some(Val::Tensor(out.into_iter().zip(&shape).map(|(d, &s)| d.unwrap_or_else(|| self.spaces.fresh(s))).collect()))
+    }
+
+    fn getitem(&mut self, node: &Node) -> Val {
+        let source = node.args.first().and_then(as_node);
+        let index = node.args.get(1).and_then(Value::as_u64);
+        match (source.map(|s| &self.values[s]), index) {
+            (Some(Val::Tuple(items)), Some(i)) => match items.get(i as usize) {
+                Some(Some(dims)) => Val::Tensor(dims.clone()),
+                _ => Val::Other,
+            },
+            _ => Val::Other,
+        }
+    }
+
+    /// Reshapes keep positions: the output dimensions are products of the input's factors.
+    fn reshape(&mut self, input: &Dims, out_shape: &[u64], context: &str) -> Dims {
+        let mut queue: Vec<SpaceId> = input.iter().rev().copied().filter(|&d| self.size(d) != 1).collect();
+        let mut out = Vec::with_capacity(out_shape.len());
+        for &size in out_shape {
+            if size == 1 {
+                out.push(self.spaces.fresh(1));
+                continue;
+            }
+            let mut parts = Vec::new();
+            let mut have = 1u64;
+            while have < size {
+                let Some(next) = queue.pop() else { return self.reshape_failed(input, out_shape, context) };
+                let next_size = self.size(next);
+                if have * next_size <= size {
+                    if size % (have * next_size) != 0 {
+                        return self.reshape_failed(input, out_shape, context);
+                    }
+                    parts.push(next);
+                    have *= next_size;
+                } else {
+                    let wanted = size / have;
+                    match self.spaces.split_front(next, wanted, true) {
+                        Some((head, tail)) if size % have == 0 => {
+                            parts.push(head);
+                            queue.push(tail);
+                            have = size;
+                        }
+                        _ => return self.reshape_failed(input, out_shape, context),
+                    }
+                }
+            }
+            out.push(if parts.len() == 1 { parts[0] } else { self.spaces.fresh_refined(Refinement::Product(parts)) });
+        }
+        if !queue.is_empty() {
+            return self.reshape_failed(input, out_shape, context);
+        }
+        out
+    }
+
+    fn reshape_failed(&mut self, input: &Dims, out_shape: &[u64], context: &str) -> Dims {
+        let reason = format!("{context} regroups dimensions in a way that cannot be cut");
+        for &d in input {
+            self.spaces.pin_deep(d, &reason);
+        }
+        let out = self.fresh_from(out_shape);
+        for &d in &out {
+            self.spaces.pin(d, &reason);
+        }
+        out
+    }
+
+    fn linear(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let w = self.tensor_arg(node, 1)?;
+        if w.len() != 2 || x.is_empty() {
+            return None;
+        }
+        self.spaces.unify(*x.last()?, w[1], context);
+        if let Some(b) = self.arg(node, 2, "bias").and_then(|v| self.tensor(v)) {
+            self.spaces.unify(b[0], w[0], context);
+        }
+        let mut out = x[..x.len() - 1].to_vec();
+        out.push(w[0]);
+        Some(Val::Tensor(out))
+    }
+
+    fn addmm(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let bias = self.tensor_arg(node, 0)?;
+        let (a, b) = (self.tensor_arg(node, 1)?, self.tensor_arg(node, 2)?);
+        if a.len() != 2 || b.len() != 2 {
+            return None;
+        }
+        self.spaces.unify(a[1], b[0], context);
+        let out = vec![a[0], b[1]];
+        self.broadcast_into(&bias, &out, context);
+        Some(Val::Tensor(out))
+    }
+
+    fn matmul(&mut self, node: &Node, first: usize, context: &str) -> Option<Val> {
+        let (a, b) = (self.tensor_arg(node, first)?, self.tensor_arg(node, first + 1)?);
+        if a.len() < 2 || b.len() < 2 {
+            return None;
+        }
+        self.spaces.unify(a[a.len() - 1], b[b.len() - 2], context);
+        let (batch_a, batch_b) = (&a[..a.len() - 2], &b[..b.len() - 2]);
+        let batch = if batch_a.len() >= batch_b.len() { batch_a.to_vec() } else { batch_b.to_vec() };
+        let shorter = if batch_a.len() >= batch_b.len() { batch_b.to_vec() } else { batch_a.to_vec() };
+        self.broadcast_into(&shorter, &batch, context);
+        let mut out = batch;
+        out.push(a[a.len() - 2]);
+        out.push(b[b.len() - 1]);
+        Some(Val::Tensor(out))
+    }
+
+    fn embedding(&mut self, node: &Node) -> Option<Val> {
+        let (w, ids) = (self.tensor_arg(node, 0)?, self.tensor_arg(node, 1)?);
+        if w.len() != 2 {
+            return None;
+        }
+        self.spaces.pin(w[0], "embedding rows are looked up by token or position id");
+        self.spaces.tag(w[1], Tag::Hidden);
+        let mut out = ids;
+        out.push(w[1]);
+        Some(Val::Tensor(out))
+    }
+
+    fn normalize_dim(dim: i64, rank: usize) -> Option<usize> {
+        let d = if dim < 0 { dim + rank as i64 } else { dim };
+        (0..rank as i64).contains(&d).then_some(d as usize)
+    }
+
+    fn permute(&mut self, node: &Node) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let rank = x.len();
+        let mut out = x.clone();
+        match node.base_op() {
+            "t" => out.reverse(),
+            "permute" => {
+                let order = self.arg(node, 1, "dims")?.as_array()?;
+                out = order
+                    .iter()
+                    .map(|v| v.as_i64().and_then(|d| Self::normalize_dim(d, rank)).map(|d| x[d]))
+                    .collect::<Option<Dims>>()?;
+            }
+            "movedim" => {
+                let from = Self::normalize_dim(self.int_arg(node, 1, "source")?, rank)?;
+                let to = Self::normalize_dim(self.int_arg(node, 2, "destination")?, rank)?;
+                let d = out.remove(from);
+                out.insert(to, d);
+            }
+            _ => {
+                let a = Self::normalize_dim(self.int_arg(node, 1, "dim0")?, rank)?;
+                let b = Self::normalize_dim(self.int_arg(node, 2, "dim1")?, rank)?;
+                out.swap(a, b);
+            }
+        }
+        Some(Val::Tensor(out))
+    }
+
+    fn expand(&mut self, node: &Node) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let shape = node.shape.clone()?;
+        let lead = shape.len().checked_sub(x.len())?;
+        let mut out = Vec::with_capacity(shape.len());
+        for (k, &size) in shape.iter().enumerate() {
+            let source = k.checked_sub(lead).map(|i| x[i]);
+            match source {
+                Some(d) if self.size(d) == size => out.push(d),
+                _ => {
+                    let d = self.spaces.fresh(size);
+                    self.spaces.tag(d, Tag::Broadcast);
+                    out.push(d);
+                }
+            }
+        }
+        Some(Val::Tensor(out))
+    }
+
+    fn repeat(&mut self, node: &Node) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let repeats: Vec<u64> = self.arg(node, 1, "repeats")?.as_array()?.iter().map(Value::as_u64).collect::<Option<_>>()?;
+        let lead = repeats.len().checked_sub(x.len())?;
+        let mut out = Vec::with_capacity(repeats.len());
+        for (k, &r) in repeats.iter().enumerate() {
+            let copies = self.spaces.fresh(r);
+            self.spaces.tag(copies, Tag::Broadcast);
+            out.push(match k.checked_sub(lead).map(|i| x[i]) {
+                None => copies,
+                Some(d) if r == 1 => d,
+                Some(d) => self.spaces.fresh_refined(Refinement::Product(vec![copies, d])),
+            });
+        }
+        Some(Val::Tensor(out))
+    }
+
+    fn repeat_interleave(&mut self, node: &Node, _context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let repeats = self.arg(node, 1, "repeats")?.as_u64()?;
+        let dim = Self::normalize_dim(self.int_arg(node, 2, "dim")?, x.len())?;
+        let copies = self.spaces.fresh(repeats);
+        self.spaces.tag(copies, Tag::Broadcast);
+        let mut out = x.clone();
+        out[dim] = self.spaces.fresh_refined(Refinement::Product(vec![x[dim], copies]));
+        Some(Val::Tensor(out))
+    }
+
+    fn slice(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let dim = Self::normalize_dim(self.int_arg(node, 1, "dim").unwrap_or(0), x.len())?;
+        let size = self.size(x[dim]) as i64;
+        let clamp = |v: i64| -> u64 { (if v < 0 { v + size } else { v }).clamp(0, size) as u64 };
+        let (start, end) = if node.base_op() == "narrow" {
+            let start = clamp(self.int_arg(node, 2, "start")?);
+            (start, start + self.int_arg(node, 3, "length")? as u64)
+        } else {
+            let start = self.arg(node, 2, "start").and_then(Value::as_i64).map_or(0, clamp);
+            let end = self.arg(node, 3, "end").and_then(Value::as_i64).map_or(size as u64, clamp);
+            (start, end.max(start))
+        };
+        let step = self.arg(node, 4, "step").and_then(Value::as_i64).unwrap_or(1);
+        let mut out = x.clone();
+        out[dim] = match (step, self.spaces.segment(x[dim], start, end)) {
+            (1, Some(segment)) => segment,
+            _ => {
+                let reason = format!("{context} takes a strided or misaligned slice");
+                self.spaces.pin_deep(x[dim], &reason);
+                let d = self.spaces.fresh(end - start);
+                self.spaces.pin(d, &reason);
+                d
+            }
+        };
+        Some(Val::Tensor(out))
+    }
+
+    fn select(&mut self, node: &Node) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let dim = Self::normalize_dim(self.int_arg(node, 1, "dim")?, x.len())?;
+        self.spaces.pin_deep(x[dim], "a single index is selected from this dimension");
+        let mut out = x.clone();
+        out.remove(dim);
+        Some(Val::Tensor(out))
+    }
+
+    fn split(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let shapes = node.shapes.clone()?;
+        let dim_index = if node.base_op() == "unbind" { 1 } else { 2 };
+        let dim = Self::normalize_dim(self.int_arg(node, dim_index, "dim").unwrap_or(0), x.len())?;
+        if node.base_op() == "unbind" {
+            self.spaces.pin_deep(x[dim], &format!("{context} takes single indices"));
+            let mut pieces = Vec::new();
+            for _ in &shapes {
+                let mut dims = x.clone();
+                dims.remove(dim);
+                pieces.push(Some(dims));
+            }
+            return Some(Val::Tuple(pieces));
+        }
+        let mut start = 0;
+        let mut pieces = Vec::with_capacity(shapes.len());
+        for shape in &shapes {
+            let len = shape.as_ref()?.get(dim).copied()?;
+            let mut dims = x.clone();
+            dims[dim] = match self.spaces.segment(x[dim], start, start + len) {
+                Some(segment) => segment,
+                None => {
+                    let reason = format!("{context} splits across an inner factor");
+                    self.spaces.pin_deep(x[dim], &reason);
+                    self.spaces.fresh(len)
+                }
+            };
+            start += len;
+            pieces.push(Some(dims));
+        }
+        Some(Val::Tuple(pieces))
+    }
+
+    fn tensor_list(&self, node: &Node) -> Option<Vec<Dims>> {
+        node.args.first()?.as_array()?.iter().map(|v| self.tensor(v)).collect()
+    }
+
+    fn cat(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let inputs: Vec<Dims> = self.tensor_list(node)?.into_iter().filter(|d| !d.iter().any(|&s| self.size(s) == 0) || d.len() > 1).collect();
+        let shape = node.shape.clone()?;
+        let dim = Self::normalize_dim(self.int_arg(node, 1, "dim").unwrap_or(0), shape.len())?;
+        let first = inputs.first()?.clone();
+        if inputs.iter().any(|d| d.len() != shape.len()) {
+            return None;
+        }
+        for other in &inputs[1..] {
+            for k in (0..shape.len()).filter(|&k| k != dim) {
+                if self.size(first[k]) == self.size(other[k]) && self.size(first[k]) > 1 {
+                    self.spaces.unify(first[k], other[k], context);
+                }
+            }
+        }
+        let parts: Vec<SpaceId> = inputs.iter().map(|d| d[dim]).filter(|&s| self.size(s) > 0).collect();
+        let mut out = first;
+        out[dim] = if parts.len() == 1 { parts[0] } else { self.spaces.fresh_refined(Refinement::Concat(parts)) };
+        Some(Val::Tensor(out))
+    }
+
+    fn stack(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let inputs = self.tensor_list(node)?;
+        let shape = node.shape.clone()?;
+        let dim = Self::normalize_dim(self.int_arg(node, 1, "dim").unwrap_or(0), shape.len())?;
+        let first = inputs.first()?.clone();
+        for other in &inputs[1..] {
+            for (a, b) in first.iter().zip(other) {
+                self.spaces.unify(*a, *b, context);
+            }
+        }
+        let stacked = self.spaces.fresh(inputs.len() as u64);
+        self.spaces.pin(stacked, &format!("{context} stacks separate tensors"));
+        let mut out = first;
+        out.insert(dim, stacked);
+        Some(Val::Tensor(out))
+    }
+
+    fn attention(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let (q, k, v) = (self.tensor_arg(node, 0)?, self.tensor_arg(node, 1)?, self.tensor_arg(node, 2)?);
+        if q.len() != 4 || k.len() != 4 || v.len() != 4 {
+            return None;
+        }
+        for (a, b) in [(q[0], k[0]), (k[0], v[0]), (k[1], v[1]), (k[2], v[2]), (q[3], k[3])] {
+            if self.size(a) == self.size(b) && self.size(a) > 1 {
+                self.spaces.unify(a, b, context);
+            }
+        }
+        self.spaces.pin_deep(q[3], "head_dim: the attention scale 1/sqrt(head_dim) and the config's single head_dim");
+        self.spaces.pin_deep(v[3], "head_dim: the config's single head_dim");
+        let (heads, kv_heads) = (self.size(q[1]), self.size(k[1]));
+        if heads != kv_heads {
+            if kv_heads == 0 || heads % kv_heads != 0 {
+                return None;
+            }
+            let repeats = self.spaces.fresh(heads / kv_heads);
+            self.spaces.tag(repeats, Tag::Broadcast);
+            let grouped = self.spaces.fresh_refined(Refinement::Product(vec![k[1], repeats]));
+            self.spaces.unify(q[1], grouped, context);
+        } else {
+            self.spaces.unify(q[1], k[1], context);
+        }
+        self.tag_heads(q[1]);
+        if let Some(mask) = self.arg(node, 3, "attn_mask").and_then(|m| self.tensor(m)) {
+            let scores = vec![q[0], q[1], q[2], k[2]];
+            self.broadcast_into(&mask, &scores, context);
+        }
+        Some(Val::Tensor(vec![q[0], q[1], q[2], v[3]]))
+    }
+
+    /// Tags the leaves of a query-head space: leaves made by a broadcast are query heads within
+    /// a KV group; the others are KV groups (or, without GQA, heads shared by q, k and v).
+    fn tag_heads(&mut self, heads: SpaceId) {
+        let leaves = self.spaces.occurrences(heads);
+        let groups: Vec<SpaceId> = leaves.iter().map(|o| o.root).filter(|&r| !self.spaces.tags(r).contains(&Tag::Broadcast)).collect();
+        for leaf in &leaves {
+            if self.spaces.tags(leaf.root).contains(&Tag::Broadcast) {
+                self.spaces.tag(leaf.root, Tag::QueryHeads);
+                if let Some(&group) = groups.first() {
+                    self.nested.push((leaf.root, group));
+                }
+            } else {
+                self.spaces.tag(leaf.root, Tag::KvHeads);
+                if leaves.len() == 1 {
+                    self.spaces.tag(leaf.root, Tag::QueryHeads);
+                }
+            }
+        }
+    }
+
+    fn softmax(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let dim = Self::normalize_dim(self.int_arg(node, 1, "dim")?, x.len())?;
+        self.spaces.pin_deep(x[dim], &format!("normalised by {context}"));
+        Some(Val::Tensor(x))
+    }
+
+    fn reduction(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let shape = node.shape.clone()?;
+        let reduced: Vec<usize> = match self.arg(node, 1, "dim") {
+            Some(Value::Array(dims)) if !dims.is_empty() => {
+                dims.iter().map(|d| d.as_i64().and_then(|d| Self::normalize_dim(d, x.len()))).collect::<Option<_>>()?
+            }
+            Some(Value::Number(n)) => vec![Self::normalize_dim(n.as_i64()?, x.len())?],
+            _ => (0..x.len()).collect(),
+        };
+        for &d in &reduced {
+            self.spaces.note(x[d], format!("reduced by {context}: cutting channels changes that statistic"));
+        }
+        let keepdim = shape.len() == x.len();
+        let mut out = Vec::with_capacity(shape.len());
+        for (k, &d) in x.iter().enumerate() {
+            if reduced.contains(&k) {
+                if keepdim {
+                    out.push(self.spaces.fresh(1));
+                }
+            } else {
+                out.push(d);
+            }
+        }
+        (out.len() == shape.len()).then_some(Val::Tensor(out))
+    }
+
+    fn scan(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let out = self.elementwise(node, context)?;
+        let dim_arg = self.arg(node, 1, "dim").and_then(Value::as_i64).unwrap_or(-1);
+        if let Val::Tensor(dims) = &out {
+            if let Some(d) = Self::normalize_dim(dim_arg, dims.len()) {
+                self.spaces.pin_deep(dims[d], &format!("mixed along this dimension by {context}"));
+            }
+        }
+        Some(out)
+    }
+
+    fn norm(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let normalized: Vec<u64> = self.arg(node, 1, "normalized_shape")?.as_array()?.iter().map(Value::as_u64).collect::<Option<_>>()?;
+        let tail = x.len().checked_sub(normalized.len())?;
+        for &d in &x[tail..] {
+            self.spaces.note(d, format!("normalised by {context}: cutting channels changes that statistic"));
+        }
+        for (index, name) in [(2, "weight"), (3, "bias")] {
+            if let Some(p) = self.arg(node, index, name).and_then(|v| self.tensor(v)) {
+                self.broadcast_into(&p, &x, context);
+            }
+        }
+        if node.base_op() == "native_layer_norm" {
+            let shapes = node.shapes.clone()?;
+            let stats: Vec<Option<Dims>> = shapes[1..].iter().map(|s| s.as_ref().map(|s| self.fresh_from(s))).collect();
+            let mut items = vec![Some(x)];
+            items.extend(stats);
+            return Some(Val::Tuple(items));
+        }
+        Some(Val::Tensor(x))
+    }
+}
