@@ -44,12 +44,12 @@ HEAD_DIM = 32
 INTERMEDIATE = 512  # ~2.7x hidden, a multiple of 64
 SEQ_LEN = 256
 
-BATCH = 16
+BATCH = 8
 PEAK_LR = 3e-3
 WARMUP_STEPS = 40
 MIN_LR_RATIO = 0.1
 WEIGHT_DECAY = 0.1
-LOG_EVERY = 5
+LOG_EVERY = 25
 
 HELDOUT_BUCKETS = 20  # 1 bucket in 20 -> ~5% of files held out
 CALIB_DOCS = 40
@@ -197,7 +197,7 @@ def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> float
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
-    parser.add_argument("--steps", type=int, default=600, help=f"optimizer steps of {BATCH}x{SEQ_LEN} tokens")
+    parser.add_argument("--steps", type=int, default=800, help=f"optimizer steps of {BATCH}x{SEQ_LEN} tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser.parse_args()

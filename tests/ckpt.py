@@ -327,7 +327,9 @@ def plan_dict(
     plan: dict[str, Any] = {"format": "structprune.cut-plan", "version": 1}
     plan["index_sets"] = {name: list(values) for name, values in (index_sets or {}).items()}
     plan["tensors"] = {name: dict(entry) for name, entry in (tensors or {}).items()}
-    plan["config"] = dict(config or {})
+    if config is not None:
+        # Only when asked: an empty patch must be a no-op, but that has a test of its own.
+        plan["config"] = dict(config)
     plan["metadata"] = dict(metadata or {})
     return plan
 

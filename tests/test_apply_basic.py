@@ -24,7 +24,6 @@ from ckpt import (
     shard_name,
     tree_bytes,
     tree_hashes,
-    write_checkpoint,
     write_plan,
 )
 from structprune import CutPlan, TensorCut
@@ -290,3 +289,22 @@ def test_plan_file_written_by_hand(make_checkpoint: CheckpointFactory, small_ten
     path = write_plan(tmp_path / "plan.json", json.loads(example_plan().to_json()))
     structprune.apply_plan(model_dir, path, tmp_path / "out")
     assert_arrays_equal(tmp_path / "out", expected_arrays(small_tensors))
+
+
+def test_progress_callback(make_checkpoint: CheckpointFactory, small_tensors: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """progress may be a callable receiving (done_bytes, total_bytes), ending at done == total."""
+    calls: list[tuple[int, int]] = []
+    model_dir = make_checkpoint(small_tensors)
+    structprune.apply_plan(model_dir, example_plan(), tmp_path / "out", progress=lambda done, total: calls.append((done, total)))
+    assert calls, "progress callback never called"
+    dones = [done for done, _ in calls]
+    assert dones == sorted(dones)
+    assert calls[-1][0] == calls[-1][1] > 0
+
+
+@pytest.mark.parametrize("threads", [0, -1])
+def test_bad_thread_count(threads: int, make_checkpoint: CheckpointFactory, small_tensors: dict[str, np.ndarray], tmp_path: Path) -> None:
+    model_dir = make_checkpoint(small_tensors)
+    with pytest.raises(ValueError):
+        structprune.apply_plan(model_dir, example_plan(), tmp_path / "out", threads=threads)
+    assert not (tmp_path / "out").exists()

@@ -140,6 +140,23 @@ def test_corrupted_file_is_a_value_error(layout: tuple[Path, Path]) -> None:
     assert isinstance(error, ValueError) and isinstance(error, CheckpointError)
 
 
+def test_error_attributes_name_path_and_tensor(layout: tuple[Path, Path]) -> None:
+    """errors.py: exceptions carry .path (the file at fault) and .tensor where they apply."""
+    model_dir, out = layout
+    write_checkpoint(model_dir, {}, shards=[])
+    (model_dir / SINGLE_FILE).write_bytes(CORRUPTIONS["unknown_dtype"].blob)
+    error = run_failing(model_dir, keep_a_rows(), out, HeaderError)
+    assert error.path is not None and Path(error.path).name == SINGLE_FILE
+    assert error.tensor == B
+
+
+def test_plan_error_attribute_names_tensor(layout: tuple[Path, Path]) -> None:
+    model_dir, out = layout
+    write_checkpoint(model_dir, TENSORS)
+    error = run_failing(model_dir, PLAN_ERRORS["index_out_of_range"][0], out, PlanError)
+    assert error.tensor == A
+
+
 def test_read_checkpoint_reports_corruption(layout: tuple[Path, Path]) -> None:
     model_dir, _ = layout
     write_checkpoint(model_dir, {}, shards=[])
@@ -235,7 +252,8 @@ PLAN_ERRORS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "negative_index": (plan_dict({A: {"keep": {"1": [-1, 0]}}}), (A,)),
     "unsorted_indices": (plan_dict({A: {"keep": {"0": [2, 1]}}}), (A,)),
     "duplicate_indices": (plan_dict({A: {"keep": {"0": [1, 1]}}}), (A,)),
-    "unsorted_index_set": (plan_dict({A: {"keep": {"0": "rows"}}}, index_sets={"rows": [3, 0]}), (A,)),
+    # The culprit is the index set itself, so its name is what the message must carry.
+    "unsorted_index_set": (plan_dict({A: {"keep": {"0": "rows"}}}, index_sets={"rows": [3, 0]}), ("rows",)),
     "index_set_out_of_range": (plan_dict({C: {"keep": {"2": "cols"}}}, index_sets={"cols": [0, 2]}), (C,)),
     "dim_out_of_range": (plan_dict({A: {"keep": {"2": [0]}}}), (A,)),
     "dim_on_scalar": (plan_dict({S: {"keep": {"0": []}}}), (S,)),
@@ -292,10 +310,18 @@ def test_cut_on_sub_byte_dtype_is_a_plan_error(layout: tuple[Path, Path]) -> Non
 
 
 def test_config_patch_without_config_json(layout: tuple[Path, Path]) -> None:
-    """docs/plan-format.md: config edits without a config.json are a PlanError."""
+    """docs/plan-format.md: config edits without a config.json are a ConfigError."""
     model_dir, out = layout
     write_checkpoint(model_dir, TENSORS, config=None)
-    run_failing(model_dir, plan_dict(config={"hidden_size": 2}), out, PlanError)
+    run_failing(model_dir, plan_dict(config={"hidden_size": 2}), out, ConfigError, "config.json")
+
+
+def test_empty_config_patch_without_config_json_is_a_no_op(layout: tuple[Path, Path]) -> None:
+    """RFC 7386: an empty merge patch changes nothing, so it needs no config.json."""
+    model_dir, out = layout
+    write_checkpoint(model_dir, TENSORS, config=None)
+    structprune.apply_plan(model_dir, plan_dict(config={}), out)
+    assert not (out / "config.json").exists()
 
 
 def test_config_json_invalid(layout: tuple[Path, Path]) -> None:

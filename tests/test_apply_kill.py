@@ -19,17 +19,17 @@ from ckpt import plan_dict, read_checkpoint_raw, tree_bytes, tree_hashes, write_
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
 SEED = 20240611
-TRIALS = 6
+TRIALS = 10
 LAYERS = 6
 ROWS, COLS = 1024, 1024  # 4 MiB of F32 per tensor; 2 tensors per layer = 48 MiB in all
 
-# The child writes to its own output; small memory budget and several output shards make the
-# run long enough, and full of distinct write/rename points, to be interrupted mid-way.
+# A tiny memory budget and several output shards make the run long enough (~0.2 s here), and
+# full of distinct write/sync/rename points, to be interrupted mid-way.
 CHILD = """
 import sys
 import structprune
 structprune.apply_plan(sys.argv[1], sys.argv[2], sys.argv[3], threads=2,
-                       memory_budget="64KiB", max_shard_size="8MB")
+                       memory_budget="4KiB", max_shard_size="8MB", overwrite=sys.argv[4] == "1")
 """
 
 
@@ -56,9 +56,9 @@ def build_input(root: Path) -> tuple[Path, Path]:
     return model_dir, write_plan(root / "plan.json", plan)
 
 
-def spawn(model_dir: Path, plan: Path, out: Path) -> subprocess.Popen[bytes]:
+def spawn(model_dir: Path, plan: Path, out: Path, overwrite: bool = False) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(model_dir), str(plan), str(out)],
+        [sys.executable, "-c", CHILD, str(model_dir), str(plan), str(out), str(int(overwrite))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -89,9 +89,10 @@ def test_sigkill_leaves_input_intact_and_output_absent_or_complete(tmp_path: Pat
     input_hashes = tree_hashes(model_dir)
     work = tmp_path / "work"
     work.mkdir()
-    ref_out = tmp_path / "reference"
-    duration = timed_child_run(model_dir, plan, ref_out)
-    reference = tree_bytes(ref_out)
+    # Two timed runs: the first one also warms the page cache, the faster one sets the scale.
+    duration = min(timed_child_run(model_dir, plan, tmp_path / f"reference{i}") for i in range(2))
+    reference = tree_bytes(tmp_path / "reference0")
+    assert tree_bytes(tmp_path / "reference1") == reference
 
     rng = random.Random(SEED)
     killed_mid_run = 0
@@ -112,4 +113,36 @@ def test_sigkill_leaves_input_intact_and_output_absent_or_complete(tmp_path: Pat
         structprune.apply_plan(model_dir, plan, out, max_shard_size="8MB", threads=2, overwrite=complete)
         assert tree_bytes(out) == reference, f"trial {trial}: re-run differs from reference"
         assert tree_hashes(model_dir) == input_hashes
-    assert killed_mid_run >= TRIALS // 2, f"only {killed_mid_run} of {TRIALS} kills hit a running apply"
+        # The next run for a target removes the hidden leftovers of dead runs for that target.
+        assert sorted(p.name for p in work.iterdir()) == sorted(f"out{t}" for t in range(trial + 1))
+    assert killed_mid_run >= 3, f"only {killed_mid_run} of {TRIALS} kills hit a running apply"
+
+
+def test_sigkill_during_overwrite_keeps_old_or_new(tmp_path: Path) -> None:
+    """Killing an --overwrite run leaves the previous output or the new one, never a mix."""
+    model_dir, plan = build_input(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    duration = timed_child_run(model_dir, plan, tmp_path / "new")
+    new = tree_bytes(tmp_path / "new")
+    # The "old" output: the identity plan, so old and new differ in every shard.
+    structprune.apply_plan(model_dir, plan_dict(), tmp_path / "old", max_shard_size="8MB")
+    old = tree_bytes(tmp_path / "old")
+    rng = random.Random(SEED + 1)
+    outcomes = {"old": 0, "new": 0, "absent": 0}
+    for trial in range(TRIALS // 2):
+        out = work / "out"
+        structprune.apply_plan(model_dir, plan_dict(), out, max_shard_size="8MB", overwrite=True)
+        child = spawn(model_dir, plan, out, overwrite=True)
+        time.sleep(duration * (trial + rng.random()) / (TRIALS // 2))
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=60)
+        if not out.exists():
+            # Only possible between moving the old output aside and moving the new one in.
+            outcomes["absent"] += 1
+            continue
+        files = tree_bytes(out)
+        assert files in (old, new), f"trial {trial}: output is neither the old nor the new one"
+        outcomes["old" if files == old else "new"] += 1
+    assert outcomes["old"] + outcomes["new"] >= 1, outcomes

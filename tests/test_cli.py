@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,10 @@ def invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def json_values(node: Any) -> Iterator[Any]:
-    """Every key and scalar in a JSON document, whatever its layout."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield key
-            yield from json_values(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from json_values(value)
-    else:
-        yield node
+def last_stderr_line(result: Result) -> str:
+    """The error line: a progress bar may have been drawn on stderr before it."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def cut_plan() -> dict[str, Any]:
@@ -67,24 +59,24 @@ def test_info_text(model_dir: Path) -> None:
 def test_info_json(model_dir: Path) -> None:
     result = invoke("info", str(model_dir), "--json")
     assert result.exit_code == 0, result.output
-    document = json.loads(result.stdout)
-    values = list(json_values(document))
-    for name in TENSORS:
-        assert name in values, f"{name} missing from info --json"
-    assert SINGLE_FILE in values
-    assert TOTAL_BYTES in values
-    assert "F16" in values and "F32" in values
+    summary = json.loads(result.stdout)
+    assert summary["tensors"] == len(TENSORS)
+    assert summary["shards"] == [SINGLE_FILE]
+    assert summary["total_bytes"] == TOTAL_BYTES
+    assert summary["bytes_by_dtype"] == {"F16": 96, "F32": 160}
+    assert summary["parameters"] == sum(a.size for a in TENSORS.values())
+    assert summary["architectures"] == ["ToyForCausalLM"]
+    assert Path(summary["path"]).resolve() == model_dir.resolve()
 
 
 def test_info_json_matches_read_checkpoint(model_dir: Path) -> None:
     import structprune
 
     ckpt = structprune.read_checkpoint(model_dir)
-    document = json.loads(invoke("info", str(model_dir), "--json").stdout)
-    values = list(json_values(document))
-    for info in ckpt.tensors.values():
-        assert info.nbytes in values
-    assert ckpt.total_bytes in values
+    summary = json.loads(invoke("info", str(model_dir), "--json").stdout)
+    assert summary["tensors"] == len(ckpt.tensors)
+    assert summary["shards"] == ckpt.shards
+    assert summary["total_bytes"] == ckpt.total_bytes == sum(t.nbytes for t in ckpt.tensors.values())
 
 
 def test_apply_happy_path(model_dir: Path, tmp_path: Path) -> None:
@@ -103,6 +95,7 @@ def test_apply_sharded_output(model_dir: Path, tmp_path: Path) -> None:
     plan = write_plan(tmp_path / "plan.json", plan_dict())
     result = invoke("apply", str(model_dir), str(plan), "-o", str(tmp_path / "out"), "--max-shard-size", "100", "--quiet")
     assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet: no progress bar, no summary
     assert len(read_checkpoint_raw(tmp_path / "out").shards) == 2  # 160 | 48 + 48
 
 
@@ -119,7 +112,7 @@ def test_apply_error_exit_code(model_dir: Path, tmp_path: Path) -> None:
     plan = write_plan(tmp_path / "plan.json", plan_dict({"no.such.tensor": {"drop": True}}))
     result = invoke("apply", str(model_dir), str(plan), "-o", str(tmp_path / "out"))
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: ")
+    assert result.stderr.startswith("error: ")  # validation fails before any progress bar
     assert "no.such.tensor" in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
@@ -130,7 +123,8 @@ def test_apply_existing_output_error(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     result = invoke("apply", str(model_dir), str(plan), "-o", str(tmp_path / "out"))
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: ")
+    assert last_stderr_line(result).startswith("error: ")
+    assert "out" in last_stderr_line(result)
     assert list((tmp_path / "out").iterdir()) == []
     result = invoke("apply", str(model_dir), str(plan), "-o", str(tmp_path / "out"), "--overwrite")
     assert result.exit_code == 0, result.output
@@ -153,6 +147,7 @@ def test_dry_run_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
     input_hashes = tree_hashes(model_dir)
     result = invoke("apply", str(model_dir), str(plan), "-o", str(tmp_path / "out"), "--dry-run")
     assert result.exit_code == 0, result.output
+    assert SINGLE_FILE in result.stdout  # it describes the output it would write
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert tree_hashes(model_dir) == input_hashes
 
@@ -178,12 +173,30 @@ def test_apply_help_lists_options() -> None:
         assert option in output
 
 
-def test_python_dash_m(model_dir: Path) -> None:
+def run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "structprune", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_python_dash_m(model_dir: Path, tmp_path: Path) -> None:
     """`python -m structprune` is the same CLI, with real exit codes and streams."""
-    ok = subprocess.run([sys.executable, "-m", "structprune", "info", str(model_dir), "--json"], capture_output=True, text=True, timeout=120)
+    ok = run_module("info", str(model_dir), "--json")
     assert ok.returncode == 0, ok.stderr
-    assert "model.embed_tokens.weight" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "structprune", "info", str(model_dir / "missing")], capture_output=True, text=True, timeout=120)
+    assert json.loads(ok.stdout)["total_bytes"] == TOTAL_BYTES
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / SINGLE_FILE).write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
+    bad = run_module("info", str(broken))
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: ")
+    assert SINGLE_FILE in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_missing_model_dir_is_reported(tmp_path: Path) -> None:
+    """A missing MODEL is refused with a message naming it and no traceback (click reports
+    argument problems as usage errors, exit status 2)."""
+    missing = tmp_path / "no-such-model"
+    result = run_module("info", str(missing))
+    assert result.returncode in (1, 2)
+    assert "no-such-model" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import time
 from functools import wraps
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import click
 
@@ -168,3 +168,68 @@ def apply(
 
 def _removed(before: int, after: int) -> str:
     return f"{100 * (before - after) / before:.2f}% removed" if before else "empty checkpoint"
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--traced-layers", type=click.IntRange(min=1), default=2, show_default=True, help="Blocks traced; the rest are copies of the last traced one.")
+@click.option("--json", "as_json", is_flag=True, help="Print every structure with its members as JSON.")
+@reports_errors
+def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
+    """Show the prunable structures of MODEL (a directory with config.json; no weights are read):
+    heads and KV groups, MLP channels, hidden channels and blocks per layer, what each unit costs,
+    whether a stock config can hold the cut, and what is pinned and why."""
+    from dataclasses import asdict
+
+    from structprune.checkpoint import read_config
+    from structprune.cuts import stock_config_check
+    from structprune.graph import layer_ranges, summarize, trace
+
+    started = time.perf_counter()
+    graph = trace(model, traced_layers=traced_layers)
+    elapsed = time.perf_counter() - started
+    config = read_config(model if model.is_dir() else model.parent) or {}
+    kinds = sorted({s.kind for s in graph.structures}) + (["blocks"] if graph.blocks else [])
+    stock = {kind: stock_config_check(graph, config, kind) for kind in kinds}
+    if as_json:
+        click.echo(json.dumps({
+            "model": graph.model,
+            "total_params": graph.total_params,
+            "structures": [asdict(s) for s in graph.structures],
+            "blocks": asdict(graph.blocks) if graph.blocks else None,
+            "pinned": [asdict(p) for p in graph.pinned],
+            "stock_config": {kind: reason is None for kind, reason in stock.items()},
+            "stock_config_reasons": {kind: reason for kind, reason in stock.items() if reason},
+        }, indent=1))
+        return
+    click.echo(f"model       {model} ({graph.model.get('architecture', '?')}), traced in {elapsed:.2f} s")
+    click.echo(f"parameters  {graph.total_params:,}")
+    header = ("structure", "layers", "units", "params/unit", "total params", "stock config")
+    rows = [header]
+    for row in summarize(graph):
+        units = f"{row.units}/group" if row.kind == "query_heads" else f"{row.units}"
+        rows.append((row.kind, layer_ranges(row.layers), units, f"{row.unit_params:,}", f"{row.total_params:,}", "yes" if stock[row.kind] is None else "no"))
+    if graph.blocks:
+        b = graph.blocks
+        rows.append(("blocks", b.prefix, str(b.count), f"{b.unit_params:,}", f"{b.count * b.unit_params:,}", "yes" if stock["blocks"] is None else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    refused = {kind: reason for kind, reason in stock.items() if reason}
+    if refused:
+        click.echo("\nnot expressible as a stock checkpoint:")
+        for kind, reason in refused.items():
+            click.echo(f"  {kind}: {reason}")
+    by_reason: Dict[str, List[str]] = {}
+    for p in graph.pinned:
+        by_reason.setdefault(p.reason, []).append(f"{p.param}[dim {p.dim}]")
+    if by_reason:
+        click.echo("\npinned (never cut):")
+        for reason, where in sorted(by_reason.items()):
+            shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+            click.echo(f"  {reason}: {shown}")
+    notes = sorted({(s.kind, note) for s in graph.structures for note in s.notes})
+    if notes:
+        click.echo("\nnotes:")
+        for kind, note in notes:
+            click.echo(f"  {kind}: {note}")

@@ -98,13 +98,14 @@ class CutPlan:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "CutPlan":
+    def from_json(cls, text: str, *, source: str = "") -> "CutPlan":
+        where = f"{source}: " if source else ""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise PlanError(f"invalid cut plan: not JSON ({err})") from err
+            raise PlanError(f"{where}invalid cut plan: not JSON ({err})") from err
         if not isinstance(data, Mapping):
-            raise PlanError("invalid cut plan: the top level must be a JSON object")
+            raise PlanError(f"{where}invalid cut plan: the top level must be a JSON object")
         return cls.from_dict(data)
 
     @classmethod
@@ -113,7 +114,7 @@ class CutPlan:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise PlanError(f"{path}: cannot read plan: {err.strerror}") from err
-        return cls.from_json(text)
+        return cls.from_json(text, source=str(path))
 
 
 PlanLike = Union[CutPlan, Mapping[str, Any], str, "PathLike[str]"]

@@ -33,18 +33,11 @@ struct RawPlan {
 #[serde(deny_unknown_fields)]
 struct RawCut {
     #[serde(default)]
-    keep: BTreeMap<String, Indices>,
+    keep: BTreeMap<String, Value>,
     #[serde(default)]
     drop: bool,
     #[serde(default)]
     rename: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Indices {
-    Inline(Vec<u64>),
-    Named(String),
 }
 
 /// Kept indices along one dimension; shared between tensors that use the same index set.
@@ -85,7 +78,8 @@ impl CutPlan {
             let cut = resolve_cut(&name, raw_cut, &sets)?;
             tensors.insert(name, cut);
         }
-        let config_patch = raw.config.filter(|patch| !patch.is_null());
+        // An empty merge patch changes nothing, so it needs no config.json either.
+        let config_patch = raw.config.filter(|patch| !patch.is_null() && patch.as_object().is_none_or(|o| !o.is_empty()));
         if let Some(patch) = &config_patch {
             if !patch.is_object() {
                 return Err(plain("'config' must be a JSON object (a merge patch)".into()));
@@ -105,14 +99,21 @@ fn resolve_cut(name: &str, raw: RawCut, sets: &HashMap<String, KeepList>) -> Res
             .parse()
             .map_err(|_| Error::plan(name, format!("keep dimension '{dim_text}' is not a non-negative integer")))?;
         let list = match indices {
-            Indices::Inline(list) => {
-                check_increasing(&list).map_err(|r| Error::plan(name, format!("dim {dim}: {r}")))?;
-                Arc::new(list)
-            }
-            Indices::Named(set) => sets
+            Value::String(set) => sets
                 .get(&set)
                 .cloned()
                 .ok_or_else(|| Error::plan(name, format!("dim {dim}: unknown index set '{set}'")))?,
+            Value::Array(items) => {
+                let list = items
+                    .iter()
+                    .map(|v| v.as_u64().ok_or_else(|| Error::plan(name, format!("dim {dim}: index {v} is not a non-negative integer"))))
+                    .collect::<Result<Vec<u64>>>()?;
+                check_increasing(&list).map_err(|r| Error::plan(name, format!("dim {dim}: {r}")))?;
+                Arc::new(list)
+            }
+            other => {
+                return Err(Error::plan(name, format!("dim {dim}: expected a list of indices or an index set name, got {other}")))
+            }
         };
         keep.push((dim, list));
     }
@@ -239,6 +240,7 @@ mod tests {
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[1,1]}}}"#))).contains("strictly increasing"));
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"x":[1]}}}"#))).contains("not a non-negative integer"));
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":"nope"}}}"#))).contains("unknown index set"));
+        assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[-1, 0]}}}"#))).contains("not a non-negative integer"));
         assert!(plan_reason(plan(&base(r#"{"a":{"drop":true,"rename":"b"}}"#))).contains("cannot be combined"));
         assert!(plan_reason(plan(&base(r#"{"a":{"kep":{}}}"#))).contains("unknown field"));
         assert!(plan_reason(plan(r#"{"format":"x","version":1}"#)).contains("expected"));

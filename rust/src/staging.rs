@@ -56,6 +56,13 @@ impl Staging {
         if existing && !self.overwrite {
             return Err(Error::OutputExists { path: self.target.clone() });
         }
+        if existing && exchange(&self.temp, &self.target).is_ok() {
+            // The staging path now holds the old output: the swap itself was the atomic step.
+            self.committed = true;
+            let removed = if self.temp.is_dir() { fs::remove_dir_all(&self.temp) } else { fs::remove_file(&self.temp) };
+            removed.map_err(Error::io(&self.temp))?;
+            return sync_dir(&parent);
+        }
         let name = self.target.file_name().expect("checked in create").to_string_lossy().into_owned();
         let old = parent.join(format!(".{name}{OLD_TAG}{}", std::process::id()));
         if existing {
@@ -77,6 +84,29 @@ impl Drop for Staging {
             let _ = fs::remove_dir_all(&self.temp);
         }
     }
+}
+
+/// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`), so replacing an existing output
+/// never passes through a moment without one.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let to_c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (to_c(a)?, to_c(b)?);
+    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere, or on file systems without the exchange, the caller falls back to two renames.
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {

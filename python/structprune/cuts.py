@@ -1,0 +1,325 @@
+"""From "remove these units" to a cut plan: kept indices per tensor, dropped and renamed blocks,
+and the config edits that make the result a stock checkpoint.
+
+The config edits are checked, not trusted: the edited config is instantiated on the meta device
+and every parameter shape it implies must equal the shape the plan produces, otherwise a
+``PlanError`` names the tensor and both shapes. That is how a cut the stock config cannot express
+(per-layer widths, GPT-2's attention width tied to hidden_size…) is refused instead of written.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from structprune.errors import PlanError
+from structprune.graph import Structure, StructureGraph
+from structprune.plan import CutPlan, TensorCut
+
+# Config keys that hold an MLP width, by model family; the one whose value matches the structure wins.
+CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff")
+
+
+@dataclass
+class Selection:
+    """What to remove. ``units`` maps a structure id to unit indices removed in it; ``per_group``
+    maps a ``query_heads`` structure id to, for every KV group, the query-head slots removed in that
+    group (the same count in each); ``blocks`` lists whole blocks to remove."""
+
+    units: Dict[int, List[int]] = field(default_factory=dict)
+    per_group: Dict[int, List[List[int]]] = field(default_factory=dict)
+    blocks: List[int] = field(default_factory=list)
+
+
+def cut_plan(
+    graph: StructureGraph,
+    config: Mapping[str, Any],
+    selection: Selection,
+    tensor_names: Iterable[str],
+    *,
+    metadata: Optional[Mapping[str, Any]] = None,
+    verify: bool = True,
+) -> CutPlan:
+    """The plan removing ``selection`` from a checkpoint holding ``tensor_names``."""
+    names = sorted(set(tensor_names))
+    _validate(graph, selection)
+    removed = _removed_indices(graph, selection)
+    dropped_layers = set(selection.blocks)
+    new_layer = _layer_renumbering(graph, dropped_layers)
+    plan = CutPlan(metadata=dict(metadata or {}))
+    shared: Dict[Tuple[int, ...], str] = {}
+    for name in names:
+        source = graph.tied.get(name, name)
+        layer = _layer_of(graph, name)
+        if layer is not None and layer in dropped_layers:
+            plan.tensors[name] = TensorCut(drop=True)
+            continue
+        cut = TensorCut()
+        for dim, gone in sorted(removed.get(source, {}).items()):
+            size = graph.params[source][dim]
+            kept = tuple(int(i) for i in np.setdiff1d(np.arange(size), np.fromiter(gone, dtype=np.int64)))
+            cut.keep[dim] = _shared_set(kept, shared, plan)
+        if layer is not None and new_layer[layer] != layer:
+            cut.rename = _rename(graph, name, layer, new_layer[layer])
+        if cut.keep or cut.rename:
+            plan.tensors[name] = cut
+    plan.config = _config_patch(graph, config, selection, removed)
+    if verify:
+        verify_config(graph, config, plan, names)
+    return plan
+
+
+def _validate(graph: StructureGraph, selection: Selection) -> None:
+    for sid, units in list(selection.units.items()) + [(s, [u for g in groups for u in g]) for s, groups in selection.per_group.items()]:
+        if not 0 <= sid < len(graph.structures):
+            raise PlanError(f"invalid selection: no structure {sid} (the model has {len(graph.structures)})")
+        size = graph.structures[sid].units
+        bad = [u for u in units if not 0 <= u < size]
+        if bad:
+            raise PlanError(f"invalid selection: structure {sid} has {size} units, not {bad[0]}")
+    for sid, units in selection.units.items():
+        if len(set(units)) != len(units):
+            raise PlanError(f"invalid selection: structure {sid} lists a unit twice")
+    for sid, groups in selection.per_group.items():
+        structure = graph.structures[sid]
+        if structure.kind != "query_heads" or structure.nested_in is None:
+            raise PlanError(f"invalid selection: per-group removal needs a query_heads structure, {sid} is {structure.kind}")
+        outer = graph.structures[structure.nested_in]
+        if len(groups) != outer.units or len({len(g) for g in groups}) != 1:
+            raise PlanError(
+                f"invalid selection: structure {sid} needs one list per KV group ({outer.units}), each of the same length"
+            )
+    if graph.blocks is None and selection.blocks:
+        raise PlanError("invalid selection: this model has no repeated blocks to remove")
+    if graph.blocks is not None:
+        bad_blocks = [b for b in selection.blocks if not 0 <= b < graph.blocks.count]
+        if bad_blocks or len(set(selection.blocks)) != len(selection.blocks) or len(selection.blocks) >= graph.blocks.count:
+            raise PlanError(f"invalid selection: blocks {selection.blocks} are not distinct indices below {graph.blocks.count} leaving one")
+
+
+def _removed_indices(graph: StructureGraph, selection: Selection) -> Dict[str, Dict[int, Set[int]]]:
+    removed: Dict[str, Dict[int, Set[int]]] = defaultdict(lambda: defaultdict(set))
+    for sid, units in selection.units.items():
+        if units:
+            for member in graph.structures[sid].members:
+                removed[member.param][member.dim].update(member.indices(units).tolist())
+    for sid, groups in selection.per_group.items():
+        inner = graph.structures[sid]
+        outer = graph.structures[inner.nested_in]  # type: ignore[index]
+        outer_members = {(m.param, m.dim): m for m in outer.members}
+        for member in inner.members:
+            group_member = outer_members[(member.param, member.dim)]
+            for group, slots in enumerate(groups):
+                if slots:
+                    both = np.intersect1d(member.indices(slots), group_member.indices([group]))
+                    removed[member.param][member.dim].update(both.tolist())
+    return removed
+
+
+def _shared_set(kept: Tuple[int, ...], shared: Dict[Tuple[int, ...], str], plan: CutPlan) -> Any:
+    """Identical kept lists (a hidden set touches hundreds of tensors) are stored once."""
+    if kept not in shared:
+        name = f"keep{len(shared)}"
+        shared[kept] = name
+        plan.index_sets[name] = list(kept)
+    return shared[kept]
+
+
+def _layer_of(graph: StructureGraph, name: str) -> Optional[int]:
+    if graph.blocks is None:
+        return None
+    prefix = graph.blocks.prefix + "."
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _layer_renumbering(graph: StructureGraph, dropped: Set[int]) -> Dict[int, int]:
+    if graph.blocks is None:
+        return {}
+    kept = [i for i in range(graph.blocks.count) if i not in dropped]
+    return {old: new for new, old in enumerate(kept)}
+
+
+def _rename(graph: StructureGraph, name: str, old: int, new: int) -> str:
+    assert graph.blocks is not None
+    prefix = f"{graph.blocks.prefix}.{old}."
+    return f"{graph.blocks.prefix}.{new}.{name[len(prefix):]}"
+
+
+def _remaining_per_layer(graph: StructureGraph, kind: str, selection: Selection, dropped: Set[int]) -> Dict[Optional[int], int]:
+    remaining: Dict[Optional[int], int] = {}
+    for s in graph.by_kind(kind):
+        if s.layer is not None and s.layer in dropped:
+            continue
+        gone = len(selection.units.get(s.id, []))
+        if s.id in selection.per_group:
+            gone = len(selection.per_group[s.id][0])
+        remaining[s.layer] = s.units - gone
+    return remaining
+
+
+def _uniform(graph: StructureGraph, kind: str, selection: Selection, dropped: Set[int]) -> Optional[Tuple[int, int]]:
+    """(units before, units after) of a per-layer structure kind, which a stock config needs equal in
+    every layer; ``None`` when the model has no structure of that kind."""
+    structures = [s for s in graph.by_kind(kind) if s.layer is None or s.layer not in dropped]
+    if not structures:
+        return None
+    remaining = _remaining_per_layer(graph, kind, selection, dropped)
+    widths = sorted(set(remaining.values()))
+    if len(widths) > 1:
+        detail = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(remaining.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+        raise PlanError(f"a stock config needs the same number of {kind} in every layer, this selection leaves {detail}")
+    return structures[0].units, widths[0]
+
+
+def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, removed: Mapping[str, Any]) -> Dict[str, Any]:
+    keys = _key_names(config)
+    patch: Dict[str, Any] = {}
+    dropped = set(selection.blocks)
+    effective_head_dim = _head_dim(config, keys)
+    heads = _uniform(graph, "heads", selection, dropped)
+    groups = _uniform(graph, "kv_groups", selection, dropped)
+    slots = _uniform(graph, "query_heads", selection, dropped)
+    if heads and heads[0] != heads[1]:
+        patch[keys["num_attention_heads"]] = heads[1]
+        if "num_key_value_heads" in config:
+            patch["num_key_value_heads"] = heads[1]
+    if groups or slots:
+        kv_before, kv_after = groups or (config.get("num_key_value_heads"), config.get("num_key_value_heads"))
+        rep_before, rep_after = slots or (1, 1)
+        if (kv_before, rep_before) != (kv_after, rep_after):
+            patch["num_key_value_heads"] = kv_after
+            patch[keys["num_attention_heads"]] = kv_after * rep_after
+    channels = _uniform(graph, "channels", selection, dropped)
+    if channels and channels[0] != channels[1]:
+        patch[_channel_key(config, channels[0])] = channels[1]
+    hidden = graph.by_kind("hidden")
+    if hidden and selection.units.get(hidden[0].id):
+        patch[keys["hidden_size"]] = hidden[0].units - len(selection.units[hidden[0].id])
+    if effective_head_dim is not None and patch and "head_dim" not in patch:
+        patch["head_dim"] = effective_head_dim
+    if dropped:
+        assert graph.blocks is not None
+        total = graph.blocks.count
+        patch[keys["num_hidden_layers"]] = total - len(dropped)
+        for key, value in config.items():
+            if isinstance(value, list) and len(value) == total:
+                patch[key] = [v for i, v in enumerate(value) if i not in dropped]
+    return patch
+
+
+def _key_names(config: Mapping[str, Any]) -> Dict[str, str]:
+    """Standard attribute names → the keys this model's config.json uses (GPT-2 says n_embd)."""
+    attribute_map = _config_class(config).attribute_map
+    standard = ("hidden_size", "num_attention_heads", "num_hidden_layers")
+    return {name: attribute_map.get(name, name) for name in standard}
+
+
+def _head_dim(config: Mapping[str, Any], keys: Mapping[str, str]) -> Optional[int]:
+    """The head size the model uses now, when its config can state it explicitly."""
+    if "head_dim" in config and config["head_dim"]:
+        return int(config["head_dim"])
+    config_class = _config_class(config)
+    instance = config_class.from_dict(dict(config))
+    if getattr(instance, "head_dim", None) and "head_dim" in inspect.signature(config_class.__init__).parameters:
+        return int(instance.head_dim)
+    return None
+
+
+def _channel_key(config: Mapping[str, Any], units: int) -> str:
+    for key in CHANNEL_KEYS:
+        if config.get(key) == units:
+            return key
+    for key in CHANNEL_KEYS:
+        if key in config and config[key] is None:
+            return key
+    raise PlanError(f"cannot find the config key holding the MLP width {units} (looked for {', '.join(CHANNEL_KEYS)})")
+
+
+def _config_class(config: Mapping[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise PlanError("config.json has no model_type, so its edits cannot be checked")
+    return type(AutoConfig.for_model(model_type))
+
+
+def planned_shapes(graph: StructureGraph, plan: CutPlan, tensor_names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    """Output tensor shapes of ``plan`` (tied aliases resolve to their source's shape)."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for name in tensor_names:
+        source = graph.tied.get(name, name)
+        if source not in graph.params:
+            continue
+        cut = plan.tensors.get(name, TensorCut())
+        if cut.drop:
+            continue
+        shape = list(graph.params[source])
+        for dim, indices in cut.keep.items():
+            shape[dim] = len(plan.index_sets[indices]) if isinstance(indices, str) else len(indices)
+        shapes[cut.rename or name] = tuple(shape)
+    return shapes
+
+
+def verify_config(graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, tensor_names: Sequence[str]) -> None:
+    """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
+    from structprune.trace import meta_model
+
+    edited = _merge_patch(dict(config), plan.config)
+    model = meta_model(_config_class(edited).from_dict(edited))
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    produced = planned_shapes(graph, plan, tensor_names)
+    model_type = edited.get("model_type")
+    for name, shape in sorted(produced.items()):
+        if name in expected and expected[name] != shape:
+            raise PlanError(
+                f"the stock {model_type} config cannot express this cut: tensor '{name}' would be {list(shape)} "
+                f"but the edited config builds {list(expected[name])}"
+            )
+    missing = sorted(n for n in expected if n not in produced and n not in graph.tied and not _is_buffer(model, n))
+    if missing:
+        raise PlanError(f"the edited {model_type} config expects tensor '{missing[0]}', which the plan does not produce")
+
+
+def _is_buffer(model: Any, name: str) -> bool:
+    return name in dict(model.named_buffers())
+
+
+def _merge_patch(target: Dict[str, Any], patch: Mapping[str, Any]) -> Dict[str, Any]:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            target[key] = _merge_patch(dict(target[key]), value)
+        else:
+            target[key] = value
+    return target
+
+
+def stock_config_check(graph: StructureGraph, config: Mapping[str, Any], kind: str) -> Optional[str]:
+    """Why removing one unit of ``kind`` in every layer cannot be written as a stock checkpoint,
+    or ``None`` when it can."""
+    selection = Selection()
+    if kind == "blocks":
+        if graph.blocks is None or graph.blocks.count < 2:
+            return "the model has fewer than two repeated blocks"
+        selection.blocks = [graph.blocks.count - 1]
+    else:
+        structures = graph.by_kind(kind)
+        if not structures:
+            return f"the model has no {kind} structure"
+        if any(s.units < 2 for s in structures):
+            return "a single unit cannot be removed"
+        selection.units = {s.id: [s.units - 1] for s in structures}
+    try:
+        cut_plan(graph, config, selection, list(graph.params))
+    except PlanError as err:
+        return str(err)
+    return None
