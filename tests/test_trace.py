@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from structprune.trace import TracedGraph, TraceError, trace_model, trace_to_file  # noqa: E402
+from structprune.tracing import TracedGraph, TraceError, trace_model, trace_to_file  # noqa: E402
 
 LAYERS = 3
 NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -368,7 +368,7 @@ def test_grad_mode_wrappers_are_inlined() -> None:
     """Exported with grad enabled, HF's no_grad rotary embedding becomes a
     wrap_with_set_grad_enabled higher-order op around a submodule: the IR inlines it and comes out
     the same as the no_grad export trace_model does."""
-    from structprune import trace as tr
+    from structprune import tracing as tr
 
     cfg = CONFIGS["llama"]()
     model, _ = tr._instantiate(tr._model_class(cfg), cfg, None)
@@ -382,7 +382,7 @@ def test_grad_mode_wrappers_are_inlined() -> None:
 
 
 def test_non_finite_floats_are_encoded() -> None:
-    from structprune.trace import _encode_float
+    from structprune.tracing import _encode_float
 
     assert _encode_float(float("-inf")) == {"float": "-inf"}
     assert _encode_float(float("inf")) == {"float": "inf"}

@@ -10,6 +10,7 @@ from structprune.checkpoint import Checkpoint, TensorInfo, read_checkpoint
 from structprune.errors import (
     CheckpointError,
     ConfigError,
+    GraphError,
     HeaderError,
     OutputError,
     OutputExistsError,
@@ -18,6 +19,7 @@ from structprune.errors import (
     StructpruneError,
     StructpruneIOError,
 )
+from structprune.graph import StructureGraph, trace
 from structprune.plan import CutPlan, TensorCut
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ConfigError",
+    "GraphError",
     "CutPlan",
     "HeaderError",
     "OutputError",
@@ -33,6 +36,7 @@ __all__ = [
     "PlanError",
     "PlannedOutput",
     "ShardIndexError",
+    "StructureGraph",
     "StructpruneError",
     "StructpruneIOError",
     "TensorCut",
@@ -40,4 +44,5 @@ __all__ = [
     "apply_plan",
     "plan_output",
     "read_checkpoint",
+    "trace",
 ]

@@ -9,7 +9,6 @@ and every parameter shape it implies must equal the shape the plan produces, oth
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -69,8 +68,27 @@ def cut_plan(
             plan.tensors[name] = cut
     plan.config = _config_patch(graph, config, selection, removed)
     if verify:
-        verify_config(graph, config, plan, names)
+        _verify_with_head_dim(graph, config, plan, names)
     return plan
+
+
+def _verify_with_head_dim(graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, names: Sequence[str]) -> None:
+    """Verifies the patch; when heads or hidden width change and the model derives head_dim from
+    them (hidden_size / num_attention_heads), retries with head_dim stated explicitly, which most
+    modern attention classes read when present."""
+    try:
+        verify_config(graph, config, plan, names)
+        return
+    except PlanError as first:
+        head_dim = _head_dim(config)
+        if head_dim is None or "head_dim" in plan.config or "head_dim" in config or not plan.config:
+            raise
+        plan.config["head_dim"] = head_dim
+        try:
+            verify_config(graph, config, plan, names)
+        except PlanError:
+            del plan.config["head_dim"]
+            raise first from None
 
 
 def _validate(graph: StructureGraph, selection: Selection) -> None:
@@ -182,7 +200,6 @@ def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: S
     keys = _key_names(config)
     patch: Dict[str, Any] = {}
     dropped = set(selection.blocks)
-    effective_head_dim = _head_dim(config, keys)
     heads = _uniform(graph, "heads", selection, dropped)
     groups = _uniform(graph, "kv_groups", selection, dropped)
     slots = _uniform(graph, "query_heads", selection, dropped)
@@ -202,8 +219,6 @@ def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: S
     hidden = graph.by_kind("hidden")
     if hidden and selection.units.get(hidden[0].id):
         patch[keys["hidden_size"]] = hidden[0].units - len(selection.units[hidden[0].id])
-    if effective_head_dim is not None and patch and "head_dim" not in patch:
-        patch["head_dim"] = effective_head_dim
     if dropped:
         assert graph.blocks is not None
         total = graph.blocks.count
@@ -221,15 +236,13 @@ def _key_names(config: Mapping[str, Any]) -> Dict[str, str]:
     return {name: attribute_map.get(name, name) for name in standard}
 
 
-def _head_dim(config: Mapping[str, Any], keys: Mapping[str, str]) -> Optional[int]:
-    """The head size the model uses now, when its config can state it explicitly."""
-    if "head_dim" in config and config["head_dim"]:
+def _head_dim(config: Mapping[str, Any]) -> Optional[int]:
+    """The head size the model uses now: hidden_size / num_attention_heads unless stated."""
+    if config.get("head_dim"):
         return int(config["head_dim"])
-    config_class = _config_class(config)
-    instance = config_class.from_dict(dict(config))
-    if getattr(instance, "head_dim", None) and "head_dim" in inspect.signature(config_class.__init__).parameters:
-        return int(instance.head_dim)
-    return None
+    keys = _key_names(config)
+    hidden, heads = config.get(keys["hidden_size"]), config.get(keys["num_attention_heads"])
+    return int(hidden) // int(heads) if hidden and heads else None
 
 
 def _channel_key(config: Mapping[str, Any], units: int) -> str:
@@ -270,13 +283,17 @@ def planned_shapes(graph: StructureGraph, plan: CutPlan, tensor_names: Sequence[
 
 def verify_config(graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, tensor_names: Sequence[str]) -> None:
     """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
-    from structprune.trace import meta_model
+    from structprune.tracing import meta_model
 
     edited = _merge_patch(dict(config), plan.config)
-    model = meta_model(_config_class(edited).from_dict(edited))
+    model_type = edited.get("model_type")
+    try:
+        model = meta_model(_config_class(edited).from_dict(edited))
+    except Exception as err:  # noqa: BLE001 - config classes raise many kinds of validation errors
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise PlanError(f"the edited {model_type} config is not valid: {reason}") from err
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     produced = planned_shapes(graph, plan, tensor_names)
-    model_type = edited.get("model_type")
     for name, shape in sorted(produced.items()):
         if name in expected and expected[name] != shape:
             raise PlanError(
@@ -315,9 +332,11 @@ def stock_config_check(graph: StructureGraph, config: Mapping[str, Any], kind: s
         structures = graph.by_kind(kind)
         if not structures:
             return f"the model has no {kind} structure"
-        if any(s.units < 2 for s in structures):
-            return "a single unit cannot be removed"
-        selection.units = {s.id: [s.units - 1] for s in structures}
+        # Hidden widths must stay a multiple of the head count in most configs.
+        step = int(config.get(_key_names(config)["num_attention_heads"]) or 1) if kind == "hidden" else 1
+        if any(s.units <= step for s in structures):
+            return f"fewer than {step + 1} units"
+        selection.units = {s.id: list(range(s.units - step, s.units)) for s in structures}
     try:
         cut_plan(graph, config, selection, list(graph.params))
     except PlanError as err:

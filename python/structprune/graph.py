@@ -1,6 +1,6 @@
 """Prunable structures of a model: which weight rows and columns go together.
 
-``trace`` runs the meta-device tracer (``structprune.trace``) and hands the traced graph to the Rust
+``trace`` runs the meta-device tracer (``structprune.tracing``) and hands the traced graph to the Rust
 core, which propagates index couplings op by op and returns every structure that can be removed
 unit by unit (docs/architecture.md explains the algebra). Nothing here reads weights.
 """
@@ -125,7 +125,7 @@ def structures_from_ir(ir_json: str) -> StructureGraph:
 
 def trace(source: Any, *, traced_layers: int = 2) -> StructureGraph:
     """Prunable structures of a model directory or ``PretrainedConfig`` (meta device, no weights)."""
-    from structprune.trace import trace_model
+    from structprune.tracing import trace_model
 
     return structures_from_ir(trace_model(source, traced_layers=traced_layers).to_json())
 

@@ -2,7 +2,7 @@
 //! spaces of its inputs' and outputs' dimensions (see `spaces.rs`). Ops without a rule pin every
 //! dimension they touch, naming the op and node, so a structure is either right or not offered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -47,6 +47,9 @@ pub struct Propagation {
 
 pub fn propagate(graph: &Graph) -> Result<Propagation> {
     let mut p = Propagator {
+        scalar_buffers: HashMap::new(),
+        score_origin: HashMap::new(),
+        probabilities: HashSet::new(),
         spaces: Spaces::default(),
         values: Vec::with_capacity(graph.nodes.len()),
         param_dims: BTreeMap::new(),
@@ -55,6 +58,7 @@ pub fn propagate(graph: &Graph) -> Result<Propagation> {
     for (id, node) in graph.nodes.iter().enumerate() {
         let value = p.run(id, node)?;
         p.values.push(value);
+        p.track_eager_attention(id, node);
     }
     for &out in &graph.outputs {
         let dims = p.all_dims(&p.values[out].clone());
@@ -66,6 +70,13 @@ pub fn propagate(graph: &Graph) -> Result<Propagation> {
 }
 
 struct Propagator {
+    /// 0-d buffers by node (Gemma's √hidden_size embedding scale is one).
+    scalar_buffers: HashMap<usize, String>,
+    /// Eager attention: node → (contracted head_dim space, heads space) of a `q @ kᵀ` product,
+    /// followed through elementwise ops until a softmax shows it was attention scores.
+    score_origin: HashMap<usize, (SpaceId, SpaceId)>,
+    /// Softmax outputs (attention probabilities), followed through elementwise ops.
+    probabilities: HashSet<usize>,
     spaces: Spaces,
     values: Vec<Val>,
     param_dims: BTreeMap<String, Dims>,
@@ -73,6 +84,47 @@ struct Propagator {
 }
 
 impl Propagator {
+    /// Eager attention has no attention op: `softmax(q @ kᵀ · scale) @ v`. A dimension contracted by
+    /// a product whose result a softmax normalises is a head_dim (its size sets the temperature), and
+    /// the batch dimension before the sequence is the heads; the value side's last dimension is the
+    /// config's single head_dim too.
+    fn track_eager_attention(&mut self, id: usize, node: &Node) {
+        let op = node.base_op();
+        let inputs: Vec<usize> = node.args.iter().filter_map(as_node).collect();
+        match op {
+            "matmul" | "bmm" => {
+                let (Some(a), Some(b)) = (self.tensor_arg(node, 0), self.tensor_arg(node, 1)) else { return };
+                if inputs.first().is_some_and(|i| self.probabilities.contains(i)) {
+                    if let Some(&value_dim) = b.last() {
+                        self.spaces.pin_deep(value_dim, "head_dim: the config's single head_dim");
+                    }
+                } else if a.len() == 4 && b.len() == 4 {
+                    if let Val::Tensor(out) = &self.values[id] {
+                        self.score_origin.insert(id, (a[3], out[1]));
+                    }
+                }
+            }
+            "softmax" | "_softmax" => {
+                if let Some(&(contracted, heads)) = inputs.first().and_then(|i| self.score_origin.get(i)) {
+                    self.spaces.pin_deep(contracted, "head_dim: sets the attention softmax temperature (scale 1/sqrt(head_dim))");
+                    self.tag_heads(heads);
+                    self.probabilities.insert(id);
+                }
+            }
+            _ if ELEMENTWISE.contains(&op) => {
+                let tensors: Vec<usize> = inputs.into_iter().filter(|&i| matches!(self.values[i], Val::Tensor(_))).collect();
+                let origins: Vec<(SpaceId, SpaceId)> = tensors.iter().filter_map(|i| self.score_origin.get(i).copied()).collect();
+                if origins.len() == 1 {
+                    self.score_origin.insert(id, origins[0]);
+                }
+                if tensors.iter().filter(|i| self.probabilities.contains(i)).count() == 1 {
+                    self.probabilities.insert(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn run(&mut self, id: usize, node: &Node) -> Result<Val> {
         let op = node.base_op();
         let context = match &node.name {
@@ -90,6 +142,9 @@ impl Propagator {
             "buffer" | "constant" => {
                 let dims = self.fresh_dims(node, id)?;
                 let what = node.name.clone().unwrap_or_default();
+                if dims.is_empty() {
+                    self.scalar_buffers.insert(id, what.clone());
+                }
                 for &d in &dims {
                     self.spaces.pin(d, &format!("{op} '{what}' is computed from the config, not a weight that can be cut"));
                 }
@@ -235,6 +290,12 @@ impl Propagator {
 
     fn elementwise(&mut self, node: &Node, context: &str) -> Option<Val> {
         let shape = node.shape.clone()?;
+        let scalar_buffers: Vec<String> = node
+            .args
+            .iter()
+            .filter_map(as_node)
+            .filter_map(|i| self.scalar_buffers.get(&i).cloned())
+            .collect();
         let inputs: Vec<Dims> = node.args.iter().chain(node.kwargs.values()).filter_map(|a| self.tensor(a)).collect();
         let mut out: Vec<Option<SpaceId>> = vec![None; shape.len()];
         for input in &inputs {
@@ -251,7 +312,13 @@ impl Propagator {
                 }
             }
         }
-        Some(Val::Tensor(out.into_iter().zip(&shape).map(|(d, &s)| d.unwrap_or_else(|| self.spaces.fresh(s))).collect()))
+        let out: Dims = out.into_iter().zip(&shape).map(|(d, &s)| d.unwrap_or_else(|| self.spaces.fresh(s))).collect();
+        for name in scalar_buffers {
+            for &d in &out {
+                self.spaces.note(d, format!("scaled by buffer '{name}', which the model derives from its config (it may depend on this width)"));
+            }
+        }
+        Some(Val::Tensor(out))
     }
 
     fn getitem(&mut self, node: &Node) -> Val {
@@ -468,6 +535,11 @@ impl Propagator {
         };
         let step = self.arg(node, 4, "step").and_then(Value::as_i64).unwrap_or(1);
         let mut out = x.clone();
+        if start == end {
+            // An empty slice (partial rotary with nothing left over) selects nothing to couple.
+            out[dim] = self.spaces.fresh(0);
+            return Some(Val::Tensor(out));
+        }
         out[dim] = match (step, self.spaces.segment(x[dim], start, end)) {
             (1, Some(segment)) => segment,
             _ => {

@@ -25,13 +25,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from structprune.errors import StructpruneError
 
 FORMAT = "structprune.traced-graph"
 VERSION = 1
-SEQ_LEN = 8
+SEQ_LEN = 7
 
 # Ops that only check invariants: they have no data output and are never kept.
 _ASSERT_OPS = frozenset(
@@ -779,3 +779,11 @@ def _to_ir(ep, model, meta: Dict[str, Any], layers: Optional[Dict[str, Any]]) ->
 
 
 __all__ = ["TraceError", "TracedGraph", "trace_model", "trace_to_file"]
+
+
+def meta_model(source: Any) -> Any:
+    """The model a config (or model directory) describes, on the meta device: no weights, no memory.
+    Used to check that an edited config implies the shapes a cut plan writes."""
+    config = _load_config(source)
+    model, _ = _instantiate(_model_class(config), config, None)
+    return model
