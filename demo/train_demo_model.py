@@ -2,8 +2,8 @@
 """Train structprune's bundled demo model from scratch.
 
 The corpus is the reStructuredText source of the Python 3.11 documentation
-as shipped by Debian's ``python3.11-doc`` package, so anyone can rebuild the
-model byte-for-byte-comparable without downloading data sets or weights.
+as shipped by Debian's ``python3.11-doc`` package, so the model can be rebuilt
+on a stock Debian system without downloading any data set or weights.
 
 Outputs, under ``--out`` (default: the folder holding this script):
 
@@ -67,7 +67,9 @@ def load_corpus() -> dict[str, str]:
         )
     files = sorted(DOC_SOURCES.rglob("*.rst.txt"))
     # Trailing whitespace would otherwise sit next to the separator line.
-    return {f.relative_to(DOC_SOURCES).as_posix(): f.read_text(encoding="utf-8").rstrip() for f in files}
+    return {
+        f.relative_to(DOC_SOURCES).as_posix(): f.read_text(encoding="utf-8").rstrip() for f in files
+    }
 
 
 def path_hash(path: str) -> int:
@@ -130,7 +132,7 @@ def build_model(eos_id: int) -> LlamaForCausalLM:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    # Norm gains (the only 1-D tensors) are not decayed: shrinking them towards 0 just fights the norm.
+    # Norm gains (the only 1-D tensors) are not decayed: pulling them to 0 just fights the norm.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
@@ -178,12 +180,11 @@ def heldout_perplexity(model: LlamaForCausalLM, ids: torch.Tensor, window: int) 
     """exp(mean token loss) over non-overlapping windows; returns (perplexity, window count)."""
     model.eval()
     n = len(ids) // window
-    windows = ids[: n * window].view(n, window)
-    losses = [model(input_ids=chunk, labels=chunk).loss for chunk in windows.split(32)]
-    sizes = [len(chunk) for chunk in windows.split(32)]
-    # Every window has the same length, so weighting by window count gives the per-token mean.
-    mean_loss = sum(loss.item() * size for loss, size in zip(losses, sizes)) / n
-    return math.exp(mean_loss), n
+    total = 0.0
+    for chunk in ids[: n * window].view(n, window).split(32):
+        # Every window has the same length, so weighting by window count gives the per-token mean.
+        total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
+    return math.exp(total / n), n
 
 
 def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> float:
@@ -196,7 +197,9 @@ def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> float
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="output folder (default: demo/)"
+    )
     parser.add_argument("--steps", type=int, default=800, help=f"optimizer steps of {BATCH}x{SEQ_LEN} tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -219,11 +222,13 @@ def main() -> None:
     stream = torch.tensor(tok.encode(SEPARATOR.join(train_docs)).ids, dtype=torch.long)
     print(f"tokenizer: vocab {tok.get_vocab_size()}, train stream {len(stream)} tokens")
 
-    heldout_text = SEPARATOR.join(pick_within_budget([corpus[p] for p in heldout_paths], HELDOUT_MAX_BYTES)) + "\n"
+    heldout_docs = pick_within_budget([corpus[p] for p in heldout_paths], HELDOUT_MAX_BYTES)
+    heldout_text = SEPARATOR.join(heldout_docs) + "\n"
     # Hash order gives a spread-out sample of the training files rather than one folder's worth.
     calib_order = sorted(train_paths, key=path_hash)
     # Capping each document at twice the average share stops a few big files from eating the budget.
-    calib_candidates = [corpus[p] for p in calib_order if len(corpus[p].encode()) <= 2 * CALIB_MAX_BYTES // CALIB_DOCS]
+    max_doc_bytes = 2 * CALIB_MAX_BYTES // CALIB_DOCS
+    calib_candidates = [corpus[p] for p in calib_order if len(corpus[p].encode()) <= max_doc_bytes]
     calib_docs = pick_within_budget(calib_candidates, CALIB_MAX_BYTES, CALIB_DOCS)
     calib_text = SEPARATOR.join(calib_docs) + "\n"
     heldout_ids = torch.tensor(tok.encode(heldout_text).ids, dtype=torch.long)
@@ -244,7 +249,8 @@ def main() -> None:
     (text_dir / "calib.txt").write_text(calib_text, encoding="utf-8")
     (text_dir / "heldout.txt").write_text(heldout_text, encoding="utf-8")
 
-    print(f"held-out: {len(heldout_ids)} tokens, unigram baseline perplexity {unigram_perplexity(stream, heldout_ids):.1f}")
+    baseline = unigram_perplexity(stream, heldout_ids)
+    print(f"held-out: {len(heldout_ids)} tokens, unigram baseline perplexity {baseline:.1f}")
     for window in EVAL_WINDOWS:
         ppl, n = heldout_perplexity(model, heldout_ids, window)
         print(f"held-out perplexity @ {window} tokens: {ppl:.2f} ({n} windows)")

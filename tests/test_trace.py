@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from structprune.tracing import TracedGraph, TraceError, trace_model, trace_to_file  # noqa: E402
+from structprune.tracing import SEQ_LEN, TracedGraph, TraceError, trace_model, trace_to_file  # noqa: E402
 
 LAYERS = 3
 NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -208,7 +208,7 @@ def test_llama_gqa_head_dim(traced: dict[str, TracedGraph]) -> None:
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == [2 * 24, 64]
     assert shapes["model.layers.0.self_attn.o_proj.weight"] == [64, 4 * 24]
     sdpa = [n for n in graph.nodes if n["op"] == "aten.scaled_dot_product_attention.default"]
-    assert len(sdpa) == 2 and all(n["shape"] == [1, 4, 8, 24] for n in sdpa)
+    assert len(sdpa) == 2 and all(n["shape"] == [1, 4, SEQ_LEN, 24] for n in sdpa)
     counts = graph.op_counts()
     assert counts["aten.linear.default"] == 2 * 7 + 1
     assert counts["param"] == len(graph.params) and counts["input"] == 1
@@ -251,16 +251,16 @@ def test_phi3_fused_projections(traced: dict[str, TracedGraph]) -> None:
     (linear,) = users_of(graph, gate_up)
     (chunk,) = users_of(graph, graph.nodes.index(linear))
     assert chunk["op"] == "aten.chunk.default" and chunk["args"][1:] == [2, -1]
-    assert chunk["shapes"] == [[1, 8, 96], [1, 8, 96]]
+    assert chunk["shapes"] == [[1, SEQ_LEN, 96], [1, SEQ_LEN, 96]]
 
 
 def test_gpt_neox_interleaved_qkv(traced: dict[str, TracedGraph]) -> None:
     graph = traced["gpt_neox"]
     qkv = param_node(graph, "gpt_neox.layers.0.attention.query_key_value.weight")
     (linear,) = users_of(graph, qkv)
-    assert linear["op"] == "aten.linear.default" and linear["shape"] == [1, 8, 3 * 64]
+    assert linear["op"] == "aten.linear.default" and linear["shape"] == [1, SEQ_LEN, 3 * 64]
     (view,) = users_of(graph, graph.nodes.index(linear))
-    assert view["op"] == "aten.view.default" and view["shape"] == [1, 8, 4, 3 * 16]  # per head: q|k|v
+    assert view["op"] == "aten.view.default" and view["shape"] == [1, SEQ_LEN, 4, 3 * 16]  # per head: q|k|v
     (transpose,) = users_of(graph, graph.nodes.index(view))
     (chunk,) = users_of(graph, graph.nodes.index(transpose))
     assert chunk["op"] == "aten.chunk.default" and chunk["args"][1:] == [3, -1]
@@ -281,10 +281,10 @@ def test_gpt2_conv1d_is_addmm(traced: dict[str, TracedGraph]) -> None:
 
 def test_bert_model_outputs(traced: dict[str, TracedGraph]) -> None:
     graph = traced["bert"]
-    assert [graph.nodes[o]["shape"] for o in graph.outputs] == [[1, 8, 64], [1, 64]]  # hidden, pooled
+    assert [graph.nodes[o]["shape"] for o in graph.outputs] == [[1, SEQ_LEN, 64], [1, 64]]  # hidden, pooled
     assert "aten.tanh.default" in graph.aten_ops()
     mlm = traced["bert_mlm"]
-    assert [mlm.nodes[o]["shape"] for o in mlm.outputs] == [[1, 8, 128]]
+    assert [mlm.nodes[o]["shape"] for o in mlm.outputs] == [[1, SEQ_LEN, 128]]
     assert mlm.tied == {
         "cls.predictions.decoder.bias": "cls.predictions.bias",
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -373,7 +373,7 @@ def test_grad_mode_wrappers_are_inlined() -> None:
     cfg = CONFIGS["llama"]()
     model, _ = tr._instantiate(tr._model_class(cfg), cfg, None)
     model.eval()
-    ids = torch.zeros((1, 8), dtype=torch.long, device="meta")
+    ids = torch.zeros((1, SEQ_LEN), dtype=torch.long, device="meta")
     ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=False)
     assert any("wrap_with_set_grad_enabled" in str(n.target) for n in ep.graph.nodes)
     inlined = tr._to_ir(ep, model, {}, None)
