@@ -9,7 +9,7 @@ import time
 from functools import wraps
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import click
 
@@ -21,6 +21,8 @@ from structprune.sizes import format_size, parse_size
 F = TypeVar("F", bound=Callable[..., Any])
 # A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
 _BLOCK_TENSOR = re.compile(r"\.\d+\.")
+# " at node 117 (name)" in a note: where in the graph, which is noise once notes are grouped.
+_NODE_REFERENCE = re.compile(r" at node \d+(?: \([^)]*\))?")
 
 
 class SizeParam(click.ParamType):
@@ -185,6 +187,9 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
     from structprune.cuts import stock_config_check
     from structprune.graph import layer_ranges, summarize, trace
 
+    import torch  # noqa: F401 - loaded before the clock starts: the timing is the trace's own
+    import transformers  # noqa: F401
+
     started = time.perf_counter()
     graph = trace(model, traced_layers=traced_layers)
     elapsed = time.perf_counter() - started
@@ -228,8 +233,12 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
         for reason, where in sorted(by_reason.items()):
             shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
             click.echo(f"  {reason}: {shown}")
-    notes = sorted({(s.kind, note) for s in graph.structures for note in s.notes})
+    notes: Dict[Tuple[str, str], int] = {}
+    for s in graph.structures:
+        for note in s.notes:
+            key = (s.kind, _NODE_REFERENCE.sub("", note))
+            notes[key] = notes.get(key, 0) + 1
     if notes:
         click.echo("\nnotes:")
-        for kind, note in notes:
-            click.echo(f"  {kind}: {note}")
+        for (kind, note), count in sorted(notes.items()):
+            click.echo(f"  {kind}: {note}" + (f" ({count} places)" if count > 1 else ""))

@@ -7,12 +7,16 @@ applies it. Indices are always in the original checkpoint's coordinates.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from structprune.errors import PlanError
+
+# A JSON array of integers as json.dumps(indent=...) lays it out, one number per line.
+_INT_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]")
 
 PLAN_FORMAT = "structprune.cut-plan"
 PLAN_VERSION = 1
@@ -76,8 +80,9 @@ class CutPlan:
         return out
 
     def to_json(self) -> str:
-        """Deterministic JSON: same plan, same bytes."""
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+        """Deterministic JSON: same plan, same bytes; index lists stay on one line each."""
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        return _INT_LIST.sub(lambda m: "[" + ", ".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text) + "\n"
 
     def save(self, path: Union[str, "PathLike[str]"]) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
