@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import structprune
-from structprune.checkpoint import read_config
-from structprune.cuts import Selection, cut_plan
+from structprune.cuts import Selection, checkpoint_cut_plan
 
 DEMO = Path(__file__).resolve().parent
 
@@ -25,8 +24,7 @@ def main() -> None:
         selection.units[structure.id] = list(range(1, structure.units, 2))
     for structure in graph.by_kind("kv_groups"):
         selection.units[structure.id] = [structure.units - 1]
-    names = structprune.read_checkpoint(model).tensors.keys()
-    plan = cut_plan(graph, read_config(model) or {}, selection, names, metadata={"method": "example: every other MLP channel, last KV group"})
+    plan = checkpoint_cut_plan(model, graph, selection, metadata={"method": "example: every other MLP channel, last KV group"})
     plan.save(DEMO / "example-plan.json")
     print(f"wrote {DEMO / 'example-plan.json'}")
 

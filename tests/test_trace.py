@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -15,60 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from structprune.tracing import SEQ_LEN, TracedGraph, TraceError, trace_model, trace_to_file  # noqa: E402
 
-LAYERS = 3
-NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-COMMON = dict(vocab_size=128, max_position_embeddings=64, num_hidden_layers=LAYERS, **NO_SPECIAL_TOKENS)
-DECODER = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **COMMON)
-
-
-def _configs() -> dict[str, Callable[[], Any]]:
-    t = transformers
-    return {
-        # GQA with an explicit head_dim that is not hidden / heads.
-        "llama": lambda: t.LlamaConfig(**{**DECODER, "head_dim": 24}, architectures=["LlamaForCausalLM"]),
-        "mistral": lambda: t.MistralConfig(**DECODER, architectures=["MistralForCausalLM"]),
-        "qwen2": lambda: t.Qwen2Config(**DECODER, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"]),
-        "qwen3": lambda: t.Qwen3Config(**DECODER, head_dim=16, architectures=["Qwen3ForCausalLM"]),
-        "gemma": lambda: t.GemmaConfig(**{**DECODER, "num_key_value_heads": 1}, head_dim=16, architectures=["GemmaForCausalLM"]),
-        "gemma2": lambda: t.Gemma2Config(**DECODER, head_dim=16, sliding_window=4, architectures=["Gemma2ForCausalLM"]),
-        "phi3": lambda: t.Phi3Config(**DECODER, architectures=["Phi3ForCausalLM"]),
-        "gpt_neox": lambda: t.GPTNeoXConfig(
-            hidden_size=64, intermediate_size=96, num_attention_heads=4, rotary_pct=0.25,
-            use_parallel_residual=True, architectures=["GPTNeoXForCausalLM"], **COMMON,
-        ),
-        "opt": lambda: t.OPTConfig(
-            hidden_size=64, ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64,
-            architectures=["OPTForCausalLM"], **COMMON,
-        ),
-        "gpt2": lambda: t.GPT2Config(
-            n_embd=64, n_layer=LAYERS, n_head=4, n_positions=64, vocab_size=128,
-            architectures=["GPT2LMHeadModel"], **NO_SPECIAL_TOKENS,
-        ),
-        "bert_mlm": lambda: t.BertConfig(
-            hidden_size=64, intermediate_size=96, num_attention_heads=4, architectures=["BertForMaskedLM"], **COMMON
-        ),
-        "bert": lambda: t.BertConfig(
-            hidden_size=64, intermediate_size=96, num_attention_heads=4, architectures=["BertModel"], **COMMON
-        ),
-    }
-
-
-CONFIGS = _configs()
-
-PREFIX = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "phi3": "model.layers",
-    "gpt_neox": "gpt_neox.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-    "bert_mlm": "bert.encoder.layer",
-    "bert": "encoder.layer",
-}
+from arch_configs import CONFIGS, LAYERS, NO_SPECIAL_TOKENS, PREFIX  # noqa: E402
 
 # The ops every decoder-style graph computes its weights' results with.
 CORE_OPS = {"aten.embedding.default"}

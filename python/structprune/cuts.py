@@ -9,9 +9,12 @@ and every parameter shape it implies must equal the shape the plan produces, oth
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from os import PathLike
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
@@ -40,11 +43,17 @@ def cut_plan(
     selection: Selection,
     tensor_names: Iterable[str],
     *,
+    model_names: Optional[Mapping[str, str]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     verify: bool = True,
 ) -> CutPlan:
-    """The plan removing ``selection`` from a checkpoint holding ``tensor_names``."""
+    """The plan removing ``selection`` from a checkpoint holding ``tensor_names``.
+
+    ``model_names`` maps checkpoint names to the model's state-dict names where transformers renames
+    keys on load (``tracing.checkpoint_name_map``); the plan is written in checkpoint names.
+    """
     names = sorted(set(tensor_names))
+    to_model = {name: (model_names or {}).get(name, name) for name in names}
     _validate(graph, selection)
     removed = _removed_indices(graph, selection)
     dropped_layers = set(selection.blocks)
@@ -52,8 +61,9 @@ def cut_plan(
     plan = CutPlan(metadata=dict(metadata or {}))
     shared: Dict[Tuple[int, ...], str] = {}
     for name in names:
-        source = graph.tied.get(name, name)
-        layer = _layer_of(graph, name)
+        model_name = to_model[name]
+        source = graph.tied.get(model_name, model_name)
+        layer = _layer_of(graph, model_name)
         if layer is not None and layer in dropped_layers:
             plan.tensors[name] = TensorCut(drop=True)
             continue
@@ -63,21 +73,23 @@ def cut_plan(
             kept = tuple(int(i) for i in np.setdiff1d(np.arange(size), np.fromiter(gone, dtype=np.int64)))
             cut.keep[dim] = _shared_set(kept, shared, plan)
         if layer is not None and new_layer[layer] != layer:
-            cut.rename = _rename(graph, name, layer, new_layer[layer])
+            cut.rename = _renumber(graph, name, layer, new_layer[layer])
         if cut.keep or cut.rename:
             plan.tensors[name] = cut
-    plan.config = _config_patch(graph, config, selection, removed)
+    plan.config = _config_patch(graph, config, selection)
     if verify:
-        _verify_with_head_dim(graph, config, plan, names)
+        _verify_with_head_dim(graph, config, plan, to_model, dropped_layers)
     return plan
 
 
-def _verify_with_head_dim(graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, names: Sequence[str]) -> None:
+def _verify_with_head_dim(
+    graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
+) -> None:
     """Verifies the patch; when heads or hidden width change and the model derives head_dim from
     them (hidden_size / num_attention_heads), retries with head_dim stated explicitly, which most
     modern attention classes read when present."""
     try:
-        verify_config(graph, config, plan, names)
+        verify_config(graph, config, plan, to_model, dropped_layers)
         return
     except PlanError as first:
         head_dim = _head_dim(config)
@@ -85,10 +97,10 @@ def _verify_with_head_dim(graph: StructureGraph, config: Mapping[str, Any], plan
             raise
         plan.config["head_dim"] = head_dim
         try:
-            verify_config(graph, config, plan, names)
-        except PlanError:
+            verify_config(graph, config, plan, to_model, dropped_layers)
+        except PlanError as second:
             del plan.config["head_dim"]
-            raise first from None
+            raise PlanError(f"{first} (with head_dim={head_dim} stated explicitly: {second})") from None
 
 
 def _validate(graph: StructureGraph, selection: Selection) -> None:
@@ -102,6 +114,10 @@ def _validate(graph: StructureGraph, selection: Selection) -> None:
     for sid, units in selection.units.items():
         if len(set(units)) != len(units):
             raise PlanError(f"invalid selection: structure {sid} lists a unit twice")
+        structure = graph.structures[sid]
+        if units and len(units) >= structure.units:
+            where = f" of layer {structure.layer}" if structure.layer is not None else ""
+            raise PlanError(f"invalid selection: removing all {structure.units} units of {structure.kind} structure {sid}{where} leaves nothing")
     for sid, groups in selection.per_group.items():
         structure = graph.structures[sid]
         if structure.kind != "query_heads" or structure.nested_in is None:
@@ -128,12 +144,13 @@ def _removed_indices(graph: StructureGraph, selection: Selection) -> Dict[str, D
     for sid, groups in selection.per_group.items():
         inner = graph.structures[sid]
         outer = graph.structures[inner.nested_in]  # type: ignore[index]
-        outer_members = {(m.param, m.dim): m for m in outer.members}
         for member in inner.members:
-            group_member = outer_members[(member.param, member.dim)]
+            # A fused projection has several members of the group on one dimension (its q, k and v parts).
+            group_members = [m for m in outer.members if (m.param, m.dim) == (member.param, member.dim)]
             for group, slots in enumerate(groups):
                 if slots:
-                    both = np.intersect1d(member.indices(slots), group_member.indices([group]))
+                    in_group = np.concatenate([m.indices([group]) for m in group_members])
+                    both = np.intersect1d(member.indices(slots), in_group)
                     removed[member.param][member.dim].update(both.tolist())
     return removed
 
@@ -164,10 +181,16 @@ def _layer_renumbering(graph: StructureGraph, dropped: Set[int]) -> Dict[int, in
     return {old: new for new, old in enumerate(kept)}
 
 
-def _rename(graph: StructureGraph, name: str, old: int, new: int) -> str:
+def _renumber(graph: StructureGraph, name: str, old: int, new: int) -> str:
+    """``name`` with its block index changed; works on checkpoint names too, whose prefix may differ
+    from the model's (``h.3.`` in a checkpoint saved from GPT2Model, ``transformer.h.3.`` in the model)."""
     assert graph.blocks is not None
-    prefix = f"{graph.blocks.prefix}.{old}."
-    return f"{graph.blocks.prefix}.{new}.{name[len(prefix):]}"
+    stack = graph.blocks.prefix.rsplit(".", 1)[-1]
+    pattern = re.compile(rf"(^|\.){re.escape(stack)}\.{old}\.")
+    renamed, count = pattern.subn(lambda m: f"{m.group(1)}{stack}.{new}.", name, count=1)
+    if count != 1:
+        raise PlanError(f"cannot find block {old} in tensor name '{name}'")
+    return renamed
 
 
 def _remaining_per_layer(graph: StructureGraph, kind: str, selection: Selection, dropped: Set[int]) -> Dict[Optional[int], int]:
@@ -196,7 +219,7 @@ def _uniform(graph: StructureGraph, kind: str, selection: Selection, dropped: Se
     return structures[0].units, widths[0]
 
 
-def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, removed: Mapping[str, Any]) -> Dict[str, Any]:
+def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection) -> Dict[str, Any]:
     keys = _key_names(config)
     patch: Dict[str, Any] = {}
     dropped = set(selection.blocks)
@@ -264,11 +287,14 @@ def _config_class(config: Mapping[str, Any]) -> Any:
     return type(AutoConfig.for_model(model_type))
 
 
-def planned_shapes(graph: StructureGraph, plan: CutPlan, tensor_names: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
-    """Output tensor shapes of ``plan`` (tied aliases resolve to their source's shape)."""
+def planned_shapes(
+    graph: StructureGraph, plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
+) -> Dict[str, Tuple[int, ...]]:
+    """Output shapes of ``plan`` by the model's state-dict names (tied aliases take their source's shape)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
-    for name in tensor_names:
-        source = graph.tied.get(name, name)
+    renumbered = _layer_renumbering(graph, dropped_layers)
+    for name, model_name in to_model.items():
+        source = graph.tied.get(model_name, model_name)
         if source not in graph.params:
             continue
         cut = plan.tensors.get(name, TensorCut())
@@ -277,11 +303,16 @@ def planned_shapes(graph: StructureGraph, plan: CutPlan, tensor_names: Sequence[
         shape = list(graph.params[source])
         for dim, indices in cut.keep.items():
             shape[dim] = len(plan.index_sets[indices]) if isinstance(indices, str) else len(indices)
-        shapes[cut.rename or name] = tuple(shape)
+        layer = _layer_of(graph, model_name)
+        if layer is not None and renumbered[layer] != layer:
+            model_name = _renumber(graph, model_name, layer, renumbered[layer])
+        shapes[model_name] = tuple(shape)
     return shapes
 
 
-def verify_config(graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, tensor_names: Sequence[str]) -> None:
+def verify_config(
+    graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
+) -> None:
     """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
     from structprune.tracing import meta_model
 
@@ -293,7 +324,7 @@ def verify_config(graph: StructureGraph, config: Mapping[str, Any], plan: CutPla
         reason = str(err).strip().splitlines()[-1].strip()
         raise PlanError(f"the edited {model_type} config is not valid: {reason}") from err
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    produced = planned_shapes(graph, plan, tensor_names)
+    produced = planned_shapes(graph, plan, to_model, dropped_layers)
     for name, shape in sorted(produced.items()):
         if name in expected and expected[name] != shape:
             raise PlanError(
@@ -342,3 +373,20 @@ def stock_config_check(graph: StructureGraph, config: Mapping[str, Any], kind: s
     except PlanError as err:
         return str(err)
     return None
+
+
+def checkpoint_cut_plan(
+    model_dir: Union[str, "PathLike[str]"],
+    graph: StructureGraph,
+    selection: Selection,
+    *,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> CutPlan:
+    """``cut_plan`` for a checkpoint directory: its tensor names, its config.json, and the renames
+    transformers applies to its keys on load."""
+    from structprune.checkpoint import read_checkpoint, read_config
+    from structprune.tracing import checkpoint_name_map
+
+    names = list(read_checkpoint(model_dir).tensors)
+    config = read_config(Path(model_dir)) or {}
+    return cut_plan(graph, config, selection, names, model_names=checkpoint_name_map(model_dir, names), metadata=metadata)

@@ -787,3 +787,31 @@ def meta_model(source: Any) -> Any:
     config = _load_config(source)
     model, _ = _instantiate(_model_class(config), config, None)
     return model
+
+
+def checkpoint_name_map(source: Any, tensor_names: List[str]) -> Dict[str, str]:
+    """Checkpoint tensor name → the model's state-dict name, as transformers renames keys on load
+    (GPT-NeoX's ``embed_out`` is ``lm_head``; old BERT ``gamma``/``beta``; checkpoints saved from the
+    base model lack its prefix). Plans are written in checkpoint names, structures use model names.
+    A tensor that transformers converts rather than renames (fused or split on load) cannot be cut
+    by index, so it raises ``TraceError``."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers without load-time renaming: names are used as they are
+        return {name: name for name in tensor_names}
+    model = meta_model(source)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    mapping: Dict[str, str] = {}
+    for name in tensor_names:
+        renamed, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        if converter is not None:
+            raise TraceError(
+                f"checkpoint tensor '{name}' is converted by transformers on load (pattern {converter!r}); "
+                "cutting converted tensors is not supported"
+            )
+        mapping[name] = renamed
+    return mapping

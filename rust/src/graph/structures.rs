@@ -152,13 +152,20 @@ pub fn extract(graph: &Graph, mut propagation: Propagation) -> StructureSet {
     set
 }
 
+/// Parameters removed with one unit: per parameter, everything outside the surviving sub-block (a
+/// square hidden×hidden weight loses a row and a column, 2n − 1 elements, not 2n).
 fn unit_params(members: &[Member], shapes: &BTreeMap<String, Vec<u64>>) -> u64 {
-    members
-        .iter()
-        .map(|m| {
-            let shape = &shapes[&m.param];
-            let others: u64 = shape.iter().enumerate().filter(|(d, _)| *d != m.dim).map(|(_, s)| s).product();
-            m.width() * others
+    let mut widths: BTreeMap<&str, BTreeMap<usize, u64>> = BTreeMap::new();
+    for m in members {
+        *widths.entry(&m.param).or_default().entry(m.dim).or_default() += m.width();
+    }
+    widths
+        .into_iter()
+        .map(|(param, dims)| {
+            let shape = &shapes[param];
+            let numel: u64 = shape.iter().product();
+            let kept: u64 = shape.iter().enumerate().map(|(d, &size)| size - dims.get(&d).copied().unwrap_or(0).min(size)).product();
+            numel - kept
         })
         .sum()
 }
