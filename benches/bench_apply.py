@@ -564,7 +564,7 @@ class Run:
     bytes_written: int
     returncode: int
     src_resident_before: float | None
-    load_before: float  # 1-minute load average when the run started
+    others_cpu_before: float | None  # CPU use of other processes just before the run, fraction of all CPUs
     log: str
     problems: list[str] = field(default_factory=list)
 
@@ -703,7 +703,7 @@ def measure(method: str, cmd: list[str], src: Path, out: Path, logs: Path) -> Ru
     os.sync()  # no dirty pages from an earlier step are flushed during this one
     warm_read(src)  # every method starts with the source in the page cache
     resident = resident_fraction(src)
-    load = os.getloadavg()[0]
+    others = cpu_busy(1.0)  # this process sleeps meanwhile: it is everybody else
     log_path = logs / f"{method.replace(' ', '_').replace('/', '_')}.log"
     print(f"running {method}: {shlex.join(cmd)}", flush=True)
     rc, wall, rss_kib, user_s, sys_s = run_measured(cmd, log_path)
@@ -721,7 +721,7 @@ def measure(method: str, cmd: list[str], src: Path, out: Path, logs: Path) -> Ru
         bytes_written=dir_bytes(out),
         returncode=rc,
         src_resident_before=resident,
-        load_before=load,
+        others_cpu_before=others,
         log=str(log_path),
     )
     if rc != 0:
@@ -741,7 +741,7 @@ def best_of(runs: Sequence[Run]) -> Run:
     r.user_s = statistics.median(x.user_s for x in runs)
     r.sys_s = statistics.median(x.sys_s for x in runs)
     r.peak_rss_kib = max(x.peak_rss_kib for x in runs)
-    r.load_before = max(x.load_before for x in runs)
+    r.others_cpu_before = max((x.others_cpu_before for x in runs if x.others_cpu_before is not None), default=None)
     r.returncode = max(x.returncode for x in runs)
     r.problems = [p for x in runs for p in x.problems]
     return r
@@ -893,7 +893,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-outputs", action="store_true", help="keep the last output of each method")
     ap.add_argument("--generate-only", action="store_true", help="generate source and plan, then stop")
     ap.add_argument("--force", action="store_true", help="run even when free disk looks too small")
-    ap.add_argument("--max-load", type=float, help="1-min load average counted as quiet (default: CPUs / 4)")
+    ap.add_argument("--max-busy", type=float, default=0.15,
+                    help="CPU use of other processes (fraction of all CPUs) still counted as quiet (default 0.15)")
     ap.add_argument("--wait-quiet", type=float, default=0, help="seconds to wait for a quiet machine before measuring")
     return ap.parse_args(argv)
 
@@ -917,16 +918,36 @@ def check_disk(work: Path, size: int, reused: bool, force: bool) -> None:
         print(f"warning: {msg}", flush=True)
 
 
-def wait_quiet(max_load: float, timeout_s: float) -> float:
-    """Wait (up to timeout_s) until the 1-minute load average is at most max_load; returns it."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return total - idle, total
+
+
+def cpu_busy(interval: float) -> float | None:
+    """Fraction of all CPUs busy during `interval` seconds (while this process sleeps)."""
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_quiet(max_busy: float, timeout_s: float) -> float | None:
+    """Wait (up to timeout_s) until other processes use at most max_busy of the CPUs."""
     t0 = time.monotonic()
-    load = os.getloadavg()[0]
-    if load > max_load and timeout_s > 0:
-        print(f"load average {load:.2f} > {max_load:.2f}: waiting up to {timeout_s:.0f} s for a quiet machine", flush=True)
-        while load > max_load and time.monotonic() - t0 < timeout_s:
-            time.sleep(5)
-            load = os.getloadavg()[0]
-    return load
+    busy = cpu_busy(2.0)
+    if busy is not None and busy > max_busy and timeout_s > 0:
+        print(f"other processes use {busy:.0%} of the CPUs: waiting up to {timeout_s:.0f} s for a quiet machine", flush=True)
+        while busy is not None and busy > max_busy and time.monotonic() - t0 < timeout_s:
+            busy = cpu_busy(5.0)
+    return busy
 
 
 def build_reference(
@@ -995,8 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.generate_only:
         return 0
 
-    max_load = args.max_load if args.max_load is not None else (os.cpu_count() or 1) / 4
-    wait_quiet(max_load, args.wait_quiet)
+    wait_quiet(args.max_busy, args.wait_quiet)
     resident_cold = resident_fraction(src)
     warm_bytes, warm_s = warm_read(src)
     resident_warm = resident_fraction(src)
@@ -1069,11 +1089,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         for k, v in targets.items():
             print(f"  [{'met' if v['met'] else 'NOT MET'}] {k}: {v['value']}")
-    busy = [r.method for r in runs if r.load_before > max_load]
+    busy = [f"{r.method} ({r.others_cpu_before:.0%})" for r in runs if (r.others_cpu_before or 0) > args.max_busy]
     if busy:
-        verify_notes.append(
-            f"machine busy (1-min load > {max_load:.2f}) when these started: {', '.join(busy)}; timings are noisy"
-        )
+        verify_notes.append(f"other processes busy on the CPUs just before: {', '.join(busy)}; those timings are noisy")
     for n in verify_notes:
         print(f"  note: {n}")
 

@@ -242,3 +242,77 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
         click.echo("\nnotes:")
         for (kind, note), count in sorted(notes.items()):
             click.echo(f"  {kind}: {note}" + (f" ({count} places)" if count > 1 else ""))
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output checkpoint directory (not needed with --dry-run).")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True, help="Fraction of all parameters to remove.")
+@click.option("--importance", default="taylor", show_default=True, help="Estimator: taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap.")
+@click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
+@click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups.")
+@click.option("--multiple", type=click.IntRange(min=1), default=8, show_default=True, help="Kept MLP and hidden widths are multiples of this (64 suits large models).")
+@click.option("--reduction", type=click.Choice(["sum", "mean", "max", "prod", "first"]), default="sum", show_default=True, help="How a unit's scores in different weights combine.")
+@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text: .txt (documents split by <|endoftext|> lines), .jsonl, or a saved datasets directory.")
+@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per forward/backward call (taylor2 uses 1).")
+@click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
+@click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
+@click.option("--dry-run", is_flag=True, help="Score and plan, print the resulting sizes; write no checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@reports_errors
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, gqa: str, multiple: int, reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool) -> None:
+    """Prune MODEL: trace it, score every structure on calibration text block by block (one
+    decoder block in memory at a time), remove the least important units so that RATIO of all
+    parameters goes, and write a stock checkpoint to OUTPUT (every layer the same width)."""
+    from tqdm.auto import tqdm
+
+    from structprune.prune import PruneOptions, make_plan
+
+    if output is None and not dry_run:
+        raise click.UsageError("give -o/--output, or --dry-run")
+    options = PruneOptions(
+        ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
+        multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
+        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch,
+    )
+    bars: Dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=f"{stage} blocks", unit="block", leave=False))
+        bar.update(done - bar.n)
+
+    try:
+        result = make_plan(model, options, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if plan_out is not None:
+        result.plan.save(plan_out)
+    click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * ratio:.1f}%)")
+    for kind, widths in sorted(result.widths.items()):
+        click.echo(f"  {kind:<12} per layer: {_widths(widths)}")
+    if result.blocks_removed:
+        click.echo(f"  blocks removed: {', '.join(map(str, result.blocks_removed))}")
+    click.echo(f"scoring     {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}" + (f", peak GPU {format_size(result.peak_gpu_bytes)}" if result.peak_gpu_bytes else ""))
+    if dry_run:
+        click.echo("dry run: no checkpoint written" + (f"; plan in {plan_out}" if plan_out else ""))
+        return
+    assert output is not None
+    report = apply_plan(model, result.plan, output, overwrite=overwrite, progress=True)
+    click.echo(f"wrote {report.output_dir} ({len(report.shards)} shard(s), {format_size(report.total_size)})")
+    if eval_text is not None:
+        from structprune.evaluate import perplexity_of_text
+
+        before = perplexity_of_text(model, eval_text, window=128)
+        after = perplexity_of_text(output, eval_text, window=128)
+        click.echo(f"perplexity  {before.perplexity:.2f} -> {after.perplexity:.2f} on {eval_text} ({after.windows} windows of 128 tokens)")
+
+
+def _widths(widths: List[int]) -> str:
+    return f"{widths[0]} (all layers)" if len(set(widths)) == 1 else ", ".join(map(str, widths))

@@ -53,6 +53,15 @@ class StructpruneIOError(StructpruneError, OSError):
     """Reading or writing a file failed."""
 
 
+class CalibrationError(StructpruneError, ValueError):
+    """Calibration or evaluation text is malformed, empty, or too short for the windows asked for.
+
+    ``line`` is the 1-based line (JSON Lines) or row (datasets) at fault, when there is one.
+    """
+
+    line: Optional[int] = None
+
+
 __all__ = [
     "StructpruneError",
     "CheckpointError",
@@ -64,4 +73,5 @@ __all__ = [
     "OutputExistsError",
     "GraphError",
     "StructpruneIOError",
+    "CalibrationError",
 ]

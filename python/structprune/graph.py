@@ -33,6 +33,13 @@ class Member:
     stride: int
     free: Tuple[Tuple[int, int], ...]
 
+    def index_matrix(self, units: int) -> np.ndarray:
+        """``[units, width]``: row u holds the indices of unit u (same order for every unit)."""
+        within = np.zeros(1, dtype=np.int64)
+        for count, stride in self.free:
+            within = (within[:, None] + np.arange(count, dtype=np.int64)[None, :] * stride).ravel()
+        return self.offset + np.arange(units, dtype=np.int64)[:, None] * self.stride + within[None, :]
+
     def indices(self, units: Sequence[int]) -> np.ndarray:
         """Sorted indices along ``dim`` covered by ``units``."""
         within = np.zeros(1, dtype=np.int64)

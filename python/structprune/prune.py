@@ -1,0 +1,142 @@
+"""``structprune prune``: trace → score → plan → apply in one call."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+
+from structprune.apply import ApplyReport, apply_plan, plan_output
+from structprune.checkpoint import read_checkpoint, read_config
+from structprune.cuts import checkpoint_cut_plan
+from structprune.errors import PlanError
+from structprune.graph import StructureGraph, trace
+from structprune.importance import estimator
+from structprune.plan import CutPlan
+from structprune.planner import Target, layer_widths, plan_uniform
+from structprune.scoring import Scores, score
+from structprune.streaming import ActivationStore, StreamedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ratio: float
+    importance: str = "taylor"
+    structures: tuple = ("heads", "mlp")
+    gqa: str = "query-heads"
+    multiple: int = 8
+    reduction: str = "sum"
+    calib: Optional[Path] = None
+    text_field: str = "text"
+    samples: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    micro_batch: int = 4
+
+
+@dataclass
+class PruneResult:
+    plan: CutPlan
+    params_before: int
+    params_after: int
+    widths: Dict[str, List[int]]
+    blocks_removed: List[int]
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: Optional[int]
+    report: Optional[ApplyReport] = None
+    scores: Optional[Scores] = field(default=None, repr=False)
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
+def make_plan(model_dir: Union[str, Path], options: PruneOptions, *, progress: Optional[Progress] = None) -> PruneResult:
+    """Scores the checkpoint and plans the cut, writing nothing."""
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    if options.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")
+    graph = trace(model_dir)
+    if graph.blocks is None:
+        raise PlanError(f"{model_dir}: no repeated blocks found, so the model cannot be scored block by block")
+    importance = estimator(options.importance, seed=options.seed)
+    needs_data = importance.needs_gradients or importance.needs_activations or "blocks" in options.structures
+    input_ids, calibration = _calibration(model_dir, options) if needs_data else (None, None)
+    model = StreamedModel(model_dir, device=options.device, dtype=DTYPES[options.dtype], blocks_prefix=graph.blocks.prefix)
+    if options.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    scores = score(model, graph, importance, input_ids, reduction=options.reduction, micro_batch=options.micro_batch, store=ActivationStore(), progress=progress)
+    config = read_config(model_dir) or {}
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
+    target = Target(ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa, multiple=options.multiple)
+    selection, fraction = plan_uniform(graph, scores, target, heads)
+    metadata = {
+        "method": {"importance": options.importance, "reduction": options.reduction, "planning": "uniform", "structures": list(options.structures), "gqa": options.gqa, "multiple": options.multiple},
+        "seed": options.seed,
+        "target_ratio": options.ratio,
+        "structure_fraction": fraction,
+        "calibration": calibration,
+        "scores": _score_summary(graph, scores),
+    }
+    plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata)
+    before = read_checkpoint(model_dir).parameters
+    after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
+    plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
+    return PruneResult(
+        plan=plan,
+        params_before=before,
+        params_after=after,
+        widths=layer_widths(graph, selection),
+        blocks_removed=list(selection.blocks),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated() if options.device.startswith("cuda") else None,
+        scores=scores,
+    )
+
+
+def prune(model_dir: Union[str, Path], output_dir: Union[str, Path], options: PruneOptions, *, overwrite: bool = False, progress: Optional[Progress] = None, apply_progress: bool = False) -> PruneResult:
+    """Scores, plans and writes the pruned checkpoint to ``output_dir``."""
+    result = make_plan(model_dir, options, progress=progress)
+    result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
+    return result
+
+
+def _calibration(model_dir: Path, options: PruneOptions) -> tuple:
+    from transformers import AutoTokenizer
+
+    from structprune.calibration import calibration_batch, load_texts
+
+    if options.calib is None:
+        raise PlanError(f"importance '{options.importance}' needs calibration text: pass --calib FILE")
+    texts = load_texts(options.calib, text_field=options.text_field)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = calibration_batch(texts, tokenizer, samples=options.samples, seq_len=options.seq_len, seed=options.seed)
+    summary = {"source": str(options.calib), "samples": options.samples, "seq_len": options.seq_len, "seed": options.seed}
+    return batch, summary
+
+
+def _score_summary(graph: StructureGraph, scores: Scores) -> Dict[str, Any]:
+    summary: Dict[str, Any] = {"estimator": scores.estimator, "reduction": scores.reduction}
+    if scores.loss is not None:
+        summary["calibration_loss"] = scores.loss
+    by_kind: Dict[str, List[float]] = {}
+    for sid, values in scores.units.items():
+        by_kind.setdefault(graph.get(sid).kind, []).extend(float(v) for v in values)
+    summary["per_kind"] = {k: {"min": min(v), "mean": float(np.mean(v)), "max": max(v)} for k, v in sorted(by_kind.items())}
+    if scores.block_influence is not None:
+        summary["block_influence"] = [round(float(b), 6) for b in scores.block_influence]
+    return summary

@@ -1,0 +1,425 @@
+"""Running a causal LM one block at a time, weights read from the checkpoint block by block.
+
+Peak memory is one decoder block plus the parts outside the blocks (embeddings, final norm, head)
+plus the calibration activations, whatever the model's depth: a 65B checkpoint is scored on one
+GPU. The model's own modules do the computation: a one-block *shell* of the model (same class,
+``num_hidden_layers = 1``) holds the non-block weights, and its single block is refilled with each
+layer's weights in turn. The arguments the model passes to its blocks (rotary embeddings, masks,
+positions) are captured by running the shell with a module standing in for the block that records
+its call and stops; the loss is computed by running the shell with a stand-in that returns the last
+block's output. So any decoder-only transformers model whose blocks are called one after another is
+supported without model-specific code.
+
+Gradients go backwards block by block: each block is recomputed from its saved input and the
+incoming gradient is back-propagated through it, giving exactly the gradients of full-model
+autograd (tests check this to 1e-5) with one block's weights in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from structprune.checkpoint import read_checkpoint
+from structprune.errors import StructpruneError
+from structprune.tracing import checkpoint_name_map
+
+# Past this many bytes of saved block inputs, further ones go to disk.
+DEFAULT_ACTIVATION_BUDGET = 4 << 30
+
+
+class StreamingError(StructpruneError, RuntimeError):
+    """The model cannot be run block by block."""
+
+
+@dataclass
+class ParamStats:
+    """What the importance estimators see of one parameter of one block (model naming)."""
+
+    name: str
+    weight: torch.Tensor
+    grad: Optional[torch.Tensor] = None
+    """Gradient of the summed calibration loss (sum over samples of per-sample mean-token losses / N)."""
+    fisher: Optional[torch.Tensor] = None
+    """Mean over samples of the squared per-sample gradient."""
+
+
+class _Captured(Exception):
+    def __init__(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        super().__init__("captured block inputs")
+        self.hidden, self.args, self.kwargs = hidden, args, kwargs
+
+
+class _Capture(nn.Module):
+    """Stands in for block 0: records how the model calls its blocks, then stops the forward."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise _Captured(hidden_states, args, kwargs)
+
+
+class _Inject(nn.Module):
+    """Stands in for block 0: returns a given tensor as the output of the last block."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+class ActivationStore:
+    """Saved block inputs, in memory up to a byte budget and in a temporary directory past it."""
+
+    def __init__(self, budget: int = DEFAULT_ACTIVATION_BUDGET) -> None:
+        self.budget = budget
+        self.in_memory = 0
+        self._tensors: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._spilled: Dict[Tuple[int, int], Path] = {}
+        self._dir: Optional[tempfile.TemporaryDirectory] = None
+
+    def put(self, key: Tuple[int, int], tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        size = tensor.numel() * tensor.element_size()
+        if self.in_memory + size <= self.budget:
+            self._tensors[key] = tensor.to("cpu", copy=True) if tensor.device.type != "cpu" else tensor.clone()
+            self.in_memory += size
+            return
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="structprune-activations-")
+        path = Path(self._dir.name) / f"{key[0]}-{key[1]}.pt"
+        torch.save(tensor.cpu(), path)
+        self._spilled[key] = path
+
+    def get(self, key: Tuple[int, int], device: torch.device) -> torch.Tensor:
+        if key in self._tensors:
+            return self._tensors[key].to(device)
+        return torch.load(self._spilled[key], map_location=device)
+
+    @property
+    def spilled(self) -> int:
+        return len(self._spilled)
+
+    def close(self) -> None:
+        self._tensors.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class StreamedModel:
+    """A causal LM checkpoint run block by block (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_dir: os.PathLike | str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        blocks_prefix: str,
+    ) -> None:
+        from transformers import AutoConfig
+
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.prefix = blocks_prefix
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.num_blocks = int(self.config.num_hidden_layers)
+        self._files, self._checkpoint_names = self._index_checkpoint()
+        self.shell = self._build_shell()
+        self.stack: nn.ModuleList = self.shell.get_submodule(self.prefix)
+        self.block = self.stack[0]
+        self._load_outside_blocks()
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _index_checkpoint(self) -> Tuple[Dict[str, str], Dict[str, str]]:
+        checkpoint = read_checkpoint(self.model_dir)
+        names = list(checkpoint.tensors)
+        to_model = checkpoint_name_map(self.model_dir, names)
+        files = {to_model[n]: checkpoint.tensors[n].file for n in names}
+        return files, {to_model[n]: n for n in names}
+
+    def _build_shell(self) -> nn.Module:
+        from structprune.tracing import _model_class
+
+        shell_config = copy.deepcopy(self.config)
+        shell_config.num_hidden_layers = 1
+        for key, value in list(vars(shell_config).items()):
+            if isinstance(value, list) and len(value) == self.num_blocks:
+                setattr(shell_config, key, value[:1])
+        with _no_init(), torch.device(self.device):
+            model = _model_class(shell_config)._from_config(shell_config, dtype=self.dtype, attn_implementation="sdpa")
+        # Skipping initialisation also skips tying; tie before loading so tied weights load once.
+        model.tie_weights()
+        model.eval()
+        model.requires_grad_(False)
+        if not isinstance(model.get_submodule(self.prefix), nn.ModuleList):
+            raise StreamingError(f"{self.prefix} is not the block list of {type(model).__name__}")
+        return model
+
+    def _read(self, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Model-named tensors read from the checkpoint, on the device, in the compute dtype."""
+        from safetensors import safe_open
+
+        by_file: Dict[str, List[str]] = {}
+        for name in names:
+            by_file.setdefault(self._files[name], []).append(name)
+        out: Dict[str, torch.Tensor] = {}
+        for file, group in sorted(by_file.items()):
+            with safe_open(str(self.model_dir / file), framework="pt", device=str(self.device)) as handle:
+                for name in group:
+                    out[name] = handle.get_tensor(self._checkpoint_names[name]).to(self.dtype)
+        return out
+
+    def _load_outside_blocks(self) -> None:
+        block_prefix = f"{self.prefix}.0."
+        wanted = [n for n in self.shell.state_dict() if not n.startswith(block_prefix)]
+        present = [n for n in wanted if n in self._files]
+        missing = set(self.shell.load_state_dict(self._read(present), strict=False).missing_keys)
+        buffers = {name for name, _ in self.shell.named_buffers()}
+        tied = set(_tied_names(self.shell))
+        unexplained = sorted(n for n in missing if not n.startswith(block_prefix) and n not in buffers and n not in tied)
+        if unexplained:
+            raise StreamingError(f"{self.model_dir}: the checkpoint has no tensor for '{unexplained[0]}'")
+
+    def load_block(self, index: int) -> None:
+        """Fills the shell's block with the weights (and stored buffers) of block ``index``."""
+        full = f"{self.prefix}.{index}."
+        targets: Dict[str, torch.Tensor] = {full + n: p for n, p in self.block.named_parameters()}
+        targets.update({full + n: b for n, b in self.block.named_buffers() if full + n in self._files})
+        tensors = self._read(list(targets))
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.copy_(tensors[name])
+
+    def block_parameters(self, index: int) -> Dict[str, nn.Parameter]:
+        """The loaded block's parameters under their names in the full model."""
+        return {f"{self.prefix}.{index}.{n}": p for n, p in self.block.named_parameters()}
+
+    def outside_parameters(self) -> Dict[str, nn.Parameter]:
+        local = f"{self.prefix}.0."
+        return {n: p for n, p in self.shell.named_parameters() if not n.startswith(local)}
+
+    # -- running -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _standing_in(self, module: nn.Module) -> Iterator[None]:
+        self.stack[0] = module
+        try:
+            yield
+        finally:
+            self.stack[0] = self.block
+
+    def embed(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Any, ...], Dict[str, Any]]:
+        """Hidden states entering block 0 and the arguments the model passes to every block."""
+        with self._standing_in(_Capture()):
+            try:
+                self.shell(input_ids=input_ids.to(self.device), use_cache=False)
+            except _Captured as captured:
+                return captured.hidden, captured.args, captured.kwargs
+        raise StreamingError(f"{type(self.shell).__name__} never called its first block")
+
+    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, bool]:
+        """The loaded block on ``hidden``; also whether it returns a tuple (the loss pass mimics it)."""
+        output = self.block(hidden, *args, **kwargs)
+        return _first(output), isinstance(output, (tuple, list))
+
+    def loss(self, last_hidden: torch.Tensor, input_ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+        """The model's own causal-LM loss from the last block's output."""
+        with self._standing_in(_Inject((last_hidden,) if as_tuple else last_hidden)):
+            output = self.shell(input_ids=input_ids.to(self.device), labels=input_ids.to(self.device), use_cache=False)
+        return output.loss
+
+
+def _tied_names(model: nn.Module) -> List[str]:
+    seen: Dict[int, str] = {}
+    tied = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.append(name)
+        else:
+            seen[id(param)] = name
+    return tied
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skips random initialisation of the shell's weights: they are overwritten from the checkpoint."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialise, it only costs time
+        yield
+        return
+    with no_init_weights():
+        yield
+
+
+@dataclass
+class StreamedPass:
+    """Calibration batches split into micro-batches, with each block's inputs saved."""
+
+    micro_batches: List[torch.Tensor]
+    block_args: List[Tuple[Tuple[Any, ...], Dict[str, Any]]]
+    store: ActivationStore
+    returns_tuple: bool = False
+
+
+def forward_pass(
+    model: StreamedModel,
+    input_ids: torch.Tensor,
+    *,
+    micro_batch: int,
+    store: ActivationStore,
+    on_block: Optional[Callable[[int, List[torch.Tensor], List[torch.Tensor]], None]] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> StreamedPass:
+    """Runs every block in order, saving its inputs (and the last block's output) in ``store``.
+    ``on_block(index, inputs, outputs)`` sees each block's micro-batch inputs and outputs (for
+    activation statistics and block influence)."""
+    batches = list(input_ids.split(micro_batch))
+    saved_args = []
+    with torch.no_grad():
+        for m, batch in enumerate(batches):
+            hidden, args, kwargs = model.embed(batch)
+            store.put((0, m), hidden)
+            saved_args.append((args, kwargs))
+        returns_tuple = False
+        for index in range(model.num_blocks):
+            model.load_block(index)
+            inputs, outputs = [], []
+            for m in range(len(batches)):
+                hidden = store.get((index, m), model.device)
+                args, kwargs = saved_args[m]
+                out, returns_tuple = model.run_block(hidden, args, kwargs)
+                store.put((index + 1, m), out)
+                if on_block is not None:
+                    inputs.append(hidden)
+                    outputs.append(out)
+            if on_block is not None:
+                on_block(index, inputs, outputs)
+            if progress is not None:
+                progress(index)
+    return StreamedPass(batches, saved_args, store, returns_tuple)
+
+
+def backward_pass(
+    model: StreamedModel,
+    streamed: StreamedPass,
+    *,
+    fisher: bool,
+    on_params: Callable[[Dict[str, ParamStats]], None],
+    progress: Optional[Callable[[int], None]] = None,
+) -> float:
+    """Back-propagates the calibration loss block by block, last to first, handing each block's
+    parameter statistics to ``on_params`` (then the parameters outside the blocks). The loss is
+    the mean over samples of each sample's mean token loss; returns it.
+
+    With ``fisher``, micro-batches must hold one sample, so that the squared gradient of each sample
+    is accumulated (F = mean over samples of g²) without keeping per-sample copies.
+    """
+    batches = streamed.micro_batches
+    total = sum(b.shape[0] for b in batches)
+    if fisher and any(b.shape[0] != 1 for b in batches):
+        raise StreamingError("second-order scores need one sample per micro-batch")
+    grads: List[torch.Tensor] = []
+    loss_total = 0.0
+    with torch.enable_grad():
+        for m, batch in enumerate(batches):
+            last = streamed.store.get((model.num_blocks, m), model.device).requires_grad_(True)
+            loss = model.loss(last, batch, streamed.returns_tuple) * (batch.shape[0] / total)
+            (grad,) = torch.autograd.grad(loss, last)
+            loss_total += float(loss.detach())
+            grads.append(grad)
+    for index in reversed(range(model.num_blocks)):
+        model.load_block(index)
+        params = model.block_parameters(index)
+        tracker = _GradTracker(params, fisher)
+        with _grad_enabled(params):
+            for m in range(len(batches)):
+                hidden = streamed.store.get((index, m), model.device).requires_grad_(True)
+                args, kwargs = streamed.block_args[m]
+                out, _ = model.run_block(hidden, args, kwargs)
+                out.backward(grads[m])
+                tracker.collect()
+                grads[m] = hidden.grad.detach()
+        on_params(tracker.stats(total))
+        if progress is not None:
+            progress(index)
+    # Outside the blocks a sample's gradient has two parts, from the loss (head, final norm) and
+    # from the token lookup (embedding; both when tied): both are taken together per micro-batch
+    # so that squared per-sample gradients are right.
+    outside = model.outside_parameters()
+    tracker = _GradTracker(outside, fisher)
+    with _grad_enabled(outside):
+        for m, batch in enumerate(batches):
+            last = streamed.store.get((model.num_blocks, m), model.device)
+            loss = model.loss(last, batch, streamed.returns_tuple) * (batch.shape[0] / total)
+            hidden, _, _ = model.embed(batch)
+            outputs: List[torch.Tensor] = [loss]
+            seeds: List[Optional[torch.Tensor]] = [None]
+            if hidden.requires_grad:
+                outputs.append(hidden)
+                seeds.append(grads[m])
+            torch.autograd.backward(outputs, seeds)
+            tracker.collect()
+    on_params(tracker.stats(total))
+    return loss_total
+
+
+class _GradTracker:
+    """Accumulates gradients (and squared per-micro-batch gradients) of some parameters."""
+
+    def __init__(self, params: Dict[str, nn.Parameter], fisher: bool) -> None:
+        self.params = params
+        self.fisher = fisher
+        self.grad: Dict[str, torch.Tensor] = {}
+        self.squares: Dict[str, torch.Tensor] = {}
+
+    def collect(self) -> None:
+        for name, param in self.params.items():
+            if param.grad is None:
+                continue
+            g = param.grad.detach()
+            if name in self.grad:
+                self.grad[name] += g
+            else:
+                self.grad[name] = g.clone()
+            if self.fisher:
+                # The loss of one sample was scaled by 1/N; its own gradient is N times this one.
+                self.squares[name] = self.squares.get(name, torch.zeros_like(g)) + g.square()
+            param.grad = None
+
+    def stats(self, samples: int) -> Dict[str, ParamStats]:
+        out = {}
+        for name, param in self.params.items():
+            fisher = self.squares[name] * samples if self.fisher and name in self.squares else None
+            # A copy: the shell's block is refilled with the next block's weights.
+            out[name] = ParamStats(name, param.detach().clone(), self.grad.get(name), fisher)
+        return out
+
+
+@contextmanager
+def _grad_enabled(params: Dict[str, nn.Parameter]) -> Iterator[None]:
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
