@@ -231,13 +231,15 @@ def _io_error(path: Path, message: str) -> StructpruneIOError:
 def token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """All documents as one 1-D ``int64`` token stream, separated by the tokenizer's eos token.
 
-    The stream equals the tokenization of ``("\\n" + eos + "\\n").join(texts)`` as one string (the
+    The stream is the tokenization of ``("\\n" + eos + "\\n").join(texts)`` as one string (the
     ``.txt`` format; it is how the demo model and the fixtures were trained and evaluated), and
     so of a ``.txt`` file read back by :func:`load_texts`. It is built piece by piece instead,
-    each document with the line breaks around its separators, and the eos inserted by id: the
-    tokenizer splits at special tokens anyway, so the tokens are the same, no sequence longer than
-    a document is ever tokenized, and eos is never parsed from text. No BOS or other special
-    tokens are added.
+    each document with the line breaks around its separators, and the eos inserted by id, so that
+    no sequence longer than a document is tokenized and eos is never parsed from text. Tokenizers
+    split text at special tokens before anything else, so for byte-level BPE tokenizers (GPT-2,
+    Llama 3, the demo model's) the tokens are identical; SentencePiece-style ones that mark only
+    the start of the whole string with a space may differ in that marker after each eos. No BOS
+    or other special tokens are added.
     """
     if not texts:
         raise CalibrationError("no documents to tokenize")

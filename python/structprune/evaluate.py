@@ -148,7 +148,7 @@ def _windows(token_ids: torch.Tensor, window: int) -> torch.Tensor:
         raise CalibrationError(
             f"the token stream has {token_ids.numel()} tokens, fewer than one {window}-token window"
         )
-    return token_ids[: count * window].to(torch.int64).view(count, window)
+    return token_ids[: count * window].to(torch.int64).reshape(count, window)
 
 
 def _target_device(model: torch.nn.Module, device: DeviceLike) -> torch.device:

@@ -24,6 +24,9 @@ use crate::staging::{sync_dir, Staging};
 
 /// Reading a gap between two wanted ranges is cheaper than another system call when it is this small.
 const MAX_READ_GAP: u64 = 16 * 1024;
+/// Segments gathered per batch: a fine column cut yields a segment every few bytes, and the list of
+/// segments must not grow with the buffer (it would double the memory the budget allows).
+const MAX_SEGMENTS_PER_BATCH: usize = 1 << 15;
 /// Below this a per-worker buffer makes system-call overhead dominate.
 const MIN_BUFFER: u64 = 4 * 1024;
 /// Weight formats that would be stale after pruning; they are reported and not copied.
@@ -39,7 +42,7 @@ pub struct ApplyOptions {
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 256 << 20, threads: 4, overwrite: false }
+        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 128 << 20, threads: 4, overwrite: false }
     }
 }
 
@@ -293,7 +296,7 @@ struct Worker {
 
 impl Worker {
     fn new(buffer: usize) -> Worker {
-        Worker { out: vec![0; buffer], read: vec![0; buffer], batch: Vec::new() }
+        Worker { out: vec![0; buffer], read: vec![0; buffer], batch: Vec::with_capacity(MAX_SEGMENTS_PER_BATCH) }
     }
 
     fn copy(
@@ -338,7 +341,7 @@ impl Worker {
         self.batch.clear();
         let capacity = self.out.len() as u64;
         let mut filled = 0u64;
-        while filled < capacity {
+        while filled < capacity && self.batch.len() < MAX_SEGMENTS_PER_BATCH {
             let Some(segment) = carry.take().or_else(|| segments.next()) else { break };
             let take = segment.len.min(capacity - filled);
             self.batch.push(Segment { offset: segment.offset, len: take });
