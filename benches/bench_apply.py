@@ -939,14 +939,26 @@ def cpu_busy(interval: float) -> float | None:
     return (b[0] - a[0]) / (b[1] - a[1])
 
 
-def wait_quiet(max_busy: float, timeout_s: float) -> float | None:
-    """Wait (up to timeout_s) until other processes use at most max_busy of the CPUs."""
+def wait_quiet(max_busy: float, timeout_s: float, quiet_for_s: float = 20.0) -> float | None:
+    """Wait (up to timeout_s) until other processes have used at most max_busy of the CPUs for
+    quiet_for_s seconds in a row; returns the last sample."""
     t0 = time.monotonic()
     busy = cpu_busy(2.0)
-    if busy is not None and busy > max_busy and timeout_s > 0:
-        print(f"other processes use {busy:.0%} of the CPUs: waiting up to {timeout_s:.0f} s for a quiet machine", flush=True)
-        while busy is not None and busy > max_busy and time.monotonic() - t0 < timeout_s:
-            busy = cpu_busy(5.0)
+    if busy is None or busy <= max_busy or timeout_s <= 0:
+        return busy
+    print(f"other processes use {busy:.0%} of the CPUs: waiting up to {timeout_s:.0f} s for a quiet machine", flush=True)
+    quiet_since: float | None = None
+    while time.monotonic() - t0 < timeout_s:
+        busy = cpu_busy(5.0)
+        if busy is None:
+            return None
+        now = time.monotonic()
+        if busy > max_busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now - 5.0
+        elif now - quiet_since >= quiet_for_s:
+            break
     return busy
 
 

@@ -13,7 +13,7 @@ from structprune.plan import PlanLike, as_plan_json
 from structprune.sizes import parse_size
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-DEFAULT_MEMORY_BUDGET = "128MiB"
+DEFAULT_MEMORY_BUDGET = "64MiB"
 # The engine is bound by disk and page-cache copies; past four threads it only adds contention.
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)
 

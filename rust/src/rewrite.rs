@@ -42,7 +42,7 @@ pub struct ApplyOptions {
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 128 << 20, threads: 4, overwrite: false }
+        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 64 << 20, threads: 4, overwrite: false }
     }
 }
 
