@@ -885,7 +885,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mlp-drop", type=float, default=0.30, help="fraction of MLP channels dropped per layer")
     ap.add_argument("--methods", default="cp,naive,engine", help="comma list from cp,naive,engine")
     ap.add_argument("--threads", default="1,2,4", help="extra engine runs with --threads N ('' = none)")
-    ap.add_argument("--memory-budgets", default="64MiB,1GiB", help="extra engine runs with --memory-budget B ('' = none; default budget is 256MiB)")
+    ap.add_argument("--memory-budgets", default="16MiB,256MiB,1GiB", help="extra engine runs with --memory-budget B ('' = none; default budget is 64MiB)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (median wall, max RSS)")
     ap.add_argument("--verify-sample", type=int, default=24, help="tensors compared by bytes (0 = all)")
     ap.add_argument("--structprune", help="path of the structprune CLI (default: next to python, then PATH)")
