@@ -56,7 +56,8 @@ class StructpruneIOError(StructpruneError, OSError):
 class CalibrationError(StructpruneError, ValueError):
     """Calibration or evaluation text is malformed, empty, or too short for the windows asked for.
 
-    ``line`` is the 1-based line (JSON Lines) or row (datasets) at fault, when there is one.
+    ``line`` is the 1-based line (JSON Lines) or the 0-based row index (datasets) at fault, when
+    there is one.
     """
 
     line: Optional[int] = None

@@ -131,7 +131,7 @@ def perplexity_of_text(
     ``name_or_path``) unless one is passed. ``text_path`` is anything
     :func:`~structprune.calibration.load_texts` reads.
     """
-    model, tokenizer = _model_and_tokenizer(model_dir_or_model, tokenizer, device)
+    model, tokenizer = _model_and_tokenizer(model_dir_or_model, tokenizer)
     stream = token_stream(load_texts(text_path, text_field=text_field), tokenizer)
     return perplexity(model, stream, window=window, batch_size=batch_size, device=device, progress=progress)
 
@@ -163,16 +163,14 @@ def _target_device(model: torch.nn.Module, device: DeviceLike) -> torch.device:
 def _model_and_tokenizer(
     model_dir_or_model: Union[PathLike, "PreTrainedModel"],
     tokenizer: Optional["PreTrainedTokenizerBase"],
-    device: DeviceLike,
 ) -> Tuple[torch.nn.Module, "PreTrainedTokenizerBase"]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir: Optional[Path]
+    model: torch.nn.Module  # transformers' own annotations of from_pretrained/.to confuse checkers
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         model_dir = Path(model_dir_or_model)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        if device is not None:
-            model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)  # perplexity() moves it to device
     else:
         model = model_dir_or_model
         name = getattr(model, "name_or_path", "") or ""
