@@ -23,14 +23,19 @@ In one run it:
    ``num_heads`` for q/k/v of every layer (8/2/2), ``prune_num_heads=True``,
    ``prune_head_dims=False``, ``head_pruning_ratio = pruning_ratio = r`` (one ratio for heads and MLP
    channels, as Torch-Pruning's LLM example), local (per-layer) ranking, lm_head and embeddings
-   ignored (so the hidden size is kept, as structprune's ("heads", "mlp")); ``r`` is searched by
-   bisection so that the removed fraction of all parameters comes closest to the target. The
+   ignored (so the hidden size is kept, as structprune's ("heads", "mlp")); ``r`` is searched (a
+   0.05 grid, then bisection inside each grid interval that crosses the target: the removed
+   fraction is not monotone in r) so that the removed fraction of all parameters comes closest to
+   the target. The
    pruned model's config (num_attention_heads, num_key_value_heads, intermediate_size) and each
    attention module's ``num_key_value_groups`` are updated as LLM-Pruner / Torch-Pruning's example
    do; the model is checked to compute exactly what the dense model computes with the removed
    query heads and MLP channels masked (a wrong GQA mapping would show), then evaluated with the
    same protocol;
-5. prints one table and whether "structprune's best estimator <= Torch-Pruning's perplexity at
+5. cuts structprune's scores (best estimator and taylor) to exactly Torch-Pruning's widths (same
+   query heads per KV group and MLP width), through the library below make_plan, to separate the
+   estimator from the planner;
+6. prints one table and whether "structprune's best estimator <= Torch-Pruning's perplexity at
    both ratios" holds; ``--json OUT`` saves everything.
 
 See benches/README.md.
@@ -91,9 +96,12 @@ class Row:
 class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
+        import transformers
         from transformers import AutoTokenizer
 
         from structprune.calibration import calibration_batch, load_texts, token_stream
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, one per model load
 
         self.args = args
         self.model_dir = Path(args.model)
@@ -248,18 +256,27 @@ class TorchPruning:
         return model, 1 - after / self.ctx.total_params, time.perf_counter() - started
 
     def search(self, target: float, iterations: int) -> Tuple[float, List[Tuple[float, float]]]:
-        """Bisection on r for the removed fraction closest to ``target`` (the fraction is a
-        non-decreasing step function of r)."""
-        lo, hi = 0.0, 0.95
+        """The r whose removed fraction comes closest to ``target``. The fraction is a step function
+        of r and not monotone (past r = 0.75 Torch-Pruning would remove every query head of a KV
+        group, refuses, and keeps all heads), so: a grid of r every 0.05, then bisection inside
+        every grid interval that crosses the target."""
         tried: List[Tuple[float, float]] = []
-        for _ in range(iterations):
-            mid = (lo + hi) / 2
-            _, fraction, _ = self.prune(mid)
-            tried.append((mid, fraction))
-            if fraction < target:
-                lo = mid
-            else:
-                hi = mid
+        for i in range(20):
+            r = round(0.05 * i, 2)
+            tried.append((r, self.prune(r)[1]))
+        grid = list(tried)
+        for (r0, f0), (r1, f1) in zip(grid, grid[1:]):
+            if not f0 < target <= f1:
+                continue
+            lo, hi = r0, r1
+            for _ in range(iterations):
+                mid = (lo + hi) / 2
+                fraction = self.prune(mid)[1]
+                tried.append((mid, fraction))
+                if fraction < target:
+                    lo = mid
+                else:
+                    hi = mid
         best = min(tried, key=lambda t: (abs(t[1] - target), t[0]))
         return best[0], tried
 
@@ -306,7 +323,7 @@ class TorchPruning:
                 removed = [h for h in range(dl.self_attn.q_proj.out_features // head_dim) if h not in kept_heads]
                 for h in removed:
                     dl.self_attn.o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
-                group = dl.self_attn.q_proj.out_features // dl.self_attn.k_proj.out_features // head_dim
+                group = dl.self_attn.q_proj.out_features // dl.self_attn.k_proj.out_features  # query heads per KV head
                 per_group = [sum(1 for h in kept_heads if h // group == g) for g in range(dl.self_attn.k_proj.out_features // head_dim)]
                 info["heads_per_group"].append(per_group)
                 if not (torch.equal(dl.self_attn.k_proj.weight, pl.self_attn.k_proj.weight)
@@ -364,6 +381,71 @@ def run_torch_pruning(ctx: Context, tpr: "TorchPruning", target: float, tracebac
         row.error = short_error(err)
         tracebacks.setdefault(row.error, traceback.format_exc())
     return row
+
+
+def run_matched(ctx: Context, est: str, tp_row: Row, work: Path, tracebacks: Dict[str, str]) -> Row:
+    """structprune's scores cut to Torch-Pruning's widths (same query heads per KV group and MLP
+    width in every layer): separates the estimator from the planner. Uses the library below
+    make_plan: trace, StreamedModel + score on the same calibration batch, a Selection of the
+    lowest-scoring units, checkpoint_cut_plan, apply_plan."""
+    import structprune
+    from structprune.cuts import Selection, checkpoint_cut_plan
+    from structprune.importance import estimator
+    from structprune.scoring import score
+    from structprune.streaming import ActivationStore, StreamedModel
+
+    row = Row("structprune@TP-widths", est, "heads+mlp", "query-heads", tp_row.target)
+    out = work / f"matched-{est}-{tp_row.target}"
+    try:
+        heads, kv = (int(x) for x in tp_row.heads.split("/"))
+        cfg = ctx.config
+        if kv != cfg.num_key_value_heads or (cfg.num_attention_heads - heads) % kv:
+            raise ValueError(f"Torch-Pruning's widths {tp_row.heads} are not the same query heads removed per KV group")
+        q_removed = (cfg.num_attention_heads - heads) // kv
+        mlp_removed = cfg.intermediate_size - int(tp_row.mlp or 0)
+        started = time.perf_counter()
+        graph = structprune.trace(ctx.model_dir)
+        model = StreamedModel(ctx.model_dir, blocks_prefix=graph.blocks.prefix)
+        importance = estimator(est, seed=ctx.args.seed)
+        # As make_plan: data only for estimators that use it (score() given data scores only
+        # gradient / activation estimators).
+        ids = ctx.batch if importance.needs_gradients or importance.needs_activations else None
+        scores = score(model, graph, importance, ids, micro_batch=4, store=ActivationStore())
+        selection = Selection()
+        for s in graph.by_kind("channels"):
+            if mlp_removed:
+                selection.units[s.id] = lowest(scores.units[s.id], mlp_removed)
+        for s in graph.by_kind("query_heads"):
+            if q_removed:
+                selection.per_group[s.id] = [lowest(g, q_removed) for g in scores.per_group[s.id]]
+        plan = checkpoint_cut_plan(ctx.model_dir, graph, selection)
+        row.plan_s = time.perf_counter() - started
+        structprune.apply_plan(ctx.model_dir, plan, out, overwrite=True)
+        from structprune.apply import plan_output
+
+        row.params_after, row.removed_all, row.removed_blocks = ctx.fractions([(t.name, t.shape) for t in plan_output(ctx.model_dir, plan).tensors])
+        patch = plan.config or {}
+        row.heads = f"{patch.get('num_attention_heads', cfg.num_attention_heads)}/{patch.get('num_key_value_heads', cfg.num_key_value_heads)}"
+        row.mlp = patch.get("intermediate_size", cfg.intermediate_size)
+        row.hidden = patch.get("hidden_size", cfg.hidden_size)
+        pruned = ctx.load(out)
+        ppl, row.eval_s = ctx.perplexity(pruned)
+        row.perplexity, row.mean_loss = ppl.perplexity, ppl.mean_loss
+        row.note = "structprune scores, Torch-Pruning's widths"
+    except Exception as err:  # noqa: BLE001
+        row.status = "error"
+        row.error = short_error(err)
+        tracebacks.setdefault(row.error, traceback.format_exc())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def lowest(values: Any, count: int) -> List[int]:
+    import numpy as np
+
+    order = np.lexsort((np.arange(len(values)), np.asarray(values)))
+    return sorted(int(i) for i in order[:count])
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,9 +516,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=128, help="perplexity window (default 128; dense reference 40.26)")
     p.add_argument("--eval-batch", type=int, default=32, help="windows per forward in evaluation (does not change the figure)")
     p.add_argument("--micro-batch", type=int, default=4, help="Torch-Pruning gradient micro-batch (default 4, as make_plan)")
-    p.add_argument("--tp-iterations", type=int, default=12, help="bisection steps of Torch-Pruning's ratio search")
+    p.add_argument("--tp-iterations", type=int, default=8,
+                   help="bisection steps inside each crossing grid interval of Torch-Pruning's ratio search (default 8)")
     p.add_argument("--skip-torch-pruning", action="store_true")
     p.add_argument("--skip-variants", action="store_true", help="no hidden / mlp-only runs for the best estimator")
+    p.add_argument("--skip-matched", action="store_true",
+                   help="no runs of structprune's scores (best estimator and taylor) cut to Torch-Pruning's widths")
     p.add_argument("--work", default="", help="where pruned checkpoints are written (default: a temporary directory)")
     p.add_argument("--json", metavar="OUT")
     return p.parse_args(argv)
@@ -514,13 +599,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ImportError:
             print("Torch-Pruning is not installed (pip install 'torch-pruning>=1.6,<1.7'): skipped")
     rows.extend(tp_rows)
+    if tp_rows and not args.skip_matched:
+        with tempfile.TemporaryDirectory(prefix="structprune-quality-") as tmp:
+            for est in dict.fromkeys(e for e in (best, "taylor") if e in estimators):
+                for t in tp_rows:
+                    if t.status != "ok":
+                        continue
+                    row = run_matched(ctx, est, t, Path(tmp), tracebacks)
+                    rows.append(row)
+                    print(f"  {est:14s} {t.target:.2f} at Torch-Pruning's widths {t.heads}, mlp {t.mlp} -> "
+                          + (f"ppl {row.perplexity:.2f}, removed {pct(row.removed_all)}" if row.status == "ok" else row.error[:160]),
+                          flush=True)
 
     print()
     print(render(rows, dense_result.perplexity))
     print()
     print("removed all = of all parameters; removed blocks = of the decoder blocks' parameters (what embeddings, head and "
           "final norm keep is excluded); plan s = scoring + planning (structprune; Torch-Pruning: gradients + one prune at the "
-          "final r); apply s = writing the checkpoint (structprune; Torch-Pruning: the bisection on r); eval s = held-out "
+          "final r); apply s = writing the checkpoint (structprune; Torch-Pruning: the search for r); eval s = held-out "
           "perplexity.")
 
     verdict: Dict[str, Any] = {"best_estimator": best, "per_ratio": {}}

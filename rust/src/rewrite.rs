@@ -27,6 +27,9 @@ const MAX_READ_GAP: u64 = 16 * 1024;
 /// Segments gathered per batch: a fine column cut yields a segment every few bytes, and the list of
 /// segments must not grow with the buffer (it would double the memory the budget allows).
 const MAX_SEGMENTS_PER_BATCH: usize = 1 << 15;
+/// Contiguous ranges at least this long (whole uncut tensors, runs of kept rows) are copied file to
+/// file by the kernel (`copy_file_range`: no trip through user space, reflinks where supported).
+const DIRECT_COPY_MIN: u64 = 1 << 20;
 /// Below this a per-worker buffer makes system-call overhead dominate.
 const MIN_BUFFER: u64 = 4 * 1024;
 /// Weight formats that would be stale after pruning; they are reported and not copied.
@@ -292,11 +295,13 @@ struct Worker {
     out: Vec<u8>,
     read: Vec<u8>,
     batch: Vec<Segment>,
+    /// Whether large ranges go file to file in the kernel (cleared once the file system refuses).
+    direct: bool,
 }
 
 impl Worker {
     fn new(buffer: usize) -> Worker {
-        Worker { out: vec![0; buffer], read: vec![0; buffer], batch: Vec::with_capacity(MAX_SEGMENTS_PER_BATCH) }
+        Worker { out: vec![0; buffer], read: vec![0; buffer], batch: Vec::with_capacity(MAX_SEGMENTS_PER_BATCH), direct: true }
     }
 
     fn copy(
@@ -325,6 +330,21 @@ impl Worker {
             if progress.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
+            if carry.is_none() && self.direct && segments.peek().is_some_and(|s| s.len >= DIRECT_COPY_MIN) {
+                let segment = segments.next().expect("peeked");
+                match copy_range(input, source_base + segment.offset, output, out_offset, segment.len) {
+                    Ok(true) => {
+                        out_offset += segment.len;
+                        progress.done.fetch_add(segment.len, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(false) => {
+                        self.direct = false;
+                        carry = Some(segment);
+                    }
+                    Err(err) => return Err(Error::io(out_path)(err)),
+                }
+            }
             let filled = self.fill_batch(&mut carry, &mut segments);
             if filled == 0 {
                 return Ok(());
@@ -336,12 +356,16 @@ impl Worker {
         }
     }
 
-    /// Takes segments until the output buffer is full, splitting the last one if needed.
-    fn fill_batch(&mut self, carry: &mut Option<Segment>, segments: &mut impl Iterator<Item = Segment>) -> usize {
+    /// Takes segments until the output buffer is full, splitting the last one if needed; stops
+    /// before a segment large enough to be copied without passing through the buffer.
+    fn fill_batch(&mut self, carry: &mut Option<Segment>, segments: &mut std::iter::Peekable<SegmentIter>) -> usize {
         self.batch.clear();
         let capacity = self.out.len() as u64;
         let mut filled = 0u64;
         while filled < capacity && self.batch.len() < MAX_SEGMENTS_PER_BATCH {
+            if carry.is_none() && filled > 0 && self.direct && segments.peek().is_some_and(|s| s.len >= DIRECT_COPY_MIN) {
+                break;
+            }
             let Some(segment) = carry.take().or_else(|| segments.next()) else { break };
             let take = segment.len.min(capacity - filled);
             self.batch.push(Segment { offset: segment.offset, len: take });
@@ -389,6 +413,38 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Copies `len` bytes between files at the given offsets in the kernel. `Ok(false)` when the file
+/// system or platform cannot (the caller then copies through its buffer).
+#[cfg(target_os = "linux")]
+fn copy_range(input: &File, mut from: u64, output: &File, mut to: u64, mut len: u64) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let mut first = true;
+    while len > 0 {
+        let mut off_in = from as libc::loff_t;
+        let mut off_out = to as libc::loff_t;
+        // SAFETY: valid open descriptors and offset pointers that live through the call.
+        let copied = unsafe { libc::copy_file_range(input.as_raw_fd(), &mut off_in, output.as_raw_fd(), &mut off_out, len as usize, 0) };
+        if copied < 0 {
+            let err = std::io::Error::last_os_error();
+            let unsupported = matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL));
+            return if unsupported && first { Ok(false) } else { Err(err) };
+        }
+        if copied == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source ended early"));
+        }
+        first = false;
+        from += copied as u64;
+        to += copied as u64;
+        len -= copied as u64;
+    }
+    Ok(true)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn copy_range(_input: &File, _from: u64, _output: &File, _to: u64, _len: u64) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 fn index_json(layout: &Layout) -> Vec<u8> {
