@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Union
 
 from structprune import _core
+from structprune.checkpoint import TensorInfo
 from structprune.plan import PlanLike, as_plan_json
 from structprune.sizes import parse_size
 
@@ -33,19 +34,10 @@ class ApplyReport:
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    dtype: str
-    shape: Tuple[int, ...]
-    file: str
-    nbytes: int
-
-
-@dataclass(frozen=True)
 class PlannedOutput:
     """What applying a plan would write (``structprune apply --dry-run``)."""
 
-    tensors: List[PlannedTensor]
+    tensors: List[TensorInfo]
     shards: List[str]
     total_size: int
 
@@ -53,7 +45,7 @@ class PlannedOutput:
 def plan_output(model_dir: _PathLike, plan: PlanLike, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> PlannedOutput:
     """Validates ``plan`` against the checkpoint and describes the output, writing nothing."""
     raw = _core.plan_layout(str(model_dir), as_plan_json(plan), parse_size(max_shard_size))
-    tensors = [PlannedTensor(n, d, tuple(s), f, b) for n, d, s, f, b in raw["tensors"]]
+    tensors = [TensorInfo(n, d, tuple(s), f, b) for n, d, s, f, b in raw["tensors"]]
     return PlannedOutput(tensors=tensors, shards=list(raw["shards"]), total_size=raw["total_size"])
 
 
