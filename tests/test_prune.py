@@ -100,6 +100,11 @@ def test_structures_and_gqa_choices(tmp_path: Path) -> None:
     assert slots.widths["kv_groups"] == [2] * 6 and slots.widths["query_heads"][0] < 3
     hidden = make_plan(DEMO, PruneOptions(ratio=0.2, importance="l2", structures=("hidden",)))
     assert hidden.plan.config["hidden_size"] % 8 == 0 and hidden.plan.config["hidden_size"] < 192
+    combined = make_plan(DEMO, PruneOptions(ratio=0.3, importance="l2", structures=("heads", "mlp", "hidden")))
+    config = combined.plan.config
+    assert config["hidden_size"] % config["num_attention_heads"] == 0 and config["num_attention_heads"] < 6
+    structprune.apply_plan(DEMO, combined.plan, tmp_path / "combined")
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "combined").config.hidden_size == config["hidden_size"]
     blocks = make_plan(DEMO, PruneOptions(ratio=0.15, importance="taylor", structures=("blocks",), calib=CALIB, samples=4, seq_len=32))
     assert len(blocks.blocks_removed) == 1 and blocks.plan.config["num_hidden_layers"] == 5
     structprune.apply_plan(DEMO, blocks.plan, tmp_path / "blocks")

@@ -56,35 +56,51 @@ def _kinds_for(graph: StructureGraph, target: Target) -> List[str]:
     return kinds
 
 
-def _removable(structure: Structure, fraction: float, multiple: int, head_count: int) -> int:
-    """How many units to remove from a structure for a fraction, keeping the width a multiple."""
-    if structure.kind in ("heads", "kv_groups", "query_heads"):
-        step = 1
-    elif structure.kind == "hidden":
-        step = int(np.lcm(multiple, head_count)) if head_count else multiple
-    else:
-        step = multiple
+def _removable(structure: Structure, fraction: float, step: int) -> int:
+    """How many units to remove from a structure for a fraction, keeping the width a multiple of step."""
     kept = structure.units - int(round(fraction * structure.units))
     kept = max(step, int(round(kept / step)) * step) if structure.units >= step else structure.units
     return max(0, min(structure.units - 1, structure.units - kept))
 
 
+_HEAD_KINDS = ("heads", "kv_groups", "query_heads")
+
+
+def _heads_after(graph: StructureGraph, kind: str, removed: int, head_count: int) -> int:
+    """Query heads per layer once ``removed`` units of a head kind go (hidden widths must divide)."""
+    structure = graph.by_kind(kind)[0]
+    if kind == "heads":
+        return structure.units - removed
+    per_unit = head_count // structure.units
+    return (structure.units - removed) * per_unit
+
+
 def _cost(graph: StructureGraph, kinds: Sequence[str], fraction: float, target: Target, head_count: int) -> Tuple[int, Dict[str, int]]:
     removed = 0
     counts: Dict[str, int] = {}
-    for kind in kinds:
+    heads_after = head_count
+    # Head kinds first: the hidden width must stay a multiple of the head count that remains.
+    for kind in sorted(kinds, key=lambda k: k not in _HEAD_KINDS):
         if kind == "blocks":
             assert graph.blocks is not None
             n = min(graph.blocks.count - 1, int(round(fraction * graph.blocks.count)))
             counts[kind] = n
             removed += n * graph.blocks.unit_params
             continue
+        if kind in _HEAD_KINDS:
+            step = 1
+        elif kind == "hidden":
+            step = int(np.lcm(target.multiple, heads_after)) if heads_after else target.multiple
+        else:
+            step = target.multiple
         for s in graph.by_kind(kind):
             # Structures of one kind are alike across layers, so they share one count. Overlaps
             # (hidden and MLP cuts share weights) make this an estimate; the plan counts exactly.
-            k = _removable(s, fraction, target.multiple, head_count)
+            k = _removable(s, fraction, step)
             counts[kind] = k
             removed += k * s.unit_params
+        if kind in _HEAD_KINDS and head_count:
+            heads_after = _heads_after(graph, kind, counts[kind], head_count)
     return removed, counts
 
 
