@@ -1,10 +1,12 @@
 """Planning: from scores and a target to a selection of units (then ``cuts`` makes it a plan).
 
 Uniform planning keeps every layer the same width, so the result is a stock checkpoint that any
-loader of the architecture reads: one fraction ``r`` of the units of each targeted structure kind is
-removed in every layer (each layer choosing its own lowest-scoring units), and ``r`` is searched so
-that the parameters removed come closest to the target. Widths are rounded to hardware-friendly
-multiples; heads are whole.
+loader of the architecture reads: k units of each targeted kind are removed in every layer (each
+layer its own lowest-scoring ones). How the parameter budget is split between kinds follows the
+scores: for every possible head count, MLP and hidden steps are taken greedily by lowest summed
+score per parameter until the target is reached, and the split with the least summed importance
+within tolerance of the target wins. Widths are rounded to hardware-friendly multiples; heads are
+whole, and the head count always divides the hidden size, as transformers' configs require.
 """
 
 from __future__ import annotations
@@ -56,73 +58,113 @@ def _kinds_for(graph: StructureGraph, target: Target) -> List[str]:
     return kinds
 
 
-def _removable(structure: Structure, fraction: float, step: int) -> int:
-    """How many units to remove from a structure for a fraction, keeping the width a multiple of step."""
-    kept = structure.units - int(round(fraction * structure.units))
-    kept = max(step, int(round(kept / step)) * step) if structure.units >= step else structure.units
-    return max(0, min(structure.units - 1, structure.units - kept))
-
-
 _HEAD_KINDS = ("heads", "kv_groups", "query_heads")
 
 
-def _heads_after(graph: StructureGraph, kind: str, removed: int, head_count: int) -> int:
-    """Query heads per layer once ``removed`` units of a head kind go (hidden widths must divide)."""
-    structure = graph.by_kind(kind)[0]
-    if kind == "heads":
-        return structure.units - removed
-    per_unit = head_count // structure.units
-    return (structure.units - removed) * per_unit
+@dataclass
+class _Kind:
+    """One targeted structure kind: cumulative cost of removing k units in every layer."""
+
+    name: str
+    units: int
+    params_per_step: int
+    """Parameters removed by one more unit in every structure of the kind."""
+    cumulative: np.ndarray
+    """cumulative[k]: summed scores of each structure's k lowest units (k = 0 … units)."""
+    per_unit_of_heads: int = 1
 
 
-def _cost(graph: StructureGraph, kinds: Sequence[str], fraction: float, target: Target, head_count: int) -> Tuple[int, Dict[str, int]]:
-    removed = 0
-    counts: Dict[str, int] = {}
-    heads_after = head_count
-    # Head kinds first: the hidden width must stay a multiple of the head count that remains.
-    for kind in sorted(kinds, key=lambda k: k not in _HEAD_KINDS):
-        if kind == "blocks":
-            assert graph.blocks is not None
-            n = min(graph.blocks.count - 1, int(round(fraction * graph.blocks.count)))
-            counts[kind] = n
-            removed += n * graph.blocks.unit_params
-            continue
-        if kind in _HEAD_KINDS:
-            step = 1
-        elif kind == "hidden":
-            step = int(np.lcm(target.multiple, heads_after)) if heads_after else target.multiple
+def _kind(graph: StructureGraph, scores: Scores, name: str, head_count: int) -> _Kind:
+    structures = graph.by_kind(name)
+    rows = []
+    for s in structures:
+        if name == "query_heads" and s.id in scores.per_group:
+            # Each KV group drops its own lowest slots; the k-th removal costs the k-th lowest of each.
+            rows.append(np.sort(scores.per_group[s.id], axis=1).sum(axis=0))
         else:
-            step = target.multiple
-        for s in graph.by_kind(kind):
-            # Structures of one kind are alike across layers, so they share one count. Overlaps
-            # (hidden and MLP cuts share weights) make this an estimate; the plan counts exactly.
-            k = _removable(s, fraction, step)
-            counts[kind] = k
-            removed += k * s.unit_params
-        if kind in _HEAD_KINDS and head_count:
-            heads_after = _heads_after(graph, kind, counts[kind], head_count)
-    return removed, counts
+            rows.append(np.sort(scores.units[s.id]))
+    per_step = np.stack(rows).sum(axis=0)
+    units = structures[0].units
+    return _Kind(
+        name=name,
+        units=units,
+        params_per_step=sum(s.unit_params for s in structures),
+        cumulative=np.concatenate([[0.0], np.cumsum(per_step)]),
+        per_unit_of_heads=head_count // units if name != "heads" and units else 1,
+    )
 
 
-def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_count: int) -> Tuple[Selection, float]:
-    """The selection whose removed parameters come closest to ``target.ratio`` of the total, with
-    the same count per layer for each kind; returns it and the structure fraction used."""
+def _heads_left(kind: _Kind, removed: int) -> int:
+    return (kind.units - removed) * kind.per_unit_of_heads
+
+
+def _fill(fine: List[_Kind], steps: Dict[str, int], budget: float) -> Tuple[Dict[str, int], float, int]:
+    """Greedy over fine-grained kinds (MLP, hidden): repeatedly take the step with the lowest score
+    per parameter while it brings the removed parameters closer to ``budget``."""
+    counts = {k.name: 0 for k in fine}
+    score, removed = 0.0, 0
+    while True:
+        best = None
+        for k in fine:
+            step = steps[k.name]
+            # Kept widths stay multiples of the step: remove units ≡ units (mod step).
+            new = counts[k.name] + step if counts[k.name] or k.units % step == 0 else k.units % step
+            if new > k.units - step:
+                continue
+            cost = float(k.cumulative[new] - k.cumulative[counts[k.name]])
+            params = (new - counts[k.name]) * k.params_per_step
+            if abs(removed + params - budget) >= abs(removed - budget):
+                continue
+            if best is None or cost / params < best[0]:
+                best = (cost / params, k, new, cost, params)
+        if best is None:
+            return counts, score, removed
+        _, k, new, cost, params = best
+        counts[k.name] = new
+        score += cost
+        removed += params
+
+
+def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_count: int, hidden_size: int) -> Selection:
+    """The selection closest to removing ``target.ratio`` of all parameters with the least summed
+    importance, the same width in every layer for each kind (a stock checkpoint)."""
     if not 0 < target.ratio < 1:
         raise PlanError(f"ratio must be between 0 and 1, got {target.ratio}")
     kinds = _kinds_for(graph, target)
     if not kinds:
         raise PlanError(f"the model has none of the structures {', '.join(target.structures)}")
     wanted = target.ratio * graph.total_params
-    best: Optional[Tuple[float, float]] = None
-    for fraction in np.linspace(0, 0.95, 191):
-        removed, _ = _cost(graph, kinds, float(fraction), target, head_count)
-        gap = abs(removed - wanted)
-        if best is None or gap < best[0]:
-            best = (gap, float(fraction))
+    if "blocks" in kinds:
+        return _plan_blocks(graph, scores, kinds, wanted)
+    head_kind = next((_kind(graph, scores, k, head_count) for k in kinds if k in _HEAD_KINDS), None)
+    fine = [_kind(graph, scores, k, head_count) for k in kinds if k not in _HEAD_KINDS]
+    best: Optional[Tuple[float, float, Dict[str, int]]] = None
+    tolerance = max([k.params_per_step * target.multiple for k in fine] + [0.005 * graph.total_params])
+    for removed_heads in range(head_kind.units if head_kind else 1):
+        heads = _heads_left(head_kind, removed_heads) if head_kind else head_count
+        hidden_pruned = any(k.name == "hidden" for k in fine)
+        if heads and not hidden_pruned and hidden_size % heads:
+            continue  # transformers' configs need hidden_size to be a multiple of the head count
+        head_params = removed_heads * head_kind.params_per_step if head_kind else 0
+        head_score = float(head_kind.cumulative[removed_heads]) if head_kind else 0.0
+        steps = {k.name: int(np.lcm(target.multiple, heads)) if k.name == "hidden" and heads else target.multiple for k in fine}
+        counts, score, removed = _fill(fine, steps, wanted - head_params)
+        if head_kind:
+            counts[head_kind.name] = removed_heads
+        gap = abs(head_params + removed - wanted)
+        key = (0.0 if gap <= tolerance else gap, head_score + score)
+        if best is None or key < best[:2]:
+            best = (key[0], key[1], counts)
     assert best is not None
-    fraction = best[1]
-    _, counts = _cost(graph, kinds, fraction, target, head_count)
-    return _select(graph, scores, kinds, counts), fraction
+    return _select(graph, scores, kinds, best[2])
+
+
+def _plan_blocks(graph: StructureGraph, scores: Scores, kinds: Sequence[str], wanted: float) -> Selection:
+    if len(kinds) > 1:
+        raise PlanError("blocks cannot yet be combined with other structures in one prune; prune blocks on their own")
+    assert graph.blocks is not None
+    count = min(graph.blocks.count - 1, max(1, int(round(wanted / graph.blocks.unit_params))))
+    return _select(graph, scores, kinds, {"blocks": count})
 
 
 def _lowest(values: np.ndarray, count: int) -> List[int]:

@@ -81,13 +81,13 @@ def make_plan(model_dir: Union[str, Path], options: PruneOptions, *, progress: O
     scores = score(model, graph, importance, input_ids, reduction=options.reduction, micro_batch=options.micro_batch, store=ActivationStore(), progress=progress)
     config = read_config(model_dir) or {}
     heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
     target = Target(ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa, multiple=options.multiple)
-    selection, fraction = plan_uniform(graph, scores, target, heads)
+    selection = plan_uniform(graph, scores, target, heads, hidden)
     metadata = {
         "method": {"importance": options.importance, "reduction": options.reduction, "planning": "uniform", "structures": list(options.structures), "gqa": options.gqa, "multiple": options.multiple},
         "seed": options.seed,
         "target_ratio": options.ratio,
-        "structure_fraction": fraction,
         "calibration": calibration,
         "scores": _score_summary(graph, scores),
     }
