@@ -307,7 +307,11 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
     report = apply_plan(model, result.plan, output, overwrite=overwrite, progress=True)
     click.echo(f"wrote {report.output_dir} ({len(report.shards)} shard(s), {format_size(report.total_size)})")
     if eval_text is not None:
+        from transformers.utils import logging as hf_logging
+
         from structprune.evaluate import perplexity_of_text
+
+        hf_logging.disable_progress_bar()  # two loads of small models: their bars only add noise
 
         before = perplexity_of_text(model, eval_text, window=128)
         after = perplexity_of_text(output, eval_text, window=128)
