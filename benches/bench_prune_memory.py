@@ -410,7 +410,7 @@ def meminfo() -> Dict[str, int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/structprune-bench", help="where the checkpoint is written")
+    p.add_argument("--work", default="/tmp/structprune-prune-memory", help="where the checkpoint is written")
     p.add_argument("--size-gb", type=float, default=8.0, help="minimum checkpoint size, decimal GB (default 8)")
     p.add_argument("--shard-gb", type=float, default=2.0, help="shard size, decimal GB (default 2)")
     p.add_argument("--ckpt-dtype", choices=("BF16", "F32"), default="BF16", help="checkpoint dtype (default BF16)")

@@ -176,7 +176,6 @@ def run_structprune(ctx: Context, estimator: str, ratio: float, structures: Tupl
         row.heads = f"{heads}/{kv}"
         row.mlp = patch.get("intermediate_size", ctx.config.intermediate_size)
         row.hidden = patch.get("hidden_size", ctx.config.hidden_size)
-        row.extra["structure_fraction"] = result.plan.metadata.get("structure_fraction")
         row.extra["calibration_loss"] = result.plan.metadata.get("scores", {}).get("calibration_loss")
         started = time.perf_counter()
         structprune.apply_plan(ctx.model_dir, result.plan, out, overwrite=True)
