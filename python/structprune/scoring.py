@@ -204,18 +204,14 @@ def _score_with_data(
         if progress:
             progress("forward", index + 1, model.num_blocks)
 
-    original_load = model.load_block
-    if importance.needs_activations:
-        def load_and_attach(index: int) -> None:
-            original_load(index)
+    def on_load(index: int) -> None:
+        if importance.needs_activations:
             recorder.detach()
             recorder.attach(index)
 
-        model.load_block = load_and_attach  # type: ignore[method-assign]
     try:
-        streamed = forward_pass(model, input_ids, micro_batch=batch, store=store, on_block=on_block)
+        streamed = forward_pass(model, input_ids, micro_batch=batch, store=store, on_load=on_load, on_block=on_block)
     finally:
-        model.load_block = original_load  # type: ignore[method-assign]
         recorder.detach()
     loss = None
     if importance.needs_gradients:

@@ -284,12 +284,14 @@ def forward_pass(
     *,
     micro_batch: int,
     store: ActivationStore,
+    on_load: Optional[Callable[[int], None]] = None,
     on_block: Optional[Callable[[int, List[torch.Tensor], List[torch.Tensor]], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> StreamedPass:
     """Runs every block in order, saving its inputs (and the last block's output) in ``store``.
-    ``on_block(index, inputs, outputs)`` sees each block's micro-batch inputs and outputs (for
-    activation statistics and block influence)."""
+    ``on_load(index)`` runs once a block's weights are in (to attach hooks); ``on_block(index,
+    inputs, outputs)`` sees its micro-batch inputs and outputs (activation statistics, block
+    influence)."""
     batches = list(input_ids.split(micro_batch))
     saved_args = []
     with torch.no_grad():
@@ -300,6 +302,8 @@ def forward_pass(
         returns_tuple = False
         for index in range(model.num_blocks):
             model.load_block(index)
+            if on_load is not None:
+                on_load(index)
             inputs, outputs = [], []
             for m in range(len(batches)):
                 hidden = store.get((index, m), model.device)
