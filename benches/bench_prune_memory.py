@@ -313,7 +313,7 @@ def worker(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     stage[0] = "load (shell + outside blocks)"
-    model = StreamedModel(model_dir, device="cpu", dtype=dtype, blocks_prefix=graph.blocks.prefix)
+    model = StreamedModel(model_dir, device=args.device, dtype=dtype, blocks_prefix=graph.blocks.prefix)
     result["load_s"] = time.perf_counter() - t0
     result["rss_after_load"] = _status()["VmRSS"]
 
@@ -333,9 +333,16 @@ def worker(args: argparse.Namespace) -> None:
         stage[0] = nxt
 
     stage[0] = "forward"
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t_score = time.perf_counter()
     store = ActivationStore()
     scores = score(model, graph, estimator("taylor"), ids, micro_batch=args.micro_batch, store=store, progress=progress)
+    if cuda:
+        torch.cuda.synchronize()
+        result["peak_gpu"] = torch.cuda.max_memory_allocated()
     result["score_s"] = time.perf_counter() - t_score
     stage[0] = "done"
     stop.set()
@@ -360,10 +367,42 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-def run_worker(model_dir: Path, args: argparse.Namespace, result_path: Path, log_path: Path) -> Tuple[int, float, int, Dict[str, Any]]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(model_dir), "--result", str(result_path),
+def full_worker(args: argparse.Namespace) -> None:
+    """What structprune avoids: the whole model in memory on the device, one forward and backward
+    over the same calibration batch (gradients of every parameter, as LLM-Pruner computes them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    result: Dict[str, Any] = {}
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
+    result["load_s"] = time.perf_counter() - t0
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, int(model.config.vocab_size), (args.samples, args.seq_len), generator=generator)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for chunk in ids.split(args.micro_batch):
+        chunk = chunk.to(args.device)
+        loss = model(chunk, labels=chunk).loss * (len(chunk) / len(ids))
+        loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+        result["peak_gpu"] = torch.cuda.max_memory_allocated()
+    result["backward_s"] = time.perf_counter() - t0
+    result["vm_hwm"] = _status()["VmHWM"]
+    Path(args.result).write_text(json.dumps(result, indent=2))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run_worker(model_dir: Path, args: argparse.Namespace, result_path: Path, log_path: Path, full: bool = False) -> Tuple[int, float, int, Dict[str, Any]]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-full" if full else "--worker", "--model", str(model_dir), "--result", str(result_path),
            "--dtype", args.dtype, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-           "--micro-batch", str(args.micro_batch), "--seed", str(args.seed)]
+           "--micro-batch", str(args.micro_batch), "--seed", str(args.seed), "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     started = time.perf_counter()
@@ -433,7 +472,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="skip the free-disk check")
     p.add_argument("--json", metavar="OUT", help="save the figures as JSON")
     # internal
+    p.add_argument("--device", default="cpu", help="where blocks are computed: cpu or cuda[:N] (default cpu)")
+    p.add_argument("--full-backward", action="store_true",
+                   help="also run a full in-memory forward+backward of the whole model on --device (needs the memory)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-full", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -443,6 +486,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.worker_full:
+        full_worker(args)
         return 0
     head_dim = args.hidden // args.heads
     spec = choose_spec(int(args.size_gb * GB), args.ckpt_dtype, vocab=args.vocab, hidden=args.hidden, heads=args.heads,
@@ -479,6 +525,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"micro-batch {args.micro_batch}) ...", flush=True)
         load_start = os.getloadavg()[0]
         rc, wall, ru_maxrss, data = run_worker(src, args, work / "stream-result.json", work / "stream-worker.log")
+        full: Dict[str, Any] = {}
+        if args.full_backward and rc == 0:
+            print(f"full in-memory forward+backward on {args.device} in a fresh subprocess ...", flush=True)
+            full_rc, _, full_rss, full = run_worker(src, args, work / "full-result.json", work / "full-worker.log", full=True)
+            full = {**full, "rc": full_rc, "peak_rss": full_rss}
     finally:
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
@@ -519,6 +570,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ["peak / checkpoint size", f"{peak / ckpt_bytes:.3f}"],
         [f"target peak <= {args.target_gb:g} GB", "MET" if peak <= target else f"NOT MET ({peak / GB:.2f} GB)"],
     ]
+    if "peak_gpu" in data:
+        rows.append([f"peak GPU memory, streamed ({args.device})", f"{fmt_mib(data['peak_gpu'])} = {data['peak_gpu'] / GB:.2f} GB"])
+    if full.get("rc") == 0:
+        rows.append(["full in-memory fwd+bwd: time", f"{full['backward_s']:.1f} s (+ {full['load_s']:.1f} s load) vs streamed score() {data['score_s']:.1f} s"])
+        if "peak_gpu" in full:
+            rows.append(["full in-memory fwd+bwd: peak GPU", f"{fmt_mib(full['peak_gpu'])} = {full['peak_gpu'] / GB:.2f} GB "
+                         f"({full['peak_gpu'] / max(data.get('peak_gpu', 1), 1):.1f}x the streamed peak)"])
+        rows.append(["full in-memory fwd+bwd: peak RSS", fmt_mib(full["peak_rss"])])
+    elif full:
+        rows.append(["full in-memory fwd+bwd", f"failed (exit status {full.get('rc')}, see {work / 'full-worker.log'})"])
     print()
     print(table(rows))
     print()
@@ -548,6 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "peak_rss_bytes": peak,
             "wall_s": wall,
             "worker": data,
+            "full_backward": full,
             "full_backward_bytes": {"fp32": full_fp32, "bf16": full_bf16},
             "terms_bytes": {"outside": outside_bytes, "block": block_bytes, "activations": activations},
             "target_met": peak <= target,

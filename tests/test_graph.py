@@ -400,9 +400,8 @@ def test_valid_selection_is_accepted(graphs: Callable[[str], StructureGraph]) ->
         blocks=[1],
     )
     plan = cut_plan(graph, config, selection, list(graph.params))
-    assert plan.config == {
-        "intermediate_size": 78, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 2,
-    }
+    # num_key_value_heads is unchanged (2), so the patch leaves it alone.
+    assert plan.config == {"intermediate_size": 78, "num_attention_heads": 2, "num_hidden_layers": 2}
     assert plan.tensors["model.layers.1.mlp.up_proj.weight"].drop
     assert plan.tensors["model.layers.2.mlp.up_proj.weight"].rename == "model.layers.1.mlp.up_proj.weight"
 

@@ -34,10 +34,18 @@ def streamed_stats(ids: torch.Tensor, *, micro_batch: int, fisher: bool, budget:
     stats: Dict[str, ParamStats] = {}
     try:
         streamed = forward_pass(model, ids, micro_batch=micro_batch, store=store)
-        backward_pass(model, streamed, fisher=fisher, on_params=stats.update)
+        # The statistics are the loaded block's own tensors, valid during the call: keep copies.
+        backward_pass(model, streamed, fisher=fisher, on_params=lambda block: stats.update(copies(block)))
     finally:
         store.close()
     return stats
+
+
+def copies(block: Dict[str, ParamStats]) -> Dict[str, ParamStats]:
+    return {
+        name: ParamStats(name, s.weight.clone(), None if s.grad is None else s.grad.clone(), None if s.fisher is None else s.fisher.clone())
+        for name, s in block.items()
+    }
 
 
 def assert_close_relative(got: torch.Tensor, want: torch.Tensor, name: str, tol: float = 1e-5) -> None:

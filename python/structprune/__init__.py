@@ -4,6 +4,8 @@ Importing the package stays light (no torch): the shard engine and the CLI's ``i
 in a few megabytes of Python.
 """
 
+from typing import Any
+
 from structprune._core import __version__
 from structprune.apply import ApplyReport, PlannedOutput, apply_plan, plan_output
 from structprune.checkpoint import Checkpoint, TensorInfo, read_checkpoint
@@ -21,6 +23,16 @@ from structprune.errors import (
 )
 from structprune.graph import StructureGraph, trace
 from structprune.plan import CutPlan, TensorCut
+
+
+def __getattr__(name: str) -> Any:
+    # load_pruned needs torch and transformers: imported on first use, so `import structprune` stays light.
+    if name == "load_pruned":
+        from structprune.loading import load_pruned
+
+        return load_pruned
+    raise AttributeError(f"module 'structprune' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
@@ -42,6 +54,7 @@ __all__ = [
     "TensorCut",
     "TensorInfo",
     "apply_plan",
+    "load_pruned",
     "plan_output",
     "read_checkpoint",
     "trace",

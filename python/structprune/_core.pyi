@@ -46,3 +46,24 @@ def apply_plan(
 ) -> _ReportDict:
     """Writes the pruned checkpoint atomically; ``progress(done_bytes, total_bytes)`` is called
     about ten times a second with the GIL held. Ctrl-C cancels and leaves no output."""
+
+def write_checkpoint(
+    output_dir: _Path,
+    tensors: list[tuple[str, str, list[int]]],
+    read_tensor: Callable[[int], bytes],
+    source_dir: Optional[_Path],
+    includes: list[tuple[_Path, _Path]],
+    config_json: Optional[str],
+    max_shard_size: int,
+    overwrite: bool,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> _ReportDict:
+    """Writes caller-held tensors as a checkpoint with the shard engine's layout and staging.
+
+    ``tensors`` are ``(name, safetensors dtype, shape)`` in output order; the layout is fixed from
+    them before any data is asked for. ``read_tensor(i)`` returns tensor ``i``'s raw little-endian
+    bytes (called once per tensor with the GIL held; the write runs with it released).
+    ``source_dir``: the checkpoint these tensors replace, whose files other than weights are copied
+    (``config.json`` too, unless ``config_json`` is given). ``includes``: ``(file or directory,
+    path inside the output)`` copied as well. ``progress(done_bytes, total_bytes)`` is called after
+    every tensor. Any error or Ctrl-C leaves no output."""

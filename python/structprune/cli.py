@@ -16,6 +16,8 @@ import click
 from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, plan_output
 from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import StructpruneError
+from structprune.formats import FORMATS
+from structprune.planner import NORMALIZATIONS
 from structprune.sizes import format_size, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -251,7 +253,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--importance", default="taylor", show_default=True, help="Estimator: taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap.")
 @click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
 @click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups.")
-@click.option("--multiple", type=click.IntRange(min=1), default=8, show_default=True, help="Kept MLP and hidden widths are multiples of this (64 suits large models).")
+@click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept MLP and hidden widths are multiples of this [default: 64 for MLPs of 2048+ channels, else 8].")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max", "prod", "first"]), default="sum", show_default=True, help="How a unit's scores in different weights combine.")
 @click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text: .txt (documents split by <|endoftext|> lines), .jsonl, or a saved datasets directory.")
 @click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
@@ -261,17 +263,31 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per forward/backward call (taylor2 uses 1).")
+@click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Uniform: the same widths in every layer (a stock checkpoint). Global: per-layer widths, steps taken across all layers by score per parameter (a DeciLM or layers checkpoint, see --format).")
+@click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global].")
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers.")
+@click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
 @click.option("--dry-run", is_flag=True, help="Score and plan, print the resulting sizes; write no checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True, help="Save the scoring state after every block and continue an interrupted run, in $XDG_CACHE_HOME/structprune/resume/<hash of model, calibration and scoring options> (~/.cache without XDG_CACHE_HOME).")
+@click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), help="As --resume, in this directory (refused if it holds another run's state).")
 @reports_errors
-def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, gqa: str, multiple: int, reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool) -> None:
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, uniform: bool, protect: Optional[str], normalize: str, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
     """Prune MODEL: trace it, score every structure on calibration text block by block (one
     decoder block in memory at a time), remove the least important units so that RATIO of all
-    parameters goes, and write a stock checkpoint to OUTPUT (every layer the same width)."""
+    parameters goes, and write the result to OUTPUT: a stock checkpoint with --uniform (every
+    layer the same width), per-layer widths with --global (see --format).
+
+    \b
+    Several processes can score together, each on its share of the calibration samples:
+      torchrun --nproc-per-node 4 -m structprune prune MODEL --device cuda ...
+    uses cuda:0..3 (on CPU, omit --device). Only the first process prints and writes.
+    """
     from tqdm.auto import tqdm
 
+    from structprune.distributed import joined
     from structprune.prune import PruneOptions, make_plan
 
     if output is None and not dry_run:
@@ -279,7 +295,8 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
     options = PruneOptions(
         ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
-        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch,
+        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, planning="uniform" if uniform else "global",
+        protect=_protection(protect), normalize=normalize, layout=layout,
     )
     bars: Dict[str, Any] = {}
 
@@ -287,11 +304,14 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=f"{stage} blocks", unit="block", leave=False))
         bar.update(done - bar.n)
 
-    try:
-        result = make_plan(model, options, progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
+    with joined(device) as workers:
+        try:
+            result = make_plan(model, options, progress=progress if workers.is_main else None, resume=resume_dir or resume, workers=workers)
+        finally:
+            for bar in bars.values():
+                bar.close()
+    if not workers.is_main:
+        return
     if plan_out is not None:
         result.plan.save(plan_out)
     click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * ratio:.1f}%)")
@@ -318,5 +338,178 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         click.echo(f"perplexity  {before.perplexity:.2f} -> {after.perplexity:.2f} on {eval_text} ({after.windows} windows of 128 tokens)")
 
 
+def _protection(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise click.BadParameter(f"expected FIRST,LAST (two non-negative integers), got {text!r}", param_hint="--protect")
+    return int(parts[0]), int(parts[1])
+
+
 def _widths(widths: List[int]) -> str:
     return f"{widths[0]} (all layers)" if len(set(widths)) == 1 else ", ".join(map(str, widths))
+
+
+def _comma_separated(text: str, option: str, kind: Callable[[str], Any] = str) -> Tuple[Any, ...]:
+    """``"a, b"`` → ``(kind("a"), kind("b"))``; a bad item is a usage error naming ``option``."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError as err:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s ({err})", param_hint=option) from err
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--ppl", type=click.Path(exists=True, path_type=Path), help="Held-out text for perplexity (.txt, .jsonl or a saved datasets directory).")
+@click.option("--window", "windows", type=click.IntRange(min=2), multiple=True, help="Perplexity window in tokens; repeat for several [default: 128].")
+@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
+@click.option("--tasks", default="", help="Comma list of lm-evaluation-harness tasks, zero-shot (needs `pip install lm-eval` and the task data locally).")
+@click.option("--task-path", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Directory of extra lm-eval task definitions (YAML), e.g. tasks on local data files.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N documents of each task (a quick look, not the task's figure).")
+@click.option("--compare", "original", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The original model: measure it too and print ratios MODEL / ORIGINAL.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype the model is loaded and run in.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Perplexity windows (and lm-eval requests) per forward; figures do not depend on it.")
+@click.option("--context", type=click.IntRange(min=1), default=128, show_default=True, help="Prompt tokens of the timed prefill and decode, and the context of the MACs count.")
+@click.option("--batch-sizes", default="1,16", show_default=True, help="Comma list of batch sizes to time.")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Timed one-token decode steps per run.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs before the timed ones.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs; the median is reported.")
+@click.option("--no-timing", is_flag=True, help="Skip speed and memory measurements.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the timing token ids and of lm-eval.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@reports_errors
+def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], text_field: str, tasks: str, task_path: Optional[Path], limit: Optional[int], original: Optional[Path], device: str, dtype: str, batch_size: int, context: int, batch_sizes: str, decode_tokens: int, warmup: int, repeats: int, no_timing: bool, seed: int, as_json: bool) -> None:
+    """Measure MODEL: parameters, MACs per token, held-out perplexity, zero-shot tasks, prefill and
+    decode speed and peak memory at each batch size; with --compare, the original too and the
+    ratios. Protocols: structprune.costs and structprune.evaluate (docs/architecture.md)."""
+    from transformers.utils import logging as hf_logging
+
+    from structprune.assessment import EvalOptions, evaluate_model, protocol_lines, report_json, report_table
+    from structprune.costs import TimingProtocol
+
+    hf_logging.disable_progress_bar()  # loading bars of each model would bury the figures
+    options = EvalOptions(
+        ppl=ppl, windows=windows or (128,), text_field=text_field, tasks=_comma_separated(tasks, "--tasks"), task_path=task_path,
+        limit=limit, device=device, dtype=dtype, batch_size=batch_size, measure_speed=not no_timing,
+        timing=TimingProtocol(context=context, batch_sizes=_comma_separated(batch_sizes, "--batch-sizes", int), decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, seed=seed),
+    )
+    measured = evaluate_model(model, options, progress=not as_json)
+    reference = evaluate_model(original, options, progress=not as_json) if original is not None else None
+    if as_json:
+        click.echo(json.dumps(report_json(measured, options, reference), indent=2))
+        return
+    for line in protocol_lines(options, measured) + [""] + report_table(measured, reference):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory: sweep.csv, sweep.json, sweep.md, sweep.png.")
+@click.option("--ratios", default="0.1,0.2,0.3,0.5", show_default=True, help="Comma list of fractions of all parameters to remove.")
+@click.option("--importance", "importances", default="taylor,l2,random", show_default=True, help="Comma list of estimators (as for prune).")
+@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text (estimators that need data).")
+@click.option("--ppl", type=click.Path(exists=True, path_type=Path), required=True, help="Held-out text for perplexity.")
+@click.option("--window", "windows", type=click.IntRange(min=2), multiple=True, help="Perplexity window in tokens; repeat for several (the plot uses the first) [default: 128].")
+@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
+@click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
+@click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="GQA mode, as for prune.")
+@click.option("--multiple", type=click.IntRange(min=1), default=8, show_default=True, help="Kept widths are multiples of this, as for prune.")
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N], for scoring and evaluation.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring and evaluation.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the sweep is complete).")
+@reports_errors
+def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optional[Path], ppl: Path, windows: Tuple[int, ...], text_field: str, structures: str, gqa: str, multiple: int, samples: int, seq_len: int, seed: int, device: str, dtype: str, overwrite: bool) -> None:
+    """Prune MODEL at every ratio with every estimator and plot held-out perplexity against the
+    fraction of parameters removed (dense as reference). Pruned checkpoints are deleted once
+    measured; OUTPUT appears only when the sweep is complete."""
+    from transformers.utils import logging as hf_logging
+
+    from structprune.sweep import SweepOptions, markdown_table, plotting_available, run_sweep
+
+    hf_logging.disable_progress_bar()
+    options = SweepOptions(
+        ratios=_comma_separated(ratios, "--ratios", float), importances=_comma_separated(importances, "--importance"), ppl=ppl,
+        calib=calib, windows=windows or (128,), text_field=text_field, structures=_comma_separated(structures, "--structures"),
+        gqa=gqa, multiple=multiple, samples=samples, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
+    )
+    if not plotting_available():
+        click.echo("note: matplotlib is not installed, so no sweep.png (pip install 'structprune[plot]')", err=True)
+    rows = run_sweep(model, output, options, overwrite=overwrite)
+    for line in markdown_table(rows, options.windows):
+        click.echo(line)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("pruned", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory (merged weights; the adapter in OUTPUT/adapter).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="Training text: .txt (documents split by <|endoftext|> lines), .jsonl (text records, or Alpaca instruction/input/output records: loss on the response only), or a saved datasets directory.")
+@click.option("--eval-data", type=click.Path(exists=True, path_type=Path), help="Held-out text: perplexity before, every --eval-every steps, and after.")
+@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding plain text.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per training example.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.5, show_default=True, help="Passes over the training examples.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Examples per micro-batch per process.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate.")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]), default="cosine", show_default=True, help="Learning-rate schedule (transformers' get_scheduler).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="Warm-up steps (overrides --warmup-ratio).")
+@click.option("--warmup-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True, help="Warm-up as a fraction of the steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="AdamW weight decay of the adapter weights.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Clip gradients to this norm (0: no clipping).")
+@click.option("--rank", "lora_rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=32.0, show_default=True, help="LoRA alpha (the update is scaled by alpha / rank).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="LoRA dropout.")
+@click.option("--target-modules", default="all-linear", show_default=True, help="Comma list of module names to adapt; all-linear is every linear layer but the LM head.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory, ~30% more time).")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True, help="Autocast precision (CUDA only).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype of the frozen base during training (the output keeps the input's dtypes).")
+@click.option("--load-in", type=click.Choice(["4bit", "8bit"]), help="Quantize the frozen base with bitsandbytes (QLoRA; CUDA only).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="cpu, or cuda (each process of a launcher takes its own GPU).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the LoRA initialisation, example order and dropout.")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate --eval-data every N steps.")
+@click.option("--eval-window", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per perplexity window.")
+@click.option("--save-every", type=click.IntRange(min=1), help="Save a resumable state every N steps in .OUTPUT.structprune-recover/ beside OUTPUT.")
+@click.option("--resume", is_flag=True, help="Continue from the latest state saved by --save-every (starts over when there is none).")
+@click.option("--max-shard-size", type=SizeParam(), default=DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+@reports_errors
+def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], text_field: str, seq_len: int, epochs: float, max_steps: Optional[int], batch_size: int, grad_accum: int, lr: float, scheduler: str, warmup_steps: Optional[int], warmup_ratio: float, weight_decay: float, max_grad_norm: float, lora_rank: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool, mixed_precision: str, dtype: str, load_in: Optional[str], device: str, seed: int, eval_every: Optional[int], eval_window: int, save_every: Optional[int], resume: bool, max_shard_size: int, overwrite: bool, quiet: bool) -> None:
+    """Recover a pruned checkpoint PRUNED with a short LoRA fine-tune on --data, and write the
+    merged weights as a stock checkpoint (same config, names and dtypes) to OUTPUT.
+
+    \b
+    Several processes train together (DDP, the same global batch as one process):
+      torchrun --nproc-per-node 4 -m structprune recover PRUNED --device cuda ...
+      accelerate launch --config_file FSDP.yaml -m structprune recover PRUNED --device cuda ...
+    Only the first process prints and writes.
+    """
+    from structprune.recover import RecoverOptions, recover as run_recovery
+
+    options = RecoverOptions(
+        data=data, eval_data=eval_data, text_field=text_field, seq_len=seq_len, epochs=epochs, max_steps=max_steps,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, scheduler=scheduler, warmup_steps=warmup_steps,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, rank=lora_rank, alpha=alpha,
+        dropout=dropout, target_modules=_comma_separated(target_modules, "--target-modules"),
+        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, dtype=dtype, load_in=load_in,
+        device=device, seed=seed, eval_every=eval_every, eval_window=eval_window, save_every=save_every,
+        max_shard_size=max_shard_size,
+    )
+    result = run_recovery(pruned, output, options, overwrite=overwrite, resume=resume, progress=not quiet)
+    if quiet or not result.main_process:
+        return
+    if result.resumed_from is not None:
+        click.echo(f"resumed     from step {result.resumed_from}")
+    click.echo(f"wrote {output} in {result.seconds:.1f} s (adapter in {output / 'adapter'})")
+    click.echo(f"training    {result.steps} steps of {result.global_batch} examples ({result.examples} examples, {result.trainable_params:,} LoRA parameters)")
+    click.echo(f"loss        {result.losses[0]:.4f} -> {result.losses[-1]:.4f} (first and last step)")
+    if result.evals:
+        first, last = result.evals[0], result.evals[-1]
+        click.echo(f"perplexity  {first.perplexity:.2f} (step {first.step}) -> {last.perplexity:.2f} (step {last.step}) on {eval_data}, {eval_window}-token windows")

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Uni
 
 import numpy as np
 
+from structprune import formats
 from structprune.errors import PlanError
 from structprune.graph import Structure, StructureGraph
 from structprune.plan import CutPlan, TensorCut
@@ -46,8 +47,10 @@ def cut_plan(
     model_names: Optional[Mapping[str, str]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     verify: bool = True,
+    layout: str = "stock",
 ) -> CutPlan:
-    """The plan removing ``selection`` from a checkpoint holding ``tensor_names``.
+    """The plan removing ``selection`` from a checkpoint holding ``tensor_names``, written in the
+    checkpoint format ``layout`` (``structprune.formats``: stock, decilm, layers or auto).
 
     ``model_names`` maps checkpoint names to the model's state-dict names where transformers renames
     keys on load (``tracing.checkpoint_name_map``); the plan is written in checkpoint names.
@@ -76,7 +79,10 @@ def cut_plan(
             cut.rename = _renumber(graph, name, layer, new_layer[layer])
         if cut.keep or cut.rename:
             plan.tensors[name] = cut
-    plan.config = _config_patch(graph, config, selection)
+    plan.config, chosen = _config_patch(graph, config, selection, layout)
+    if chosen == "decilm":
+        plan.files = formats.decilm_files()
+    plan.metadata.setdefault("format", chosen)
     if verify:
         _verify_with_head_dim(graph, config, plan, to_model, dropped_layers)
     return plan
@@ -205,51 +211,89 @@ def _remaining_per_layer(graph: StructureGraph, kind: str, selection: Selection,
     return remaining
 
 
-def _uniform(graph: StructureGraph, kind: str, selection: Selection, dropped: Set[int]) -> Optional[Tuple[int, int]]:
-    """(units before, units after) of a per-layer structure kind, which a stock config needs equal in
-    every layer; ``None`` when the model has no structure of that kind."""
-    structures = [s for s in graph.by_kind(kind) if s.layer is None or s.layer not in dropped]
-    if not structures:
-        return None
-    remaining = _remaining_per_layer(graph, kind, selection, dropped)
-    widths = sorted(set(remaining.values()))
-    if len(widths) > 1:
-        detail = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(remaining.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
-        raise PlanError(f"a stock config needs the same number of {kind} in every layer, this selection leaves {detail}")
-    return structures[0].units, widths[0]
+@dataclass
+class _Widths:
+    """What a selection does to the config: ``uniform`` edits (same in every layer) and, for width
+    attributes that differ between layers, their value in each kept layer (``per_layer``)."""
+
+    uniform: Dict[str, Any] = field(default_factory=dict)
+    per_layer: Dict[str, List[int]] = field(default_factory=dict)
+    kinds: Dict[str, str] = field(default_factory=dict)
+    """Config attribute → the structure kind that sets it (for error messages)."""
+    remaining: Dict[str, Dict[Optional[int], int]] = field(default_factory=dict)
+
+    def set(self, key: str, kind: str, before: Any, values: Dict[Optional[int], int]) -> None:
+        distinct = set(values.values())
+        if len(distinct) == 1:
+            value = distinct.pop()
+            if value != before:
+                self.uniform[key] = value
+            return
+        self.per_layer[key] = [values[layer] for layer in sorted(values, key=lambda layer: layer or 0)]
+        self.kinds[key] = kind
+        self.remaining[key] = values
 
 
-def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection) -> Dict[str, Any]:
+def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selection) -> _Widths:
     keys = _key_names(config)
-    patch: Dict[str, Any] = {}
     dropped = set(selection.blocks)
-    heads = _uniform(graph, "heads", selection, dropped)
-    groups = _uniform(graph, "kv_groups", selection, dropped)
-    slots = _uniform(graph, "query_heads", selection, dropped)
-    if heads and heads[0] != heads[1]:
-        patch[keys["num_attention_heads"]] = heads[1]
+    widths = _Widths()
+    heads = _remaining_per_layer(graph, "heads", selection, dropped)
+    if heads:
+        widths.set(keys["num_attention_heads"], "heads", graph.by_kind("heads")[0].units, heads)
         if "num_key_value_heads" in config:
-            patch["num_key_value_heads"] = heads[1]
+            widths.set("num_key_value_heads", "heads", graph.by_kind("heads")[0].units, heads)
+    groups = _remaining_per_layer(graph, "kv_groups", selection, dropped)
+    slots = _remaining_per_layer(graph, "query_heads", selection, dropped)
     if groups or slots:
-        kv_before, kv_after = groups or (config.get("num_key_value_heads"), config.get("num_key_value_heads"))
-        rep_before, rep_after = slots or (1, 1)
-        if (kv_before, rep_before) != (kv_after, rep_after):
-            patch["num_key_value_heads"] = kv_after
-            patch[keys["num_attention_heads"]] = kv_after * rep_after
-    channels = _uniform(graph, "channels", selection, dropped)
-    if channels and channels[0] != channels[1]:
-        patch[_channel_key(config, channels[0])] = channels[1]
+        kv_before = config.get("num_key_value_heads")
+        rep_before = graph.by_kind("query_heads")[0].units if slots else 1
+        layers = groups or slots
+        kv = {layer: groups.get(layer, kv_before) for layer in layers}
+        query = {layer: kv[layer] * slots.get(layer, rep_before) for layer in layers}
+        widths.set("num_key_value_heads", "kv_groups", kv_before, kv)
+        widths.set(keys["num_attention_heads"], "query_heads", config.get(keys["num_attention_heads"]), query)
+    channels = _remaining_per_layer(graph, "channels", selection, dropped)
+    if channels:
+        widths.set(_channel_key(config, graph.by_kind("channels")[0].units), "channels", graph.by_kind("channels")[0].units, channels)
     hidden = graph.by_kind("hidden")
     if hidden and selection.units.get(hidden[0].id):
-        patch[keys["hidden_size"]] = hidden[0].units - len(selection.units[hidden[0].id])
+        widths.uniform[keys["hidden_size"]] = hidden[0].units - len(selection.units[hidden[0].id])
     if dropped:
         assert graph.blocks is not None
         total = graph.blocks.count
-        patch[keys["num_hidden_layers"]] = total - len(dropped)
+        widths.uniform[keys["num_hidden_layers"]] = total - len(dropped)
         for key, value in config.items():
             if isinstance(value, list) and len(value) == total:
-                patch[key] = [v for i, v in enumerate(value) if i not in dropped]
-    return patch
+                widths.uniform[key] = [v for i, v in enumerate(value) if i not in dropped]
+    return widths
+
+
+def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, layout: str) -> Tuple[Dict[str, Any], str]:
+    """The config merge patch and the format it is written in (``structprune.formats``)."""
+    widths = _widths(graph, config, selection)
+    head_key = _key_names(config)["num_attention_heads"]
+    chosen = formats.choose_format(layout, config, widths.per_layer, head_key)
+    patch = dict(widths.uniform)
+    if chosen == "stock":
+        for key in widths.per_layer:
+            detail = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(widths.remaining[key].items(), key=lambda kv: kv[0] or 0))
+            raise PlanError(f"a stock config needs the same number of {widths.kinds[key]} in every layer, this selection leaves {detail}")
+        return patch, chosen
+    assert graph.blocks is not None, "per-layer widths need repeated blocks"
+    layer_count = graph.blocks.count - len(selection.blocks)
+    if head_key in widths.per_layer or head_key in patch or "hidden_size" in patch:
+        head_dim = _head_dim(config)
+        if head_dim is not None:
+            patch["head_dim"] = head_dim
+    if chosen == "decilm":
+        refusal = formats.decilm_refusal(config, widths.per_layer, head_key)
+        if refusal:
+            raise PlanError(f"cannot write this plan as a DeciLM checkpoint: {refusal}")
+        patch.update(formats.decilm_patch(config, widths.per_layer, patch, layer_count))
+    else:
+        patch.update(formats.layers_patch(config, widths.per_layer, graph.blocks.prefix, layer_count))
+    return patch, chosen
 
 
 def _key_names(config: Mapping[str, Any]) -> Dict[str, str]:
@@ -314,12 +358,12 @@ def verify_config(
     graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
 ) -> None:
     """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
-    from structprune.tracing import meta_model
-
     edited = _merge_patch(dict(config), plan.config)
     model_type = edited.get("model_type")
     try:
-        model = meta_model(_config_class(edited).from_dict(edited))
+        model = _meta_model_of(edited)
+    except PlanError:
+        raise
     except Exception as err:  # noqa: BLE001 - config classes raise many kinds of validation errors
         reason = str(err).strip().splitlines()[-1].strip()
         raise PlanError(f"the edited {model_type} config is not valid: {reason}") from err
@@ -334,6 +378,24 @@ def verify_config(
     missing = sorted(n for n in expected if n not in produced and n not in graph.tied and not _is_buffer(model, n))
     if missing:
         raise PlanError(f"the edited {model_type} config expects tensor '{missing[0]}', which the plan does not produce")
+
+
+def _meta_model_of(config: Dict[str, Any]) -> Any:
+    """The model an edited config.json describes, in any format, on the meta device."""
+    import torch
+
+    from structprune.tracing import meta_model
+
+    if config.get("model_type") == formats.DECILM_MODEL_TYPE:
+        from structprune.decilm.configuration_decilm import DeciLMConfig
+        from structprune.decilm.modeling_decilm import DeciLMForCausalLM
+
+        with torch.device("meta"):
+            return DeciLMForCausalLM(DeciLMConfig.from_dict(config))
+    model = meta_model(_config_class(config).from_dict(config))
+    with torch.device("meta"):
+        formats.apply_layer_overrides(model, model.config)
+    return model
 
 
 def _is_buffer(model: Any, name: str) -> bool:
@@ -381,6 +443,7 @@ def checkpoint_cut_plan(
     selection: Selection,
     *,
     metadata: Optional[Mapping[str, Any]] = None,
+    layout: str = "stock",
 ) -> CutPlan:
     """``cut_plan`` for a checkpoint directory: its tensor names, its config.json, and the renames
     transformers applies to its keys on load."""
@@ -389,4 +452,4 @@ def checkpoint_cut_plan(
 
     names = list(read_checkpoint(model_dir).tensors)
     config = read_config(Path(model_dir)) or {}
-    return cut_plan(graph, config, selection, names, model_names=checkpoint_name_map(model_dir, names), metadata=metadata)
+    return cut_plan(graph, config, selection, names, model_names=checkpoint_name_map(model_dir, names), metadata=metadata, layout=layout)

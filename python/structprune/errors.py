@@ -63,6 +63,32 @@ class CalibrationError(StructpruneError, ValueError):
     line: Optional[int] = None
 
 
+class ModelLoadError(StructpruneError, ValueError):
+    """A directory cannot be loaded as a model (no config or weights, weights missing or of the
+    wrong shape), or not onto the device or in the dtype asked for."""
+
+
+class MissingDependencyError(StructpruneError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
+class EvaluationError(StructpruneError, ValueError):
+    """An evaluation cannot run as asked (e.g. an unknown zero-shot task or its data not local)."""
+
+
+class RecoveryError(StructpruneError, ValueError):
+    """LoRA recovery cannot run as asked: an option value, the device, or a saved state to resume
+    that belongs to another run."""
+
+
+class DistributedError(StructpruneError, RuntimeError):
+    """Scoring cannot be split over the processes torchrun started (environment, devices, samples)."""
+
+
+class ResumeError(StructpruneError, ValueError):
+    """A resume directory holds state of a different scoring run, or state that cannot be read."""
+
+
 __all__ = [
     "StructpruneError",
     "CheckpointError",
@@ -75,4 +101,10 @@ __all__ = [
     "GraphError",
     "StructpruneIOError",
     "CalibrationError",
+    "ModelLoadError",
+    "MissingDependencyError",
+    "EvaluationError",
+    "RecoveryError",
+    "DistributedError",
+    "ResumeError",
 ]

@@ -164,13 +164,13 @@ def _model_and_tokenizer(
     model_dir_or_model: Union[PathLike, "PreTrainedModel"],
     tokenizer: Optional["PreTrainedTokenizerBase"],
 ) -> Tuple[torch.nn.Module, "PreTrainedTokenizerBase"]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from structprune.loading import load_model, load_tokenizer
 
     model_dir: Optional[Path]
     model: torch.nn.Module  # transformers' own annotations of from_pretrained/.to confuse checkers
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         model_dir = Path(model_dir_or_model)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)  # perplexity() moves it to device
+        model = load_model(model_dir, dtype="float32", device="cpu")  # perplexity() moves it to device
     else:
         model = model_dir_or_model
         name = getattr(model, "name_or_path", "") or ""
@@ -179,7 +179,7 @@ def _model_and_tokenizer(
     if tokenizer is None:
         if model_dir is None or not model_dir.is_dir():
             raise ValueError("the model was not loaded from a local directory: pass tokenizer=")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
     return model, tokenizer
 
 

@@ -61,11 +61,13 @@ class TensorCut:
 
 @dataclass
 class CutPlan:
-    """A whole plan. ``tensors`` names only the tensors that change."""
+    """A whole plan. ``tensors`` names only the tensors that change; ``files`` are text files to
+    write into the output (file name → content), such as the model code a DeciLM checkpoint needs."""
 
     tensors: Dict[str, TensorCut] = field(default_factory=dict)
     index_sets: Dict[str, List[int]] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
+    files: Dict[str, str] = field(default_factory=dict)
     metadata: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -75,6 +77,8 @@ class CutPlan:
         out["tensors"] = {name: cut.to_dict() for name, cut in sorted(self.tensors.items())}
         if self.config:
             out["config"] = self.config
+        if self.files:
+            out["files"] = dict(sorted(self.files.items()))
         if self.metadata:
             out["metadata"] = self.metadata
         return out
@@ -99,6 +103,7 @@ class CutPlan:
             tensors=tensors,
             index_sets=index_sets,
             config=dict(data.get("config") or {}),
+            files={str(name): str(text) for name, text in (data.get("files") or {}).items()},
             metadata=dict(data.get("metadata") or {}),
         )
 

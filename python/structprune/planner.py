@@ -7,12 +7,24 @@ scores: for every possible head count, MLP and hidden steps are taken greedily b
 score per parameter until the target is reached, and the split with the least summed importance
 within tolerance of the target wins. Widths are rounded to hardware-friendly multiples; heads are
 whole, and the head count always divides the hidden size, as transformers' configs require.
+
+Global planning gives every layer its own widths: each structure (one layer's MLP, one layer's
+heads…) offers removal steps cheapest first (``multiple`` channels, one head, or one query-head
+slot in every KV group), and steps are taken across all layers by lowest score per parameter
+removed until the target is reached. Scores are compared across layers as they are (a Taylor score
+estimates a change of the loss, which is comparable everywhere) or after normalising each
+structure's scores (``normalize``). The result needs a non-uniform checkpoint format
+(``structprune.formats``).
+
+Protected layers (the first and last few) are never pruned; LLM-Pruner prunes layers 4–29 of 32,
+which :func:`default_protection` scales to other depths.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,6 +34,8 @@ from structprune.graph import Structure, StructureGraph
 from structprune.scoring import Scores
 
 STRUCTURE_CHOICES = ("heads", "mlp", "hidden", "blocks")
+NORMALIZATIONS = ("none", "mean", "max", "sum", "l2")
+PLANNINGS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -29,12 +43,36 @@ class Target:
     """What to remove: ``ratio`` of all parameters, from the structure kinds named in ``structures``
     (heads, mlp, hidden, blocks). ``gqa`` chooses, for grouped-query attention, whether "heads"
     removes whole KV groups (``kv-groups``) or the same number of query heads inside every KV group
-    (``query-heads``). Kept widths are multiples of ``multiple`` (MLP and hidden)."""
+    (``query-heads``). Kept widths are multiples of ``multiple`` (MLP and hidden). ``protect``:
+    how many of the first and of the last blocks are left unpruned. ``normalize``: how global
+    planning makes scores of different structures comparable (one of ``NORMALIZATIONS``)."""
 
     ratio: float
     structures: Tuple[str, ...] = ("heads", "mlp")
     gqa: str = "query-heads"
     multiple: int = 8
+    protect: Tuple[int, int] = (0, 0)
+    normalize: str = "none"
+
+
+def default_protection(depth: int) -> Tuple[int, int]:
+    """LLM-Pruner's choice for 32 layers (prune 4–29: keep the first 4 and the last 2) scaled to
+    ``depth`` layers, rounding halves up."""
+    return int(depth / 8 + 0.5), int(depth / 16 + 0.5)
+
+
+def protected_layers(graph: StructureGraph, target: Target) -> FrozenSet[int]:
+    if graph.blocks is None:
+        return frozenset()
+    depth = graph.blocks.count
+    first, last = target.protect
+    if first < 0 or last < 0 or first + last >= depth:
+        raise PlanError(f"cannot protect the first {first} and last {last} of {depth} blocks: nothing would be left to prune")
+    return frozenset(list(range(first)) + list(range(depth - last, depth)))
+
+
+def _targeted(graph: StructureGraph, kind: str, protected: FrozenSet[int]) -> List[Structure]:
+    return [s for s in graph.by_kind(kind) if s.layer is None or s.layer not in protected]
 
 
 def _kinds_for(graph: StructureGraph, target: Target) -> List[str]:
@@ -74,16 +112,17 @@ class _Kind:
     per_unit_of_heads: int = 1
 
 
-def _kind(graph: StructureGraph, scores: Scores, name: str, head_count: int) -> _Kind:
-    structures = graph.by_kind(name)
-    rows = []
-    for s in structures:
-        if name == "query_heads" and s.id in scores.per_group:
-            # Each KV group drops its own lowest slots; the k-th removal costs the k-th lowest of each.
-            rows.append(np.sort(scores.per_group[s.id], axis=1).sum(axis=0))
-        else:
-            rows.append(np.sort(scores.units[s.id]))
-    per_step = np.stack(rows).sum(axis=0)
+def _removal_costs(structure: Structure, scores: Scores) -> np.ndarray:
+    """Cost of each successive unit removal in one structure, cheapest first."""
+    if structure.kind == "query_heads" and structure.id in scores.per_group:
+        # Each KV group drops its own lowest slots; the k-th removal costs the k-th lowest of each.
+        return np.sort(scores.per_group[structure.id], axis=1).sum(axis=0)
+    return np.sort(scores.units[structure.id])
+
+
+def _kind(graph: StructureGraph, scores: Scores, name: str, head_count: int, protected: FrozenSet[int] = frozenset()) -> _Kind:
+    structures = _targeted(graph, name, protected)
+    per_step = np.stack([_removal_costs(s, scores) for s in structures]).sum(axis=0)
     units = structures[0].units
     return _Kind(
         name=name,
@@ -136,8 +175,9 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
     wanted = target.ratio * graph.total_params
     if "blocks" in kinds:
         return _plan_blocks(graph, scores, kinds, wanted)
-    head_kind = next((_kind(graph, scores, k, head_count) for k in kinds if k in _HEAD_KINDS), None)
-    fine = [_kind(graph, scores, k, head_count) for k in kinds if k not in _HEAD_KINDS]
+    protected = protected_layers(graph, target)
+    head_kind = next((_kind(graph, scores, k, head_count, protected) for k in kinds if k in _HEAD_KINDS), None)
+    fine = [_kind(graph, scores, k, head_count, protected) for k in kinds if k not in _HEAD_KINDS]
     best: Optional[Tuple[float, float, Dict[str, int]]] = None
     tolerance = max([k.params_per_step * target.multiple for k in fine] + [0.005 * graph.total_params])
     for removed_heads in range(head_kind.units if head_kind else 1):
@@ -156,7 +196,7 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
         if best is None or key < best[:2]:
             best = (key[0], key[1], counts)
     assert best is not None
-    return _select(graph, scores, kinds, best[2])
+    return _select(graph, scores, kinds, best[2], protected)
 
 
 def _plan_blocks(graph: StructureGraph, scores: Scores, kinds: Sequence[str], wanted: float) -> Selection:
@@ -173,23 +213,113 @@ def _lowest(values: np.ndarray, count: int) -> List[int]:
     return sorted(int(i) for i in order[:count])
 
 
-def _select(graph: StructureGraph, scores: Scores, kinds: Sequence[str], counts: Dict[str, int]) -> Selection:
+def _select(graph: StructureGraph, scores: Scores, kinds: Sequence[str], counts: Dict[str, int], protected: FrozenSet[int] = frozenset()) -> Selection:
+    if counts.get("blocks"):
+        if scores.block_influence is None:
+            raise PlanError("removing blocks needs calibration data (block influence)")
+        return Selection(blocks=_lowest(scores.block_influence, counts["blocks"]))
+    per_structure = {s.id: counts.get(kind, 0) for kind in kinds for s in _targeted(graph, kind, protected)}
+    return _select_per_structure(graph, scores, per_structure)
+
+
+def _select_per_structure(graph: StructureGraph, scores: Scores, counts: Dict[int, int]) -> Selection:
+    """Removes the ``counts[id]`` lowest-scoring units of each structure."""
     selection = Selection()
-    for kind in kinds:
-        count = counts.get(kind, 0)
+    for sid, count in sorted(counts.items()):
         if count == 0:
             continue
-        if kind == "blocks":
-            if scores.block_influence is None:
-                raise PlanError("removing blocks needs calibration data (block influence)")
-            selection.blocks = _lowest(scores.block_influence, count)
-            continue
-        for s in graph.by_kind(kind):
-            if kind == "query_heads" and s.id in scores.per_group:
-                selection.per_group[s.id] = [_lowest(row, count) for row in scores.per_group[s.id]]
-            else:
-                selection.units[s.id] = _lowest(scores.units[s.id], count)
+        if graph.get(sid).kind == "query_heads" and sid in scores.per_group:
+            selection.per_group[sid] = [_lowest(row, count) for row in scores.per_group[sid]]
+        else:
+            selection.units[sid] = _lowest(scores.units[sid], count)
     return selection
+
+
+def normalized(graph: StructureGraph, scores: Scores, how: str) -> Scores:
+    """``scores`` with each structure's unit scores divided by their mean, max, sum or L2 norm
+    (``none``: unchanged), so that structures of different layers and kinds can be ranked together."""
+    if how not in NORMALIZATIONS:
+        raise PlanError(f"unknown normalisation '{how}'; choose one of {', '.join(NORMALIZATIONS)}")
+    if how == "none":
+        return scores
+    reduce = {"mean": np.mean, "max": np.max, "sum": np.sum, "l2": np.linalg.norm}[how]
+    units: Dict[int, np.ndarray] = {}
+    per_group: Dict[int, np.ndarray] = {}
+    for sid, values in scores.units.items():
+        scale = float(reduce(np.abs(values)))
+        scale = scale if scale > 0 else 1.0
+        units[sid] = values / scale
+        if sid in scores.per_group:
+            per_group[sid] = scores.per_group[sid] / scale
+    return Scores(scores.estimator, scores.reduction, units, per_group, scores.block_influence, scores.loss)
+
+
+@dataclass
+class _Ladder:
+    """One structure's allowed removal counts (``stops``, increasing) and the summed cost of each."""
+
+    structure: Structure
+    stops: List[int]
+    costs: List[float]
+    position: int = 0
+
+    def next_step(self) -> Optional[Tuple[float, int]]:
+        """(cost per parameter, parameters) of moving to the next stop; ``None`` at the last one."""
+        if self.position + 1 >= len(self.stops):
+            return None
+        units = self.stops[self.position + 1] - self.stops[self.position]
+        params = units * self.structure.unit_params
+        cost = self.costs[self.position + 1] - self.costs[self.position]
+        return cost / max(params, 1), params
+
+
+def _ladder(structure: Structure, scores: Scores, step: int) -> _Ladder:
+    """Kept widths stay multiples of ``step`` and at least ``step`` (one unit for heads)."""
+    cumulative = np.concatenate([[0.0], np.cumsum(_removal_costs(structure, scores))])
+    stops = [0] + [r for r in range(1, structure.units) if (structure.units - r) % step == 0 and structure.units - r >= step]
+    return _Ladder(structure, stops, [float(cumulative[r]) for r in stops])
+
+
+def plan_global(graph: StructureGraph, scores: Scores, target: Target) -> Selection:
+    """Per-layer widths: removal steps of every structure outside protected layers are taken by lowest
+    (normalised) score per parameter, across all layers, until ``target.ratio`` of all parameters is
+    removed (as close as the steps allow)."""
+    if not 0 < target.ratio < 1:
+        raise PlanError(f"ratio must be between 0 and 1, got {target.ratio}")
+    kinds = _kinds_for(graph, target)
+    if "blocks" in kinds:
+        raise PlanError("global planning chooses widths per layer; remove blocks with uniform planning, on their own")
+    if not kinds:
+        raise PlanError(f"the model has none of the structures {', '.join(target.structures)}")
+    protected = protected_layers(graph, target)
+    ranked = normalized(graph, scores, target.normalize)
+    ladders = [
+        _ladder(s, ranked, 1 if kind in _HEAD_KINDS else target.multiple)
+        for kind in kinds
+        for s in _targeted(graph, kind, protected)
+    ]
+    budget = target.ratio * graph.total_params
+    removed = 0
+    queue: List[Tuple[float, int, int]] = []
+    for position, ladder in enumerate(ladders):
+        step = ladder.next_step()
+        if step is not None:
+            queue.append((step[0], ladder.structure.id, position))
+    heapq.heapify(queue)
+    while queue:
+        _, _, position = heapq.heappop(queue)
+        ladder = ladders[position]
+        step = ladder.next_step()
+        assert step is not None
+        if abs(removed + step[1] - budget) >= abs(removed - budget):
+            continue  # this ladder's next step overshoots; smaller steps elsewhere may still fit
+        removed += step[1]
+        ladder.position += 1
+        following = ladder.next_step()
+        if following is not None:
+            heapq.heappush(queue, (following[0], ladder.structure.id, position))
+    counts = {ladder.structure.id: ladder.stops[ladder.position] for ladder in ladders}
+    return _select_per_structure(graph, scores, counts)
 
 
 def layer_widths(graph: StructureGraph, selection: Selection) -> Dict[str, List[int]]:

@@ -7,21 +7,24 @@ import time
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from structprune.apply import ApplyReport, apply_plan, plan_output
+from structprune.calibration import batch_sha256
 from structprune.checkpoint import read_checkpoint, read_config
 from structprune.cuts import checkpoint_cut_plan
+from structprune.distributed import Workers, current
 from structprune.errors import PlanError
 from structprune.graph import StructureGraph, trace
-from structprune.importance import estimator
+from structprune.importance import Importance, estimator
 from structprune.plan import CutPlan
-from structprune.planner import Target, layer_widths, plan_uniform
+from structprune.planner import PLANNINGS, Target, default_protection, layer_widths, plan_global, plan_uniform
+from structprune.resume import Journal, default_directory, run_key
 from structprune.scoring import Scores, score
-from structprune.streaming import ActivationStore, StreamedModel
+from structprune.streaming import StreamedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Callable[[str, int, int], None]
@@ -33,7 +36,9 @@ class PruneOptions:
     importance: str = "taylor"
     structures: tuple = ("heads", "mlp")
     gqa: str = "query-heads"
-    multiple: int = 8
+    multiple: Optional[int] = None
+    """Kept MLP and hidden widths are multiples of this; ``None``: 64 for MLPs of 2048 channels or
+    more (tensor-core and GEMM tile friendly), 8 for smaller ones."""
     reduction: str = "sum"
     calib: Optional[Path] = None
     text_field: str = "text"
@@ -43,6 +48,14 @@ class PruneOptions:
     device: str = "cpu"
     dtype: str = "float32"
     micro_batch: int = 4
+    planning: str = "uniform"
+    """``uniform`` (same widths in every layer) or ``global`` (per-layer widths by score)."""
+    protect: Optional[Tuple[int, int]] = None
+    """First and last blocks left unpruned; ``None``: none for uniform planning (so the result stays
+    a stock checkpoint), LLM-Pruner's proportion for global planning (``default_protection``)."""
+    normalize: str = "none"
+    layout: str = "auto"
+    """Checkpoint format (``structprune.formats``): auto, stock, decilm or layers."""
 
 
 @dataclass
@@ -63,35 +76,62 @@ class PruneResult:
         return 1 - self.params_after / self.params_before
 
 
-def make_plan(model_dir: Union[str, Path], options: PruneOptions, *, progress: Optional[Progress] = None) -> PruneResult:
-    """Scores the checkpoint and plans the cut, writing nothing."""
+def make_plan(
+    model_dir: Union[str, Path],
+    options: PruneOptions,
+    *,
+    progress: Optional[Progress] = None,
+    resume: Union[bool, str, Path] = False,
+    workers: Optional[Workers] = None,
+) -> PruneResult:
+    """Scores the checkpoint and plans the cut, writing no checkpoint.
+
+    ``resume``: a directory where scoring saves its state after every block and continues a saved
+    run (``True``: one under the user's cache directory, named by a hash of the inputs; see
+    ``structprune.resume``). ``workers``: the processes scoring together (default: the process group
+    this process is in, if any); each scores its share of the calibration batch and every process
+    gets the same result."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     if options.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")
+    if options.planning not in PLANNINGS:
+        raise PlanError(f"planning must be one of {', '.join(PLANNINGS)}, got {options.planning!r}")
     graph = trace(model_dir)
     if graph.blocks is None:
         raise PlanError(f"{model_dir}: no repeated blocks found, so the model cannot be scored block by block")
     importance = estimator(options.importance, seed=options.seed)
     needs_data = importance.needs_gradients or importance.needs_activations or "blocks" in options.structures
     input_ids, calibration = _calibration(model_dir, options) if needs_data else (None, None)
-    model = StreamedModel(model_dir, device=options.device, dtype=DTYPES[options.dtype], blocks_prefix=graph.blocks.prefix)
-    if options.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    scores = score(model, graph, importance, input_ids, reduction=options.reduction, micro_batch=options.micro_batch, store=ActivationStore(), progress=progress)
+    workers = workers or current()
+    device = workers.compute_device(options.device)
+    model = StreamedModel(model_dir, device=device, dtype=DTYPES[options.dtype], blocks_prefix=graph.blocks.prefix)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    scores = _score(model, graph, importance, input_ids, options, workers=workers, resume=resume, progress=progress)
     config = read_config(model_dir) or {}
     heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
-    target = Target(ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa, multiple=options.multiple)
-    selection = plan_uniform(graph, scores, target, heads, hidden)
+    protect = options.protect
+    if protect is None:
+        protect = default_protection(graph.blocks.count) if options.planning == "global" else (0, 0)
+    multiple = options.multiple or default_multiple(graph)
+    target = Target(ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa, multiple=multiple, protect=protect, normalize=options.normalize)
+    if options.planning == "global":
+        selection = plan_global(graph, scores, target)
+    else:
+        selection = plan_uniform(graph, scores, target, heads, hidden)
     metadata = {
-        "method": {"importance": options.importance, "reduction": options.reduction, "planning": "uniform", "structures": list(options.structures), "gqa": options.gqa, "multiple": options.multiple},
+        "method": {
+            "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
+            "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize,
+        },
         "seed": options.seed,
         "target_ratio": options.ratio,
         "calibration": calibration,
         "scores": _score_summary(graph, scores),
     }
-    plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata)
+    plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout=options.layout)
     before = read_checkpoint(model_dir).parameters
     after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
     plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -103,16 +143,62 @@ def make_plan(model_dir: Union[str, Path], options: PruneOptions, *, progress: O
         blocks_removed=list(selection.blocks),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        peak_gpu_bytes=torch.cuda.max_memory_allocated() if options.device.startswith("cuda") else None,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
         scores=scores,
     )
 
 
-def prune(model_dir: Union[str, Path], output_dir: Union[str, Path], options: PruneOptions, *, overwrite: bool = False, progress: Optional[Progress] = None, apply_progress: bool = False) -> PruneResult:
-    """Scores, plans and writes the pruned checkpoint to ``output_dir``."""
-    result = make_plan(model_dir, options, progress=progress)
-    result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
+def default_multiple(graph: StructureGraph) -> int:
+    """64 when the MLP has at least 2048 channels (large models, where 64 keeps GEMMs on full
+    tiles), else 8 (small models, where 64 would be too coarse a step)."""
+    channels = graph.by_kind("channels")
+    return 64 if channels and channels[0].units >= 2048 else 8
+
+
+def prune(
+    model_dir: Union[str, Path],
+    output_dir: Union[str, Path],
+    options: PruneOptions,
+    *,
+    overwrite: bool = False,
+    progress: Optional[Progress] = None,
+    apply_progress: bool = False,
+    resume: Union[bool, str, Path] = False,
+) -> PruneResult:
+    """Scores, plans and writes the pruned checkpoint to ``output_dir`` (only process 0 writes it
+    when several score together; ``resume`` as for ``make_plan``)."""
+    workers = current()
+    result = make_plan(model_dir, options, progress=progress, resume=resume, workers=workers)
+    if workers.is_main:
+        result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
     return result
+
+
+def _score(
+    model: StreamedModel,
+    graph: StructureGraph,
+    importance: Importance,
+    input_ids: Optional[torch.Tensor],
+    options: PruneOptions,
+    *,
+    workers: Workers,
+    resume: Union[bool, str, Path],
+    progress: Optional[Progress],
+) -> Scores:
+    """Scores on this process's share of the calibration batch, journalled when ``resume`` asks."""
+    if input_ids is None:
+        return score(model, graph, importance, None, reduction=options.reduction, progress=progress)
+    share = input_ids[workers.share(input_ids.shape[0])]
+    common = {"reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers}
+    if resume is False:
+        return score(model, graph, importance, share, **common)
+    key = run_key(
+        model.model_dir, calibration_sha256=batch_sha256(input_ids), importance=options.importance, seed=options.seed,
+        micro_batch=options.micro_batch, dtype=options.dtype, device=str(model.device), processes=workers.world_size,
+    )
+    directory = default_directory(key) if resume is True else Path(resume)
+    with Journal(directory, key, workers) as journal:
+        return score(model, graph, importance, share, journal=journal, **common)
 
 
 def _calibration(model_dir: Path, options: PruneOptions) -> tuple:

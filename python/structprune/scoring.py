@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from structprune.distributed import SINGLE, Workers
 from structprune.graph import Member, StructureGraph
 from structprune.importance import ActivationStats, Importance
-from structprune.streaming import ActivationStore, ParamStats, StreamedModel, backward_pass, forward_pass
+from structprune.resume import Journal
+from structprune.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
 
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")
 
@@ -70,10 +72,26 @@ class _Folder:
                 if (sid, i) in self.group_indices:
                     self.group_scores[sid][i] = _finalize(self.importance, scores[self.group_indices[(sid, i)]].sum(axis=2))
 
+    def state(self) -> Dict[str, Any]:
+        """The member scores so far, as tensors (what a resume directory can hold)."""
+        return {"units": _as_tensors(self.member_scores), "groups": _as_tensors(self.group_scores)}
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        self.member_scores = defaultdict(dict, _as_arrays(state["units"]))
+        self.group_scores = defaultdict(dict, _as_arrays(state["groups"]))
+
     def result(self, reduction: str) -> Tuple[Dict[int, np.ndarray], Dict[int, np.ndarray]]:
         units = {sid: _reduce([per[i] for i in sorted(per)], reduction) for sid, per in self.member_scores.items()}
         groups = {sid: _reduce([per[i] for i in sorted(per)], reduction) for sid, per in self.group_scores.items()}
         return units, groups
+
+
+def _as_tensors(scores: Dict[int, Dict[int, np.ndarray]]) -> Dict[int, Dict[int, torch.Tensor]]:
+    return {sid: {i: torch.from_numpy(values) for i, values in per.items()} for sid, per in scores.items()}
+
+
+def _as_arrays(scores: Dict[int, Dict[int, torch.Tensor]]) -> Dict[int, Dict[int, np.ndarray]]:
+    return {sid: {i: values.numpy() for i, values in per.items()} for sid, per in scores.items()}
 
 
 def _finalize(importance: Importance, sums: np.ndarray) -> np.ndarray:
@@ -148,11 +166,21 @@ def score(
     micro_batch: int = 4,
     store: Optional[ActivationStore] = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    workers: Workers = SINGLE,
+    journal: Optional[Journal] = None,
 ) -> Scores:
     """Scores every structure of ``graph``. ``input_ids`` may be ``None`` for data-free estimators.
-    ``progress(stage, done, total)`` is called after each block."""
+    ``progress(stage, done, total)`` is called after each block.
+
+    Under torchrun, ``input_ids`` is this process's share of the calibration batch and ``workers``
+    sums the statistics over processes, so every process gets the scores of the whole batch. With
+    a ``journal`` the run saves its state after every block and continues a saved one; its saved
+    activations then live in the journal's directory, so no ``store`` is passed. Data-free scoring
+    reads the weights once and is not journalled."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction '{reduction}'; choose one of {', '.join(REDUCTIONS)}")
+    if store is not None and journal is not None:
+        raise ValueError("a journalled scoring run saves activations in its resume directory: pass no store")
     folder = _Folder(graph, importance)
     result = Scores(estimator=importance.name, reduction=reduction)
     needs_data = importance.needs_gradients or importance.needs_activations
@@ -161,9 +189,10 @@ def score(
     if input_ids is None:
         _score_weights_only(model, folder, progress)
     else:
-        store = store or ActivationStore()
+        store = store or ActivationStore(directory=journal.activations if journal else None)
+        run = _DataScoring(model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, journal=journal, progress=progress)
         try:
-            result.block_influence, result.loss = _score_with_data(model, folder, importance, input_ids, micro_batch, store, progress)
+            result.block_influence, result.loss = run.run(input_ids)
         finally:
             store.close()
     result.units, result.per_group = folder.result(reduction)
@@ -179,50 +208,132 @@ def _score_weights_only(model: StreamedModel, folder: _Folder, progress: Optiona
     folder.add({n: ParamStats(n, p.detach()) for n, p in model.outside_parameters().items()}, {})
 
 
-def _score_with_data(
-    model: StreamedModel,
-    folder: _Folder,
-    importance: Importance,
-    input_ids: torch.Tensor,
-    micro_batch: int,
-    store: ActivationStore,
-    progress: Optional[Callable[[str, int, int], None]],
-) -> Tuple[np.ndarray, Optional[float]]:
-    recorder = _ActivationRecorder(model)
-    influence = np.zeros(model.num_blocks)
-    fisher = importance.needs_fisher
-    batch = 1 if fisher else micro_batch
+class _DataScoring:
+    """Scoring on calibration data: the forward pass measures Block Influence and activation
+    statistics, the backward pass gradients. Statistics are summed over processes once per block
+    and the state is journalled after every block.
 
-    def on_block(index: int, inputs: List[torch.Tensor], outputs: List[torch.Tensor]) -> None:
-        cos = [torch.nn.functional.cosine_similarity(i.double(), o.double(), dim=-1).mean() for i, o in zip(inputs, outputs)]
-        influence[index] = 1.0 - float(torch.stack(cos).mean())
-        if importance.needs_activations:
-            recorder.detach()
-            params = {n: ParamStats(n, p.detach()) for n, p in model.block_parameters(index).items()}
-            folder.add(params, recorder.stats)
-            recorder.stats = {}
-        if progress:
-            progress("forward", index + 1, model.num_blocks)
+    Steps, as the journal counts them (B blocks): forward block k is step k + 1, backward block k
+    step 2B − k, and the end (parameters outside the blocks, the loss) step 2B + 1. The state after
+    a step holds the folded member scores, Block Influence so far and, in the backward pass, the
+    gradient flowing into the block below and the loss of this process's samples."""
 
-    def on_load(index: int) -> None:
-        if importance.needs_activations:
-            recorder.detach()
-            recorder.attach(index)
+    def __init__(
+        self,
+        model: StreamedModel,
+        folder: _Folder,
+        importance: Importance,
+        *,
+        micro_batch: int,
+        store: ActivationStore,
+        workers: Workers,
+        journal: Optional[Journal],
+        progress: Optional[Callable[[str, int, int], None]],
+    ) -> None:
+        self.model = model
+        self.folder = folder
+        self.importance = importance
+        self.micro_batch = 1 if importance.needs_fisher else micro_batch
+        self.store = store
+        self.workers = workers
+        self.journal = journal
+        self.progress = progress
+        self.blocks = model.num_blocks
+        self.end_step = 2 * self.blocks + 1
+        self.influence = np.zeros(self.blocks)
+        self.recorder = _ActivationRecorder(model)
 
-    try:
-        streamed = forward_pass(model, input_ids, micro_batch=batch, store=store, on_load=on_load, on_block=on_block)
-    finally:
-        recorder.detach()
-    loss = None
-    if importance.needs_gradients:
+    def run(self, input_ids: torch.Tensor) -> Tuple[np.ndarray, Optional[float]]:
+        """Block Influence per block and the calibration loss (``None`` without gradients)."""
+        saved = self.journal.resume() if self.journal is not None else None
+        step = self._restore(saved) if saved is not None else 0
+        if step == self.end_step:
+            assert saved is not None
+            return self.influence, saved["loss"]
+        streamed = self._forward(input_ids, start=min(step, self.blocks))
+        loss = None
+        if self.importance.needs_gradients:
+            resumed = None
+            if saved is not None and step > self.blocks:
+                resumed = BackwardState(2 * self.blocks - step, saved["grads"], saved["loss"])
+            loss = self._backward(streamed, resumed, samples=int(self.workers.sum_values([input_ids.shape[0]])[0]))
+        elif self.importance.needs_activations:
+            # The parameters outside the blocks get their (zero) activation scores.
+            self.folder.add({n: ParamStats(n, p.detach()) for n, p in self.model.outside_parameters().items()}, {})
+        if self.journal is not None:
+            self.journal.finish(self.end_step, self._state(loss=loss))
+        return self.influence, loss
+
+    def _forward(self, input_ids: torch.Tensor, start: int) -> StreamedPass:
+        def on_load(index: int) -> None:
+            if self.importance.needs_activations:
+                self.recorder.detach()
+                self.recorder.attach(index)
+
+        def on_block(index: int, inputs: List[torch.Tensor], outputs: List[torch.Tensor]) -> None:
+            self._measure_influence(index, inputs, outputs)
+            if self.importance.needs_activations:
+                self.recorder.detach()
+                self._sum_activation_stats(self.recorder.stats)
+                params = {n: ParamStats(n, p.detach()) for n, p in self.model.block_parameters(index).items()}
+                self.folder.add(params, self.recorder.stats)
+                self.recorder.stats = {}
+            if self.journal is not None:
+                self.journal.record(index + 1, self._state())
+            if self.progress:
+                self.progress("forward", index + 1, self.blocks)
+
+        try:
+            return forward_pass(self.model, input_ids, micro_batch=self.micro_batch, store=self.store, start=start, on_load=on_load, on_block=on_block)
+        finally:
+            self.recorder.detach()
+
+    def _backward(self, streamed: StreamedPass, resumed: Optional[BackwardState], samples: int) -> float:
         def on_params(params: Dict[str, ParamStats]) -> None:
-            folder.add(params, {})
+            self._sum_gradients(params)
+            self.folder.add(params, {})
+
+        def on_state(state: BackwardState) -> None:
+            if self.journal is not None:
+                self.journal.record(2 * self.blocks - state.lowest_done, self._state(loss=state.loss, grads=state.grads))
 
         def backward_progress(index: int) -> None:
-            if progress:
-                progress("backward", model.num_blocks - index, model.num_blocks)
+            if self.progress:
+                self.progress("backward", self.blocks - index, self.blocks)
 
-        loss = backward_pass(model, streamed, fisher=fisher, on_params=on_params, progress=backward_progress)
-    elif importance.needs_activations:
-        folder.add({n: ParamStats(n, p.detach()) for n, p in model.outside_parameters().items()}, {})
-    return influence, loss
+        local = backward_pass(
+            self.model, streamed, fisher=self.importance.needs_fisher, on_params=on_params, samples=samples,
+            start=resumed, on_state=on_state, progress=backward_progress,
+        )
+        return self.workers.sum_values([local])[0]
+
+    def _measure_influence(self, index: int, inputs: List[torch.Tensor], outputs: List[torch.Tensor]) -> None:
+        """1 − the mean cosine over every token of every sample (on all processes)."""
+        cosines = [torch.nn.functional.cosine_similarity(i.double(), o.double(), dim=-1) for i, o in zip(inputs, outputs)]
+        total, count = self.workers.sum_values([sum(float(c.sum()) for c in cosines), sum(c.numel() for c in cosines)])
+        self.influence[index] = 1.0 - total / count
+
+    def _sum_activation_stats(self, stats: Dict[str, ActivationStats]) -> None:
+        names = sorted(stats)
+        counts = torch.tensor([stats[n].count for n in names], dtype=torch.float64)
+        self.workers.sum_([t for n in names for t in (stats[n].total, stats[n].squares)] + [counts])
+        for name, count in zip(names, counts.tolist()):
+            stats[name].count = int(count)
+
+    def _sum_gradients(self, params: Dict[str, ParamStats]) -> None:
+        self.workers.sum_([t for p in params.values() for t in (p.grad, p.fisher) if t is not None])
+
+    def _state(self, *, loss: Optional[float] = None, grads: Optional[List[torch.Tensor]] = None) -> Dict[str, Any]:
+        return {
+            "folder": self.folder.state(),
+            "influence": torch.from_numpy(self.influence.copy()),
+            "block_returns_tuple": self.model.block_returns_tuple,
+            "loss": loss,
+            "grads": None if grads is None else [g.detach().cpu() for g in grads],
+        }
+
+    def _restore(self, saved: Dict[str, Any]) -> int:
+        self.folder.restore(saved["folder"])
+        self.influence = saved["influence"].numpy().copy()
+        self.model.block_returns_tuple = bool(saved["block_returns_tuple"])
+        return int(saved["step"])

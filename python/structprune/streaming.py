@@ -12,7 +12,9 @@ supported without model-specific code.
 
 Gradients go backwards block by block: each block is recomputed from its saved input and the
 incoming gradient is back-propagated through it, giving exactly the gradients of full-model
-autograd (tests check this to 1e-5) with one block's weights in memory.
+autograd (tests check this to 1e-5) with one block's weights in memory. Both passes can start at a
+given block (``start``), from saved activations and a saved ``BackwardState``, so that an
+interrupted run resumes (``structprune.resume``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -42,7 +44,11 @@ class StreamingError(StructpruneError, RuntimeError):
 
 @dataclass
 class ParamStats:
-    """What the importance estimators see of one parameter of one block (model naming)."""
+    """What the importance estimators see of one parameter of one block (model naming).
+
+    The tensors are the loaded block's own storage (no copies, so that scoring holds one block's
+    weights and gradients, not two): they are valid during the call that receives them and are
+    overwritten when the next block loads. Copy them to keep them."""
 
     name: str
     weight: torch.Tensor
@@ -77,42 +83,85 @@ class _Inject(nn.Module):
 
 
 class ActivationStore:
-    """Saved block inputs, in memory up to a byte budget and in a temporary directory past it."""
+    """Saved block inputs, in memory up to a byte budget and on disk past it.
 
-    def __init__(self, budget: int = DEFAULT_ACTIVATION_BUDGET) -> None:
+    Without ``directory`` the disk part is a temporary directory removed by ``close``. With one,
+    every tensor is also written there (atomically, as ``BLOCK-MICROBATCH.pt``) and kept after
+    ``close``, so that a resumed run reads the activations an interrupted one saved."""
+
+    def __init__(self, budget: int = DEFAULT_ACTIVATION_BUDGET, directory: Optional[Path] = None) -> None:
         self.budget = budget
         self.in_memory = 0
+        self.directory = directory
         self._tensors: Dict[Tuple[int, int], torch.Tensor] = {}
-        self._spilled: Dict[Tuple[int, int], Path] = {}
-        self._dir: Optional[tempfile.TemporaryDirectory] = None
+        self._disk_only: Set[Tuple[int, int]] = set()
+        self._temporary: Optional[tempfile.TemporaryDirectory] = None
 
     def put(self, key: Tuple[int, int], tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
         size = tensor.numel() * tensor.element_size()
-        if self.in_memory + size <= self.budget:
+        self._forget(key)
+        fits = self.in_memory + size <= self.budget
+        if fits:
             self._tensors[key] = tensor.to("cpu", copy=True) if tensor.device.type != "cpu" else tensor.clone()
             self.in_memory += size
-            return
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="structprune-activations-")
-        path = Path(self._dir.name) / f"{key[0]}-{key[1]}.pt"
-        torch.save(tensor.cpu(), path)
-        self._spilled[key] = path
+        else:
+            self._disk_only.add(key)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_save(tensor.cpu(), self.directory / _activation_file(key))
+        elif not fits:
+            torch.save(tensor.cpu(), self._temporary_dir() / _activation_file(key))
 
     def get(self, key: Tuple[int, int], device: torch.device) -> torch.Tensor:
         if key in self._tensors:
             return self._tensors[key].to(device)
-        return torch.load(self._spilled[key], map_location=device)
+        path = (self.directory or self._temporary_dir()) / _activation_file(key)
+        if not path.is_file():
+            raise StreamingError(f"{path}: no saved input of block {key[0]}, micro-batch {key[1]}")
+        return torch.load(path, map_location=device, weights_only=True)
 
     @property
     def spilled(self) -> int:
-        return len(self._spilled)
+        """How many of the activations put here went to disk only (past the budget)."""
+        return len(self._disk_only)
 
     def close(self) -> None:
         self._tensors.clear()
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
+        self.in_memory = 0
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+
+    def _forget(self, key: Tuple[int, int]) -> None:
+        self._disk_only.discard(key)
+        dropped = self._tensors.pop(key, None)
+        if dropped is not None:
+            self.in_memory -= dropped.numel() * dropped.element_size()
+
+    def _temporary_dir(self) -> Path:
+        if self._temporary is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="structprune-activations-")
+        return Path(self._temporary.name)
+
+
+def _activation_file(key: Tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}.pt"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary sibling, flushed to disk and then renamed:
+    a reader (or a resumed run after a kill or power cut) sees the old file or the new one whole."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -138,10 +187,15 @@ class StreamedModel:
         self.prefix = blocks_prefix
         self.config = AutoConfig.from_pretrained(self.model_dir)
         self.num_blocks = int(self.config.num_hidden_layers)
+        self.block_returns_tuple = False
+        """Whether the blocks return a tuple (older transformers) rather than a tensor: seen when a
+        block runs; the loss pass mimics it."""
         self._files, self._checkpoint_names = self._index_checkpoint()
         self.shell = self._build_shell()
         self.stack: nn.ModuleList = self.shell.get_submodule(self.prefix)
         self.block = self.stack[0]
+        self._outside_names: List[str] = []
+        self._outside_loaded = False
         self._load_outside_blocks()
 
     # -- loading ---------------------------------------------------------------------------------
@@ -173,17 +227,19 @@ class StreamedModel:
 
     def _read(self, names: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Model-named tensors read from the checkpoint, on the device, in the compute dtype."""
+        return dict(self._read_each(names))
+
+    def _read_each(self, names: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The tensors one at a time, so a caller that copies each away holds one tensor, not all."""
         from safetensors import safe_open
 
         by_file: Dict[str, List[str]] = {}
         for name in names:
             by_file.setdefault(self._files[name], []).append(name)
-        out: Dict[str, torch.Tensor] = {}
         for file, group in sorted(by_file.items()):
             with safe_open(str(self.model_dir / file), framework="pt", device=str(self.device)) as handle:
                 for name in group:
-                    out[name] = handle.get_tensor(self._checkpoint_names[name]).to(self.dtype)
-        return out
+                    yield name, handle.get_tensor(self._checkpoint_names[name]).to(self.dtype)
 
     def _load_outside_blocks(self) -> None:
         block_prefix = f"{self.prefix}.0."
@@ -195,22 +251,44 @@ class StreamedModel:
         unexplained = sorted(n for n in missing if not n.startswith(block_prefix) and n not in buffers and n not in tied)
         if unexplained:
             raise StreamingError(f"{self.model_dir}: the checkpoint has no tensor for '{unexplained[0]}'")
+        parameters = dict(self.shell.named_parameters())
+        self._outside_names = [n for n in present if n in parameters]
+        self._outside_loaded = True
+
+    def unload_outside(self) -> None:
+        """Frees the weights outside the blocks (embeddings, final norm, head), which the block
+        passes do not use: on a 7B model they are as large as a block. They are read again from the
+        checkpoint when next needed (``embed``, ``loss``, ``outside_parameters``)."""
+        if not self._outside_loaded:
+            return
+        for name in self._outside_names:
+            parameter = self.shell.get_parameter(name)
+            parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        self._outside_loaded = False
+
+    def _ensure_outside(self) -> None:
+        if self._outside_loaded:
+            return
+        # Assigning .data keeps each Parameter object, so tied weights (one object) stay tied.
+        for name, tensor in self._read_each(self._outside_names):
+            self.shell.get_parameter(name).data = tensor
+        self._outside_loaded = True
 
     def load_block(self, index: int) -> None:
         """Fills the shell's block with the weights (and stored buffers) of block ``index``."""
         full = f"{self.prefix}.{index}."
         targets: Dict[str, torch.Tensor] = {full + n: p for n, p in self.block.named_parameters()}
         targets.update({full + n: b for n, b in self.block.named_buffers() if full + n in self._files})
-        tensors = self._read(list(targets))
         with torch.no_grad():
-            for name, target in targets.items():
-                target.copy_(tensors[name])
+            for name, tensor in self._read_each(list(targets)):
+                targets[name].copy_(tensor)
 
     def block_parameters(self, index: int) -> Dict[str, nn.Parameter]:
         """The loaded block's parameters under their names in the full model."""
         return {f"{self.prefix}.{index}.{n}": p for n, p in self.block.named_parameters()}
 
     def outside_parameters(self) -> Dict[str, nn.Parameter]:
+        self._ensure_outside()
         local = f"{self.prefix}.0."
         return {n: p for n, p in self.shell.named_parameters() if not n.startswith(local)}
 
@@ -226,6 +304,7 @@ class StreamedModel:
 
     def embed(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Any, ...], Dict[str, Any]]:
         """Hidden states entering block 0 and the arguments the model passes to every block."""
+        self._ensure_outside()
         with self._standing_in(_Capture()):
             try:
                 self.shell(input_ids=input_ids.to(self.device), use_cache=False)
@@ -233,14 +312,16 @@ class StreamedModel:
                 return captured.hidden, captured.args, captured.kwargs
         raise StreamingError(f"{type(self.shell).__name__} never called its first block")
 
-    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, bool]:
-        """The loaded block on ``hidden``; also whether it returns a tuple (the loss pass mimics it)."""
+    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
+        """The loaded block's hidden-state output for ``hidden``."""
         output = self.block(hidden, *args, **kwargs)
-        return _first(output), isinstance(output, (tuple, list))
+        self.block_returns_tuple = isinstance(output, (tuple, list))
+        return _first(output)
 
-    def loss(self, last_hidden: torch.Tensor, input_ids: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    def loss(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The model's own causal-LM loss from the last block's output."""
-        with self._standing_in(_Inject((last_hidden,) if as_tuple else last_hidden)):
+        self._ensure_outside()
+        with self._standing_in(_Inject((last_hidden,) if self.block_returns_tuple else last_hidden)):
             output = self.shell(input_ids=input_ids.to(self.device), labels=input_ids.to(self.device), use_cache=False)
         return output.loss
 
@@ -275,7 +356,6 @@ class StreamedPass:
     micro_batches: List[torch.Tensor]
     block_args: List[Tuple[Tuple[Any, ...], Dict[str, Any]]]
     store: ActivationStore
-    returns_tuple: bool = False
 
 
 def forward_pass(
@@ -284,6 +364,7 @@ def forward_pass(
     *,
     micro_batch: int,
     store: ActivationStore,
+    start: int = 0,
     on_load: Optional[Callable[[int], None]] = None,
     on_block: Optional[Callable[[int, List[torch.Tensor], List[torch.Tensor]], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
@@ -291,16 +372,20 @@ def forward_pass(
     """Runs every block in order, saving its inputs (and the last block's output) in ``store``.
     ``on_load(index)`` runs once a block's weights are in (to attach hooks); ``on_block(index,
     inputs, outputs)`` sees its micro-batch inputs and outputs (activation statistics, block
-    influence)."""
+    influence). A resumed pass starts at block ``start``: the blocks before it ran already and
+    ``store`` holds the input of block ``start`` (a caller resuming after the last block sets
+    ``model.block_returns_tuple`` as the interrupted run saw it)."""
     batches = list(input_ids.split(micro_batch))
     saved_args = []
     with torch.no_grad():
         for m, batch in enumerate(batches):
+            # The block arguments (rotary tables, masks) are cheap to recompute, so they are never saved.
             hidden, args, kwargs = model.embed(batch)
-            store.put((0, m), hidden)
+            if start == 0:
+                store.put((0, m), hidden)
             saved_args.append((args, kwargs))
-        returns_tuple = False
-        for index in range(model.num_blocks):
+        model.unload_outside()
+        for index in range(start, model.num_blocks):
             model.load_block(index)
             if on_load is not None:
                 on_load(index)
@@ -308,7 +393,7 @@ def forward_pass(
             for m in range(len(batches)):
                 hidden = store.get((index, m), model.device)
                 args, kwargs = saved_args[m]
-                out, returns_tuple = model.run_block(hidden, args, kwargs)
+                out = model.run_block(hidden, args, kwargs)
                 store.put((index + 1, m), out)
                 if on_block is not None:
                     inputs.append(hidden)
@@ -317,7 +402,18 @@ def forward_pass(
                 on_block(index, inputs, outputs)
             if progress is not None:
                 progress(index)
-    return StreamedPass(batches, saved_args, store, returns_tuple)
+    return StreamedPass(batches, saved_args, store)
+
+
+@dataclass
+class BackwardState:
+    """A block-by-block backward pass between two blocks, where it can stop and resume: blocks
+    ``lowest_done`` and above are done, ``grads[m]`` is the loss gradient at the input of block
+    ``lowest_done`` for micro-batch ``m``, and ``loss`` the loss of this process's samples."""
+
+    lowest_done: int
+    grads: List[torch.Tensor]
+    loss: float
 
 
 def backward_pass(
@@ -326,29 +422,28 @@ def backward_pass(
     *,
     fisher: bool,
     on_params: Callable[[Dict[str, ParamStats]], None],
+    samples: Optional[int] = None,
+    start: Optional[BackwardState] = None,
+    on_state: Optional[Callable[[BackwardState], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> float:
     """Back-propagates the calibration loss block by block, last to first, handing each block's
-    parameter statistics to ``on_params`` (then the parameters outside the blocks). The loss is
-    the mean over samples of each sample's mean token loss; returns it.
+    parameter statistics to ``on_params`` (then the parameters outside the blocks), and the state
+    after each block to ``on_state``. The loss is the mean over ``samples`` samples (default: the
+    samples here; more when other processes score the rest) of each sample's mean token loss;
+    returns this process's part of it. ``start`` resumes a pass that ``on_state`` saw.
 
     With ``fisher``, micro-batches must hold one sample, so that the squared gradient of each sample
     is accumulated (F = mean over samples of g²) without keeping per-sample copies.
     """
     batches = streamed.micro_batches
-    total = sum(b.shape[0] for b in batches)
+    total = samples if samples is not None else sum(b.shape[0] for b in batches)
     if fisher and any(b.shape[0] != 1 for b in batches):
         raise StreamingError("second-order scores need one sample per micro-batch")
-    grads: List[torch.Tensor] = []
-    loss_total = 0.0
-    with torch.enable_grad():
-        for m, batch in enumerate(batches):
-            last = streamed.store.get((model.num_blocks, m), model.device).requires_grad_(True)
-            loss = model.loss(last, batch, streamed.returns_tuple) * (batch.shape[0] / total)
-            (grad,) = torch.autograd.grad(loss, last)
-            loss_total += float(loss.detach())
-            grads.append(grad)
-    for index in reversed(range(model.num_blocks)):
+    state = start if start is not None else _loss_gradients(model, streamed, total)
+    grads = [g.to(model.device) for g in state.grads]
+    model.unload_outside()
+    for index in reversed(range(state.lowest_done)):
         model.load_block(index)
         params = model.block_parameters(index)
         tracker = _GradTracker(params, fisher)
@@ -356,11 +451,14 @@ def backward_pass(
             for m in range(len(batches)):
                 hidden = streamed.store.get((index, m), model.device).requires_grad_(True)
                 args, kwargs = streamed.block_args[m]
-                out, _ = model.run_block(hidden, args, kwargs)
+                out = model.run_block(hidden, args, kwargs)
                 out.backward(grads[m])
                 tracker.collect()
                 grads[m] = hidden.grad.detach()
         on_params(tracker.stats(total))
+        tracker.release()
+        if on_state is not None:
+            on_state(BackwardState(index, list(grads), state.loss))
         if progress is not None:
             progress(index)
     # Outside the blocks a sample's gradient has two parts, from the loss (head, final norm) and
@@ -371,7 +469,7 @@ def backward_pass(
     with _grad_enabled(outside):
         for m, batch in enumerate(batches):
             last = streamed.store.get((model.num_blocks, m), model.device)
-            loss = model.loss(last, batch, streamed.returns_tuple) * (batch.shape[0] / total)
+            loss = model.loss(last, batch) * (batch.shape[0] / total)
             hidden, _, _ = model.embed(batch)
             outputs: List[torch.Tensor] = [loss]
             seeds: List[Optional[torch.Tensor]] = [None]
@@ -381,11 +479,30 @@ def backward_pass(
             torch.autograd.backward(outputs, seeds)
             tracker.collect()
     on_params(tracker.stats(total))
-    return loss_total
+    tracker.release()
+    return state.loss
+
+
+def _loss_gradients(model: StreamedModel, streamed: StreamedPass, total: int) -> BackwardState:
+    """The loss and its gradient at the last block's output, per micro-batch."""
+    grads: List[torch.Tensor] = []
+    loss_total = 0.0
+    with torch.enable_grad():
+        for m, batch in enumerate(streamed.micro_batches):
+            last = streamed.store.get((model.num_blocks, m), model.device).requires_grad_(True)
+            loss = model.loss(last, batch) * (batch.shape[0] / total)
+            (grad,) = torch.autograd.grad(loss, last)
+            loss_total += float(loss.detach())
+            grads.append(grad)
+    return BackwardState(model.num_blocks, grads, loss_total)
 
 
 class _GradTracker:
-    """Accumulates gradients (and squared per-micro-batch gradients) of some parameters."""
+    """Accumulates gradients (and squared per-micro-batch gradients) of some parameters.
+
+    Without Fisher, autograd itself sums the micro-batches' gradients into ``param.grad``: one
+    gradient buffer per parameter, no copies. Fisher needs each micro-batch's own gradient, so each
+    is taken out of ``param.grad`` and summed (and squared) separately."""
 
     def __init__(self, params: Dict[str, nn.Parameter], fisher: bool) -> None:
         self.params = params
@@ -394,6 +511,8 @@ class _GradTracker:
         self.squares: Dict[str, torch.Tensor] = {}
 
     def collect(self) -> None:
+        if not self.fisher:
+            return
         for name, param in self.params.items():
             if param.grad is None:
                 continue
@@ -410,10 +529,19 @@ class _GradTracker:
     def stats(self, samples: int) -> Dict[str, ParamStats]:
         out = {}
         for name, param in self.params.items():
-            fisher = self.squares[name] * samples if self.fisher and name in self.squares else None
-            # A copy: the shell's block is refilled with the next block's weights.
-            out[name] = ParamStats(name, param.detach().clone(), self.grad.get(name), fisher)
+            if self.fisher:
+                grad = self.grad.get(name)
+                fisher = self.squares[name].mul_(samples) if name in self.squares else None
+            else:
+                grad, fisher = (param.grad.detach() if param.grad is not None else None), None
+            out[name] = ParamStats(name, param.detach(), grad, fisher)
         return out
+
+    def release(self) -> None:
+        for param in self.params.values():
+            param.grad = None
+        self.grad.clear()
+        self.squares.clear()
 
 
 @contextmanager
@@ -424,6 +552,6 @@ def _grad_enabled(params: Dict[str, nn.Parameter]) -> Iterator[None]:
         with torch.enable_grad():
             yield
     finally:
+        # Gradients stay for the caller to read (``_GradTracker.stats``), which then releases them.
         for p in params.values():
             p.requires_grad_(False)
-            p.grad = None

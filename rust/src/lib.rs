@@ -1,5 +1,6 @@
 //! structprune's core: safetensors checkpoints read and rewritten out of core, cut plans validated
-//! and applied. Pure Rust; the Python binding lives in `python.rs` behind the `python` feature.
+//! and applied, in-memory tensors written as checkpoints. Pure Rust; the Python binding lives in
+//! `python.rs` behind the `python` feature.
 
 pub mod checkpoint;
 pub mod dtype;
@@ -10,6 +11,7 @@ pub mod header;
 pub mod plan;
 pub mod rewrite;
 pub mod staging;
+pub mod write;
 
 pub use error::{Error, Result};
 

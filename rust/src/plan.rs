@@ -24,6 +24,8 @@ struct RawPlan {
     tensors: BTreeMap<String, RawCut>,
     #[serde(default)]
     config: Option<Value>,
+    #[serde(default)]
+    files: BTreeMap<String, String>,
     /// Provenance for people and tools; the engine has no use for it.
     #[serde(default, rename = "metadata")]
     _metadata: serde::de::IgnoredAny,
@@ -56,6 +58,8 @@ pub struct CutPlan {
     pub tensors: BTreeMap<String, TensorCut>,
     /// RFC 7386 merge patch for config.json.
     pub config_patch: Option<Value>,
+    /// Text files written into the output (file name → content), replacing input files of the same name.
+    pub files: BTreeMap<String, String>,
 }
 
 impl CutPlan {
@@ -85,7 +89,10 @@ impl CutPlan {
                 return Err(plain("'config' must be a JSON object (a merge patch)".into()));
             }
         }
-        Ok(CutPlan { tensors, config_patch })
+        for name in raw.files.keys() {
+            check_file_name(name).map_err(|r| plain(format!("file '{name}': {r}")))?;
+        }
+        Ok(CutPlan { tensors, config_patch, files: raw.files })
     }
 }
 
@@ -119,6 +126,17 @@ fn resolve_cut(name: &str, raw: RawCut, sets: &HashMap<String, KeepList>) -> Res
     }
     keep.sort_by_key(|(dim, _)| *dim);
     Ok(TensorCut { keep, drop: raw.drop, rename: raw.rename })
+}
+
+/// A plan's extra file must be a plain file name the engine does not write itself.
+fn check_file_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
+        return Err("must be a plain file name (no directories, not hidden)".into());
+    }
+    if name == crate::checkpoint::CONFIG_FILE || name == crate::checkpoint::INDEX_FILE || name.ends_with(".safetensors") {
+        return Err("the engine writes this file itself (use 'config' for config.json edits)".into());
+    }
+    Ok(())
 }
 
 fn check_increasing(list: &[u64]) -> std::result::Result<(), String> {
@@ -231,6 +249,17 @@ mod tests {
         assert!(p.tensors["b"].drop);
         assert_eq!(p.tensors["c"].rename.as_deref(), Some("d"));
         assert!(p.config_patch.is_some());
+    }
+
+    #[test]
+    fn plan_files_must_be_plain_names_the_engine_does_not_write() {
+        let with_file = |name: &str| {
+            plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"files":{{{}:"x"}}}}"#, serde_json::to_string(name).unwrap()))
+        };
+        assert_eq!(with_file("modeling_decilm.py").unwrap().files["modeling_decilm.py"], "x");
+        for bad in ["", ".hidden", "a/b.py", "..", "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"] {
+            assert!(plan_reason(with_file(bad)).starts_with(&format!("file '{bad}'")), "{bad}");
+        }
     }
 
     #[test]

@@ -6,14 +6,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::checkpoint::Checkpoint;
+use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::plan::CutPlan;
 use crate::rewrite::{self, ApplyOptions, ApplyReport, Progress};
+use crate::write::{CheckpointWriter, Extras, Include, TensorSpec, WriteOptions};
 
 /// How often a long call wakes up to report progress and notice Ctrl-C.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -132,6 +134,62 @@ fn apply_plan<'py>(
     report_dict(py, &report)
 }
 
+/// Writes tensors held by the caller as a checkpoint: `tensors` are `(name, dtype, shape)` in
+/// output order, and `read_tensor(i)` returns tensor i's raw bytes. Each tensor is fetched with the
+/// GIL held and written with it released; Ctrl-C between tensors leaves no output.
+#[pyfunction]
+#[pyo3(signature = (output_dir, tensors, read_tensor, source_dir, includes, config_json, max_shard_size, overwrite, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint<'py>(
+    py: Python<'py>,
+    output_dir: PathBuf,
+    tensors: Vec<(String, String, Vec<u64>)>,
+    read_tensor: Bound<'py, PyAny>,
+    source_dir: Option<PathBuf>,
+    includes: Vec<(PathBuf, PathBuf)>,
+    config_json: Option<String>,
+    max_shard_size: u64,
+    overwrite: bool,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let specs = tensors
+        .into_iter()
+        .map(|(name, dtype, shape)| match Dtype::parse(&dtype) {
+            Some(dtype) => TensorSpec::new(name, dtype, shape),
+            None => Err(Error::plan(&name, format!("unknown safetensors dtype '{dtype}'"))),
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map_err(to_pyerr)?;
+    let extras = Extras {
+        source: source_dir,
+        includes: includes.into_iter().map(|(from, to)| Include { from, to }).collect(),
+        config: config_json.map(String::into_bytes),
+    };
+    let options = WriteOptions { max_shard_size, overwrite };
+    let state = Progress::default();
+    let mut writer = py
+        .detach(|| CheckpointWriter::create(&output_dir, specs, extras, &options, &state))
+        .map_err(to_pyerr)?;
+    for index in 0..writer.tensors().len() {
+        py.check_signals()?;
+        let data = read_tensor.call1((index,))?;
+        let bytes = data.cast::<PyBytes>().map_err(|_| {
+            let name = &writer.tensors()[index].name;
+            PyTypeError::new_err(format!("read_tensor({index}) for tensor '{name}' must return bytes"))
+        })?;
+        let slice = bytes.as_bytes();
+        py.detach(|| writer.write_tensor(index, slice, &state)).map_err(to_pyerr)?;
+        if let Some(callback) = &progress {
+            callback.call1((state.done.load(Ordering::Relaxed), state.total.load(Ordering::Relaxed)))?;
+        }
+    }
+    let report = py.detach(|| writer.finish(&state)).map_err(to_pyerr)?;
+    if let Some(callback) = &progress {
+        callback.call1((state.done.load(Ordering::Relaxed), state.total.load(Ordering::Relaxed)))?;
+    }
+    report_dict(py, &report)
+}
+
 fn report_dict<'py>(py: Python<'py>, report: &ApplyReport) -> PyResult<Bound<'py, PyDict>> {
     let result = PyDict::new(py);
     result.set_item("output_dir", &report.output_dir)?;
@@ -158,6 +216,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(apply_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(write_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(build_structures, m)?)?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gather::{Segment, SegmentIter};
 use crate::header::{serialize_header, TensorEntry};
@@ -66,10 +67,33 @@ pub struct OutputShard {
     pub data_len: u64,
 }
 
+/// What placing a tensor in an output shard needs to know about it.
+pub trait Placed {
+    fn name(&self) -> &str;
+    fn dtype(&self) -> Dtype;
+    fn shape(&self) -> &[u64];
+    fn nbytes(&self) -> u64;
+}
+
+impl Placed for OutputTensor {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+    fn nbytes(&self) -> u64 {
+        self.nbytes
+    }
+}
+
 /// Where every output tensor goes.
 #[derive(Debug, Clone)]
-pub struct Layout {
-    pub tensors: Vec<OutputTensor>,
+pub struct Layout<T = OutputTensor> {
+    pub tensors: Vec<T>,
     /// Per tensor: output shard and absolute file offset.
     pub placements: Vec<(usize, u64)>,
     pub shards: Vec<OutputShard>,
@@ -89,18 +113,23 @@ pub struct ApplyReport {
 
 /// Validates `plan` against `checkpoint` and places every output tensor.
 pub fn layout(checkpoint: &Checkpoint, plan: &CutPlan, max_shard_size: u64) -> Result<Layout> {
-    let tensors = output_tensors(plan, checkpoint)?;
+    Ok(place(output_tensors(plan, checkpoint)?, max_shard_size))
+}
+
+/// Places `tensors`, in their order, into shards of at most `max_shard_size` bytes (a larger tensor
+/// gets a shard of its own) and serialises every shard header.
+pub fn place<T: Placed>(tensors: Vec<T>, max_shard_size: u64) -> Layout<T> {
     let mut groups: Vec<Range<usize>> = Vec::new();
     let mut current = 0..0;
     let mut current_bytes = 0u64;
     for (i, t) in tensors.iter().enumerate() {
-        if current.end > current.start && current_bytes + t.nbytes > max_shard_size {
+        if current.end > current.start && current_bytes + t.nbytes() > max_shard_size {
             groups.push(current.clone());
             current = i..i;
             current_bytes = 0;
         }
         current.end = i + 1;
-        current_bytes += t.nbytes;
+        current_bytes += t.nbytes();
     }
     groups.push(current);
     let count = groups.len();
@@ -113,13 +142,13 @@ pub fn layout(checkpoint: &Checkpoint, plan: &CutPlan, max_shard_size: u64) -> R
             .iter()
             .map(|t| {
                 let entry = TensorEntry {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
+                    name: t.name().to_owned(),
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
                     begin: offset,
-                    end: offset + t.nbytes,
+                    end: offset + t.nbytes(),
                 };
-                offset += t.nbytes;
+                offset += t.nbytes();
                 entry
             })
             .collect();
@@ -134,8 +163,8 @@ pub fn layout(checkpoint: &Checkpoint, plan: &CutPlan, max_shard_size: u64) -> R
         };
         shards.push(OutputShard { file_name, tensors: range, header, data_len: offset });
     }
-    let total_size = tensors.iter().map(|t| t.nbytes).sum();
-    Ok(Layout { tensors, placements, shards, total_size })
+    let total_size = tensors.iter().map(Placed::nbytes).sum();
+    Layout { tensors, placements, shards, total_size }
 }
 
 /// Writes the pruned checkpoint of `input` under `plan` to `output`, atomically.
@@ -150,47 +179,82 @@ pub fn apply_plan(
     let checkpoint = Checkpoint::open(input)?;
     let layout = layout(&checkpoint, plan, options.max_shard_size)?;
     let config = patched_config(input, plan)?;
-    let (to_copy, skipped) = other_files(input, &checkpoint, config.is_some())?;
-    let copy_bytes: u64 = to_copy.iter().map(|(_, len)| len).sum();
-    progress.total.store(layout.total_size + copy_bytes, Ordering::Relaxed);
+    let (mut to_copy, skipped) = other_files(input, &checkpoint.weight_files(), config.is_some())?;
+    to_copy.retain(|file| !plan.files.contains_key(file.to.to_string_lossy().as_ref()));
+    progress.total.store(layout.total_size + copied_bytes(&to_copy), Ordering::Relaxed);
 
     let staging = Staging::create(output, options.overwrite)?;
-    let dir = staging.path().to_owned();
-    let files = create_shards(&dir, &layout)?;
+    let files = create_shards(staging.path(), &layout)?;
     copy_tensors(&checkpoint, &layout, &files, options, progress)?;
-    for (path, file) in &files {
+    for (name, text) in &plan.files {
+        write_synced(&staging.path().join(name), text.as_bytes())?;
+    }
+    let mut copied_files = finish(staging, &layout, &files, config.as_deref(), &to_copy, progress)?;
+    copied_files.extend(plan.files.keys().cloned());
+    copied_files.sort();
+    Ok(report(output, &layout, copied_files, skipped))
+}
+
+/// A file copied unchanged into the output: absolute source, path relative to the output, bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct CopiedFile {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    pub len: u64,
+}
+
+pub(crate) fn copied_bytes(files: &[CopiedFile]) -> u64 {
+    files.iter().map(|f| f.len).sum()
+}
+
+/// Everything after the tensor data, then the commit: shards synced, index (when sharded), config,
+/// copied files. Returns the copied files' output paths.
+pub(crate) fn finish<T: Placed>(
+    staging: Staging,
+    layout: &Layout<T>,
+    shards: &[(PathBuf, File)],
+    config: Option<&[u8]>,
+    to_copy: &[CopiedFile],
+    progress: &Progress,
+) -> Result<Vec<String>> {
+    let dir = staging.path().to_owned();
+    for (path, file) in shards {
         file.sync_all().map_err(Error::io(path))?;
     }
     if layout.shards.len() > 1 {
-        write_synced(&dir.join(INDEX_FILE), &index_json(&layout))?;
+        write_synced(&dir.join(INDEX_FILE), &index_json(layout))?;
     }
-    if let Some(config) = &config {
+    if let Some(config) = config {
         write_synced(&dir.join(CONFIG_FILE), config)?;
     }
     let mut copied_files = Vec::with_capacity(to_copy.len());
-    for (relative, len) in &to_copy {
-        copy_file(&input.join(relative), &dir.join(relative))?;
-        progress.done.fetch_add(*len, Ordering::Relaxed);
-        copied_files.push(relative.to_string_lossy().into_owned());
+    for file in to_copy {
+        copy_file(&file.from, &dir.join(&file.to))?;
+        progress.done.fetch_add(file.len, Ordering::Relaxed);
+        copied_files.push(file.to.to_string_lossy().into_owned());
     }
     if progress.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
     staging.commit()?;
+    Ok(copied_files)
+}
+
+pub(crate) fn report<T: Placed>(output: &Path, layout: &Layout<T>, copied_files: Vec<String>, skipped_files: Vec<String>) -> ApplyReport {
     let headers: u64 = layout.shards.iter().map(|s| s.header.len() as u64).sum();
-    Ok(ApplyReport {
+    ApplyReport {
         output_dir: output.to_owned(),
         tensors: layout.tensors.len(),
         bytes_written: layout.total_size + headers,
         total_size: layout.total_size,
         shards: layout.shards.iter().map(|s| s.file_name.clone()).collect(),
         copied_files,
-        skipped_files: skipped,
-    })
+        skipped_files,
+    }
 }
 
 /// Refuses outputs that would modify or delete the input.
-fn check_paths(input: &Path, output: &Path) -> Result<()> {
+pub(crate) fn check_paths(input: &Path, output: &Path) -> Result<()> {
     let input = input.canonicalize().map_err(Error::io(input))?;
     let parent = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -210,7 +274,7 @@ fn check_paths(input: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn create_shards(dir: &Path, layout: &Layout) -> Result<Vec<(PathBuf, File)>> {
+pub(crate) fn create_shards<T>(dir: &Path, layout: &Layout<T>) -> Result<Vec<(PathBuf, File)>> {
     layout
         .shards
         .iter()
@@ -447,11 +511,11 @@ fn copy_range(_input: &File, _from: u64, _output: &File, _to: u64, _len: u64) ->
     Ok(false)
 }
 
-fn index_json(layout: &Layout) -> Vec<u8> {
+fn index_json<T: Placed>(layout: &Layout<T>) -> Vec<u8> {
     let mut weight_map: Vec<(&str, &str)> = Vec::with_capacity(layout.tensors.len());
     for shard in &layout.shards {
         for t in &layout.tensors[shard.tensors.clone()] {
-            weight_map.push((&t.name, &shard.file_name));
+            weight_map.push((t.name(), &shard.file_name));
         }
     }
     weight_map.sort();
@@ -506,37 +570,52 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// Files to copy unchanged (relative path, bytes) and files left out because they hold weights.
-fn other_files(input: &Path, checkpoint: &Checkpoint, config_rewritten: bool) -> Result<(Vec<(PathBuf, u64)>, Vec<String>)> {
-    let weights = checkpoint.weight_files();
+/// Files of `input` to copy unchanged, and files left out because they hold weights (those in
+/// `weights`, which are rewritten, are left out silently).
+pub(crate) fn other_files(input: &Path, weights: &BTreeSet<String>, config_rewritten: bool) -> Result<(Vec<CopiedFile>, Vec<String>)> {
     let mut copy = Vec::new();
     let mut skipped = BTreeSet::new();
+    for file in files_under(input, Path::new(""))? {
+        let name = file.to.to_string_lossy().into_owned();
+        if weights.contains(&name) || (config_rewritten && name == CONFIG_FILE) {
+            continue;
+        } else if is_weight_file(&name) {
+            skipped.insert(name);
+        } else {
+            copy.push(file);
+        }
+    }
+    Ok((copy, skipped.into_iter().collect()))
+}
+
+/// Every file under the directory `root` (or `root` itself when it is a file), to be copied to
+/// `to` (relative to the output), sorted by destination.
+pub(crate) fn files_under(root: &Path, to: &Path) -> Result<Vec<CopiedFile>> {
+    let metadata = fs::metadata(root).map_err(Error::io(root))?;
+    if !metadata.is_dir() {
+        return Ok(vec![CopiedFile { from: root.to_owned(), to: to.to_owned(), len: metadata.len() }]);
+    }
+    let mut files = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
-        let dir = input.join(&relative);
-        let mut entries: Vec<_> = fs::read_dir(&dir)
+        let dir = root.join(&relative);
+        let entries: Vec<_> = fs::read_dir(&dir)
             .map_err(Error::io(&dir))?
             .collect::<std::io::Result<_>>()
             .map_err(Error::io(&dir))?;
-        entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = relative.join(entry.file_name());
-            let name = path.to_string_lossy().into_owned();
-            let full = input.join(&path);
+            let full = root.join(&path);
             let metadata = fs::metadata(&full).map_err(Error::io(&full))?;
             if metadata.is_dir() {
                 pending.push(path);
-            } else if weights.contains(&name) || (config_rewritten && name == CONFIG_FILE) {
-                continue;
-            } else if is_weight_file(&name) {
-                skipped.insert(name);
             } else {
-                copy.push((path, metadata.len()));
+                files.push(CopiedFile { from: full, to: to.join(&path), len: metadata.len() });
             }
         }
     }
-    copy.sort();
-    Ok((copy, skipped.into_iter().collect()))
+    files.sort_by(|a, b| a.to.cmp(&b.to));
+    Ok(files)
 }
 
 fn is_weight_file(name: &str) -> bool {

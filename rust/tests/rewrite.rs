@@ -113,6 +113,23 @@ fn cuts_renames_drops_and_patches_config() {
 }
 
 #[test]
+fn writes_the_plans_files_in_place_of_input_files() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    sharded_checkpoint(&input);
+    let mut with_files = plan();
+    with_files.files.insert("tokenizer.json".into(), "{\"from\": \"plan\"}".into());
+    with_files.files.insert("modeling_x.py".into(), "X = 1\n".into());
+    let output = root.path().join("out");
+    let report = apply_plan(&input, &with_files, &output, &options(2, 1 << 20, 1 << 30), &Progress::default()).unwrap();
+    assert_eq!(report.copied_files, ["modeling_x.py", "tokenizer.json"]);
+    assert_eq!(fs::read_to_string(output.join("tokenizer.json")).unwrap(), "{\"from\": \"plan\"}");
+    assert_eq!(fs::read_to_string(output.join("modeling_x.py")).unwrap(), "X = 1\n");
+    assert_eq!(fs::read_to_string(input.join("tokenizer.json")).unwrap(), "{}");
+}
+
+#[test]
 fn output_bytes_do_not_depend_on_threads_buffers_or_input_sharding() {
     let root = tempfile::tempdir().unwrap();
     let input = root.path().join("in");

@@ -1,0 +1,146 @@
+"""Checkpoint formats for pruned models: what each can hold, the config it is written with, and how
+the model it describes is built.
+
+``stock``
+    The architecture's own config with new widths (``intermediate_size``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``head_dim``, ``hidden_size``, ``num_hidden_layers``). Every loader of
+    the architecture reads it. Holds only plans that leave the same widths in every layer.
+``decilm``
+    NVIDIA's DeciLM / Nemotron-NAS layout, Llama models only: ``model_type: nemotron-nas``,
+    ``architectures: [DeciLMForCausalLM]`` and one ``block_configs`` entry per layer giving its MLP
+    width (``ffn.intermediate_size``) and KV-head count (``attention.n_heads_in_group``). vLLM
+    serves it; transformers loads it with ``trust_remote_code=True`` through the
+    ``configuration_decilm.py``/``modeling_decilm.py`` that structprune writes beside the weights
+    (``structprune.decilm``); ``structprune.load_pruned`` loads it without remote code. The format
+    has one query-head count for all layers, so it cannot hold per-layer query-head counts.
+``layers``
+    Any architecture: the stock config plus ``structprune_layers``, the per-layer config
+    attributes that differ (``{"blocks": "model.layers", "layers": [{"intermediate_size": 448}, …]}``).
+    Only ``structprune.load_pruned`` reads it; a stock loader refuses it (its shapes do not match the
+    stock config), never loads it wrongly.
+
+``auto`` picks ``stock`` when the plan is uniform, else ``decilm`` when the model and plan fit it,
+else ``layers``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Dict, List, Mapping, Optional
+
+from torch import nn
+
+from structprune.errors import PlanError
+
+FORMATS = ("auto", "stock", "decilm", "layers")
+LAYERS_KEY = "structprune_layers"
+DECILM_MODEL_TYPE = "nemotron-nas"
+DECILM_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+# Llama-architecture model types whose decoder layers the DeciLM layout describes exactly.
+DECILM_SOURCES = ("llama",)
+
+PerLayer = Dict[str, List[int]]
+"""Config attribute → its value in each kept layer, for the attributes that differ between layers."""
+
+
+def choose_format(requested: str, config: Mapping[str, Any], per_layer: PerLayer, head_key: str) -> str:
+    """The format to write: ``requested``, or for ``auto`` the most widely loadable one that holds
+    the plan."""
+    if requested not in FORMATS:
+        raise PlanError(f"unknown checkpoint format '{requested}'; choose one of {', '.join(FORMATS)}")
+    if requested != "auto":
+        return requested
+    if not per_layer:
+        return "stock"
+    return "decilm" if decilm_refusal(config, per_layer, head_key) is None else "layers"
+
+
+def decilm_refusal(config: Mapping[str, Any], per_layer: PerLayer, head_key: str) -> Optional[str]:
+    """Why the DeciLM layout cannot hold this plan, or ``None`` when it can."""
+    if config.get("model_type") not in DECILM_SOURCES:
+        return f"the DeciLM layout describes Llama models, not {config.get('model_type')!r}"
+    if head_key in per_layer:
+        return "the DeciLM layout has one query-head count for every layer, this plan varies it per layer (plan heads uniformly and MLP channels per layer, or write --format layers)"
+    return None
+
+
+def layers_patch(config: Mapping[str, Any], per_layer: PerLayer, blocks_prefix: str, layer_count: int) -> Dict[str, Any]:
+    """The ``layers`` format's additions to the config patch."""
+    overrides: List[Dict[str, int]] = [{} for _ in range(layer_count)]
+    for key, values in sorted(per_layer.items()):
+        for layer, value in enumerate(values):
+            overrides[layer][key] = value
+    return {LAYERS_KEY: {"blocks": blocks_prefix, "layers": overrides}}
+
+
+def decilm_patch(config: Mapping[str, Any], per_layer: PerLayer, uniform: Mapping[str, Any], layer_count: int) -> Dict[str, Any]:
+    """The ``decilm`` format's config patch (on top of the uniform edits in ``uniform``)."""
+    merged = {**config, **uniform}
+    heads = int(merged["num_attention_heads"])
+    kv_heads = per_layer.get("num_key_value_heads", [int(merged.get("num_key_value_heads") or heads)] * layer_count)
+    widths = per_layer.get("intermediate_size", [int(merged["intermediate_size"])] * layer_count)
+    blocks = []
+    for layer in range(layer_count):
+        if heads % kv_heads[layer]:
+            raise PlanError(f"the DeciLM layout needs the query heads ({heads}) to be a multiple of layer {layer}'s KV heads ({kv_heads[layer]})")
+        blocks.append(
+            {
+                "attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // kv_heads[layer]},
+                "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": widths[layer]},
+            }
+        )
+    head_dim = merged.get("head_dim") or int(merged["hidden_size"]) // int(config["num_attention_heads"])
+    return {
+        "model_type": DECILM_MODEL_TYPE,
+        "architectures": ["DeciLMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_decilm.DeciLMConfig",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+        },
+        "block_configs": blocks,
+        "head_dim": int(head_dim),
+        # The first layer's values, which readers of the top-level keys (vLLM's KV-cache sizing) take.
+        "num_key_value_heads": kv_heads[0],
+        "intermediate_size": max(widths),
+    }
+
+
+def decilm_files() -> Dict[str, str]:
+    """The configuration and modeling sources written beside a DeciLM checkpoint."""
+    package = resources.files("structprune.decilm")
+    return {name: package.joinpath(name).read_text(encoding="utf-8") for name in DECILM_FILES}
+
+
+def is_pruned_layout(config: Any) -> bool:
+    """Whether a config (object or dict) describes a non-uniform checkpoint only ``load_pruned`` reads."""
+    get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
+    return get(LAYERS_KEY) is not None or get("model_type") == DECILM_MODEL_TYPE
+
+
+def apply_layer_overrides(model: nn.Module, config: Any) -> None:
+    """Rebuilds the decoder layers of ``model`` that the ``layers`` format gives their own shapes.
+
+    The new layers are created in the current default device and dtype context, like the ones
+    they replace (so on the meta device inside ``from_pretrained``)."""
+    from structprune.decilm.modeling_decilm import rebuild_layer
+
+    layout = getattr(config, LAYERS_KEY, None) if not isinstance(config, Mapping) else config.get(LAYERS_KEY)
+    if layout is None:
+        return
+    stack = model.get_submodule(layout["blocks"])
+    if len(stack) != len(layout["layers"]):
+        raise PlanError(f"{LAYERS_KEY} describes {len(layout['layers'])} layers, the model has {len(stack)}")
+    for index, overrides in enumerate(layout["layers"]):
+        if overrides:
+            stack[index] = rebuild_layer(stack[index], config, index, overrides)
+
+
+def pruned_model_class(base: type) -> type:
+    """A subclass of the transformers model class ``base`` that applies ``structprune_layers`` after
+    building, so ``from_pretrained`` loads, ties and casts a ``layers`` checkpoint as usual."""
+
+    def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        apply_layer_overrides(self, config)
+
+    return type(f"Pruned{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})

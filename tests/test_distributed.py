@@ -1,0 +1,112 @@
+"""Scoring split over processes (torchrun, gloo on CPU) equals scoring in one process.
+
+The test launches this file under torchrun: run as a script, it is the worker side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from structprune.distributed import Workers  # noqa: E402
+from structprune.errors import DistributedError  # noqa: E402
+from structprune.prune import PruneOptions, PruneResult, make_plan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo" / "model"
+CALIB = ROOT / "demo" / "text" / "calib.txt"
+# Five samples over two processes: an uneven split (2 and 3), which must not weigh them differently.
+TAYLOR2 = PruneOptions(ratio=0.2, importance="taylor2", calib=CALIB, samples=5, seq_len=16, micro_batch=2)
+WANDA = dataclasses.replace(TAYLOR2, importance="wanda-sp")
+CLI_ARGS = ["prune", str(DEMO), "--ratio", "0.2", "--importance", "taylor2", "--calib", str(CALIB), "--samples", "5", "--seq-len", "16", "--dry-run"]
+
+
+def described(result: PruneResult) -> Dict[str, Any]:
+    """A plan's JSON with every unit score added."""
+    assert result.scores is not None
+    return {**result.plan.to_dict(), "units": {str(sid): values.tolist() for sid, values in result.scores.units.items()}}
+
+
+def assert_same_cut_and_scores(got: Dict[str, Any], want: Dict[str, Any]) -> None:
+    """Same kept indices; scores equal up to the order of float additions."""
+    assert got["tensors"] == want["tensors"] and got["index_sets"] == want["index_sets"]
+    summary, wanted = got["metadata"]["scores"], want["metadata"]["scores"]
+    assert summary.keys() == wanted.keys()
+    if "calibration_loss" in wanted:
+        assert summary["calibration_loss"] == pytest.approx(wanted["calibration_loss"], rel=1e-9)
+    for kind, figures in wanted["per_kind"].items():
+        for name, value in figures.items():
+            assert summary["per_kind"][kind][name] == pytest.approx(value, rel=1e-6), (kind, name)
+    np.testing.assert_allclose(summary["block_influence"], wanted["block_influence"], atol=2e-6)  # rounded to 6 digits
+    for sid, values in want.get("units", {}).items():
+        np.testing.assert_allclose(got["units"][sid], values, rtol=1e-6, atol=1e-12, err_msg=sid)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_two_processes_score_like_one(tmp_path: Path) -> None:
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    # Only process 0 reports (and writes the plan).
+    assert launched.stdout.count("parameters  3,148,224 ->") == 1, launched.stdout
+
+    from click.testing import CliRunner
+
+    from structprune.cli import main
+
+    single = CliRunner().invoke(main, [*CLI_ARGS, "--plan-out", str(tmp_path / "single.json")])
+    assert single.exit_code == 0, single.output
+    two, one = (json.loads((tmp_path / name).read_text()) for name in ("taylor2.json", "single.json"))
+    assert_same_cut_and_scores(two, one)
+
+    # Activation statistics (Wanda-sp) summed over processes: every process ends with the scores of one.
+    reference = described(make_plan(DEMO, WANDA))
+    for rank in (0, 1):
+        assert_same_cut_and_scores(json.loads((tmp_path / f"wanda-{rank}.json").read_text()), reference)
+
+
+def test_shares_cover_every_sample_once() -> None:
+    for samples in (2, 5, 8):
+        for world_size in (1, 2, 3):
+            if samples < world_size:
+                continue
+            shares = [Workers(rank=r, world_size=world_size).share(samples) for r in range(world_size)]
+            assert [i for share in shares for i in range(samples)[share]] == list(range(samples))
+            sizes = [share.stop - share.start for share in shares]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_what_cannot_be_split_is_refused() -> None:
+    with pytest.raises(DistributedError, match="--samples 1 cannot be split over 2 processes"):
+        Workers(rank=1, world_size=2).share(1)
+    with pytest.raises(DistributedError, match="pass --device cuda"):
+        Workers(rank=1, world_size=2, local_rank=1).compute_device("cuda:0")
+    assert Workers(rank=1, world_size=2, local_rank=1).compute_device("cuda") == "cuda:1"
+    assert Workers(rank=1, world_size=2, local_rank=1).compute_device("cpu") == "cpu"
+
+
+def run_worker(out: Path) -> None:
+    """One torchrun process: Wanda-sp through the library, then taylor2 through the CLI."""
+    from structprune.cli import main
+    from structprune.distributed import joined
+
+    with joined("cpu") as workers:
+        result = make_plan(DEMO, WANDA, workers=workers)
+        (out / f"wanda-{workers.rank}.json").write_text(json.dumps(described(result)))
+        main([*CLI_ARGS, "--plan-out", str(out / "taylor2.json")], standalone_mode=False)
+
+
+if __name__ == "__main__":
+    run_worker(Path(sys.argv[1]))
