@@ -293,6 +293,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import structprune
+    from structprune.graph import KINDS
     from structprune.importance import estimator
     from structprune.scoring import score
     from structprune.streaming import ActivationStore, StreamedModel
@@ -339,7 +340,9 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     t_score = time.perf_counter()
     store = ActivationStore()
-    scores = score(model, graph, estimator("taylor"), ids, micro_batch=args.micro_batch, store=store, progress=progress)
+    # The kinds make_plan scores for --structures heads,mlp (the default): hidden channels only when pruned.
+    kinds = [k for k in KINDS if k != "hidden" or args.score_hidden]
+    scores = score(model, graph, estimator("taylor"), ids, micro_batch=args.micro_batch, store=store, progress=progress, kinds=kinds)
     if cuda:
         torch.cuda.synchronize()
         result["peak_gpu"] = torch.cuda.max_memory_allocated()
@@ -403,6 +406,8 @@ def run_worker(model_dir: Path, args: argparse.Namespace, result_path: Path, log
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-full" if full else "--worker", "--model", str(model_dir), "--result", str(result_path),
            "--dtype", args.dtype, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
            "--micro-batch", str(args.micro_batch), "--seed", str(args.seed), "--device", args.device]
+    if args.score_hidden:
+        cmd.append("--score-hidden")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     started = time.perf_counter()
@@ -472,6 +477,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="skip the free-disk check")
     p.add_argument("--json", metavar="OUT", help="save the figures as JSON")
     # internal
+    p.add_argument("--score-hidden", action="store_true",
+                   help="also score hidden channels (needs the gradients of embeddings and head; make_plan does it for --structures ...,hidden)")
     p.add_argument("--device", default="cpu", help="where blocks are computed: cpu or cuda[:N] (default cpu)")
     p.add_argument("--full-backward", action="store_true",
                    help="also run a full in-memory forward+backward of the whole model on --device (needs the memory)")

@@ -61,18 +61,17 @@ def half_mlp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def direct_perplexity(model_dir: Path, text: Path, window: int) -> float:
-    """The protocol written out with transformers alone: the file tokenized as one string,
-    non-overlapping windows, ``labels=input_ids`` loss per window, exp of the mean."""
+    """The protocol written out with transformers alone: the file tokenized as one string, cut
+    into non-overlapping windows (tail dropped), transformers' ``labels=input_ids`` loss, exp.
+    All windows go in one batch: their lengths are equal, so transformers' mean over every
+    predicted token is the mean of the per-window means."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(text.read_text(encoding="utf-8"))["input_ids"])
-    losses = []
+    windows = ids[: ids.numel() // window * window].view(-1, window)
     with torch.no_grad():
-        for start in range(0, ids.numel() - window + 1, window):
-            window_ids = ids[start : start + window].unsqueeze(0)
-            losses.append(model(input_ids=window_ids, labels=window_ids).loss.item())
-    return math.exp(sum(losses) / len(losses))
+        return math.exp(model(input_ids=windows, labels=windows).loss.item())
 
 
 def test_eval_json_perplexity_matches_transformers(heldout: Path) -> None:

@@ -127,7 +127,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace: Dict
     assert not (root / "resumed").exists()
     assert sorted(p.name for p in (root / ".resumed.structprune-recover").iterdir()) == ["step-00000002"]
     with pytest.raises(RecoveryError, match="belongs to a run with other options"):
-        recover(workspace["pruned"], root / "resumed", replace(options, lr=5e-4), resume=True)
+        recover(workspace["pruned"], root / "resumed", replace(options, lr=options.lr / 2), resume=True)
     result = recover(workspace["pruned"], root / "resumed", options, resume=True)
     assert result.resumed_from == 2 and len(result.losses) == 4
     for name in ("model.safetensors", "adapter/adapter_model.safetensors", "recovery.json"):
@@ -245,3 +245,24 @@ def test_shard_writer_refuses_wrong_tensor_bytes_and_leaves_nothing(tmp_path: Pa
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert written["a"].flatten().view(torch.uint8).tolist() == list(range(16))
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"x": 1}
+
+
+def test_recovers_a_non_uniform_checkpoint(tmp_path: Path) -> None:
+    """A global plan written as DeciLM: recovery loads it without remote code, and the merged
+    output keeps the DeciLM config and model code, so it loads like its input."""
+    from structprune.cuts import Selection, checkpoint_cut_plan
+    from structprune.graph import trace
+    from structprune.loading import load_pruned
+
+    graph = trace(DEMO_MODEL)
+    channels = graph.by_kind("channels")
+    plan = checkpoint_cut_plan(DEMO_MODEL, graph, Selection(units={channels[1].id: list(range(128))}), layout="decilm")
+    apply_plan(DEMO_MODEL, plan, tmp_path / "pruned")
+    (tmp_path / "train.txt").write_text(DEMO_CALIB.read_text()[:8_000])
+    options = RecoverOptions(data=tmp_path / "train.txt", seq_len=32, batch_size=2, max_steps=2, dropout=0.0)
+    recover(tmp_path / "pruned", tmp_path / "recovered", options)
+    config = json.loads((tmp_path / "recovered" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and (tmp_path / "recovered" / "modeling_decilm.py").is_file()
+    model = load_pruned(tmp_path / "recovered")
+    assert model.model.layers[1].mlp.up_proj.out_features == 384
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

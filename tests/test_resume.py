@@ -99,7 +99,7 @@ def test_run_interrupted_in_the_forward_pass_continues_there(tmp_path: Path, uni
 
 
 def key(**changes: object) -> Dict[str, object]:
-    fields = {"calibration_sha256": "0" * 64, "importance": "taylor", "seed": 0, "micro_batch": 4, "dtype": "float32", "device": "cpu", "processes": 1}
+    fields = {"calibration_sha256": "0" * 64, "importance": "taylor", "seed": 0, "micro_batch": 4, "dtype": "float32", "device": "cpu", "processes": 1, "kinds": ["channels", "heads"]}
     fields.update(changes)
     return run_key(DEMO, **fields)  # type: ignore[arg-type]
 

@@ -18,7 +18,7 @@ from structprune.checkpoint import read_checkpoint, read_config
 from structprune.cuts import checkpoint_cut_plan
 from structprune.distributed import Workers, current
 from structprune.errors import PlanError
-from structprune.graph import StructureGraph, trace
+from structprune.graph import KINDS, StructureGraph, trace
 from structprune.importance import Importance, estimator
 from structprune.plan import CutPlan
 from structprune.planner import PLANNINGS, Target, default_protection, layer_widths, plan_global, plan_uniform
@@ -186,15 +186,19 @@ def _score(
     progress: Optional[Progress],
 ) -> Scores:
     """Scores on this process's share of the calibration batch, journalled when ``resume`` asks."""
+    # Hidden channels are scored only when asked for: their scores need the gradients of the
+    # embeddings and head, the largest tensors of the model.
+    kinds = [k for k in KINDS if k != "hidden" or "hidden" in options.structures]
     if input_ids is None:
-        return score(model, graph, importance, None, reduction=options.reduction, progress=progress)
+        return score(model, graph, importance, None, reduction=options.reduction, progress=progress, kinds=kinds)
     share = input_ids[workers.share(input_ids.shape[0])]
-    common = {"reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers}
+    common = {"reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers, "kinds": kinds}
     if resume is False:
         return score(model, graph, importance, share, **common)
     key = run_key(
         model.model_dir, calibration_sha256=batch_sha256(input_ids), importance=options.importance, seed=options.seed,
         micro_batch=options.micro_batch, dtype=options.dtype, device=str(model.device), processes=workers.world_size,
+        kinds=kinds,
     )
     directory = default_directory(key) if resume is True else Path(resume)
     with Journal(directory, key, workers) as journal:
@@ -202,14 +206,13 @@ def _score(
 
 
 def _calibration(model_dir: Path, options: PruneOptions) -> tuple:
-    from transformers import AutoTokenizer
-
     from structprune.calibration import calibration_batch, load_texts
+    from structprune.loading import load_tokenizer
 
     if options.calib is None:
         raise PlanError(f"importance '{options.importance}' needs calibration text: pass --calib FILE")
     texts = load_texts(options.calib, text_field=options.text_field)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     batch = calibration_batch(texts, tokenizer, samples=options.samples, seq_len=options.seq_len, seed=options.seed)
     summary = {"source": str(options.calib), "samples": options.samples, "seq_len": options.seq_len, "seed": options.seed}
     return batch, summary

@@ -63,7 +63,7 @@ from structprune.calibration import (
 from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import CalibrationError, MissingDependencyError, OutputExistsError, RecoveryError
 from structprune.evaluate import DEFAULT_WINDOW, perplexity
-from structprune.loading import load_model
+from structprune.loading import load_model, load_tokenizer
 from structprune.sizes import parse_size
 
 if TYPE_CHECKING:  # heavy imports, done when training starts
@@ -100,7 +100,7 @@ class RecoverOptions:
     The defaults (1.5 epochs of 16 × 128-token examples, lr 5e-4 cosine, rank 16, alpha 32, no
     dropout) were tuned on the team's tiny Llama pruned by 20% (``benches/bench_recover.py``,
     ``docs/benchmarks.md``): fewer tokens closed less of the perplexity gap, higher learning rates
-    overshot, and dropout cost a fifth of the CPU time of a step for no gain.
+    overshot, and dropout cost a tenth of the CPU time of a step for no gain.
     """
 
     data: Path
@@ -438,9 +438,7 @@ def recover(
         error.path = str(output)
         raise error
     accelerator = _accelerator(options)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(pruned, local_files_only=True)
+    tokenizer = load_tokenizer(pruned)
     data = load_training_data(options.data, tokenizer, seq_len=options.seq_len, text_field=options.text_field)
     eval_stream = token_stream(load_texts(options.eval_data), tokenizer) if options.eval_data is not None else None
     schedule = Schedule(len(data), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)

@@ -30,7 +30,7 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Sequence, Type
 
 import torch
 
@@ -54,8 +54,10 @@ def run_key(
     dtype: str,
     device: str,
     processes: int,
+    kinds: Sequence[str],
 ) -> Dict[str, Any]:
-    """Everything the saved scoring state depends on. The planning options (ratio, structures, …)
+    """Everything the saved scoring state depends on: the structure ``kinds`` scored (hidden
+    channels only when asked for) among them. The other planning options (ratio, protection, …)
     are not part of it: they only read the finished scores."""
     return {
         "format": FORMAT_VERSION,
@@ -67,6 +69,7 @@ def run_key(
         "dtype": dtype,
         "device": torch.device(device).type,
         "processes": processes,
+        "kinds": sorted(kinds),
     }
 
 

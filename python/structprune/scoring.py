@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,16 +37,22 @@ class Scores:
 class _Folder:
     """Folds per-index scores of parameters onto the units of the structures that contain them."""
 
-    def __init__(self, graph: StructureGraph, importance: Importance) -> None:
+    def __init__(self, graph: StructureGraph, importance: Importance, kinds: Optional[Collection[str]] = None) -> None:
         self.graph = graph
         self.importance = importance
         self.members: Dict[str, List[Tuple[int, int, Member]]] = defaultdict(list)
         for s in graph.structures:
+            if kinds is not None and s.kind not in kinds:
+                continue
             for i, m in enumerate(s.members):
                 self.members[m.param].append((s.id, i, m))
         self.member_scores: Dict[int, Dict[int, np.ndarray]] = defaultdict(dict)
         self.group_indices = self._group_indices()
         self.group_scores: Dict[int, Dict[int, np.ndarray]] = defaultdict(dict)
+
+    def wants(self, names: Iterable[str]) -> bool:
+        """Whether any of these parameters belongs to a structure being scored."""
+        return any(name in self.members for name in names)
 
     def _group_indices(self) -> Dict[Tuple[int, int], np.ndarray]:
         """For query_heads members: the indices of each (KV group, slot) pair, as [groups, slots, width]."""
@@ -168,9 +174,12 @@ def score(
     progress: Optional[Callable[[str, int, int], None]] = None,
     workers: Workers = SINGLE,
     journal: Optional[Journal] = None,
+    kinds: Optional[Collection[str]] = None,
 ) -> Scores:
-    """Scores every structure of ``graph``. ``input_ids`` may be ``None`` for data-free estimators.
-    ``progress(stage, done, total)`` is called after each block.
+    """Scores every structure of ``graph`` (only those of ``kinds`` when given: leaving out
+    ``hidden`` spares the backward pass through the embeddings and head, the largest tensors).
+    ``input_ids`` may be ``None`` for data-free estimators. ``progress(stage, done, total)`` is
+    called after each block.
 
     Under torchrun, ``input_ids`` is this process's share of the calibration batch and ``workers``
     sums the statistics over processes, so every process gets the scores of the whole batch. With
@@ -181,7 +190,7 @@ def score(
         raise ValueError(f"unknown reduction '{reduction}'; choose one of {', '.join(REDUCTIONS)}")
     if store is not None and journal is not None:
         raise ValueError("a journalled scoring run saves activations in its resume directory: pass no store")
-    folder = _Folder(graph, importance)
+    folder = _Folder(graph, importance, kinds)
     result = Scores(estimator=importance.name, reduction=reduction)
     needs_data = importance.needs_gradients or importance.needs_activations
     if needs_data and input_ids is None:
@@ -205,7 +214,8 @@ def _score_weights_only(model: StreamedModel, folder: _Folder, progress: Optiona
         folder.add({n: ParamStats(n, p.detach()) for n, p in model.block_parameters(index).items()}, {})
         if progress:
             progress("weights", index + 1, model.num_blocks)
-    folder.add({n: ParamStats(n, p.detach()) for n, p in model.outside_parameters().items()}, {})
+    if folder.wants(model.outside_names()):
+        folder.add({n: ParamStats(n, p.detach()) for n, p in model.outside_parameters().items()}, {})
 
 
 class _DataScoring:
@@ -257,7 +267,7 @@ class _DataScoring:
             if saved is not None and step > self.blocks:
                 resumed = BackwardState(2 * self.blocks - step, saved["grads"], saved["loss"])
             loss = self._backward(streamed, resumed, samples=int(self.workers.sum_values([input_ids.shape[0]])[0]))
-        elif self.importance.needs_activations:
+        elif self.importance.needs_activations and self.folder.wants(self.model.outside_names()):
             # The parameters outside the blocks get their (zero) activation scores.
             self.folder.add({n: ParamStats(n, p.detach()) for n, p in self.model.outside_parameters().items()}, {})
         if self.journal is not None:
@@ -303,7 +313,7 @@ class _DataScoring:
 
         local = backward_pass(
             self.model, streamed, fisher=self.importance.needs_fisher, on_params=on_params, samples=samples,
-            start=resumed, on_state=on_state, progress=backward_progress,
+            start=resumed, on_state=on_state, progress=backward_progress, outside=self.folder.wants(self.model.outside_names()),
         )
         return self.workers.sum_values([local])[0]
 

@@ -245,7 +245,7 @@ class StreamedModel:
         block_prefix = f"{self.prefix}.0."
         wanted = [n for n in self.shell.state_dict() if not n.startswith(block_prefix)]
         present = [n for n in wanted if n in self._files]
-        missing = set(self.shell.load_state_dict(self._read(present), strict=False).missing_keys)
+        missing = set(wanted) - set(present)
         buffers = {name for name, _ in self.shell.named_buffers()}
         tied = set(_tied_names(self.shell))
         unexplained = sorted(n for n in missing if not n.startswith(block_prefix) and n not in buffers and n not in tied)
@@ -253,7 +253,10 @@ class StreamedModel:
             raise StreamingError(f"{self.model_dir}: the checkpoint has no tensor for '{unexplained[0]}'")
         parameters = dict(self.shell.named_parameters())
         self._outside_names = [n for n in present if n in parameters]
-        self._outside_loaded = True
+        with torch.no_grad():
+            for name, tensor in self._read_each([n for n in present if n in buffers]):
+                self.shell.get_buffer(name).copy_(tensor)
+        self._ensure_outside()
 
     def unload_outside(self) -> None:
         """Frees the weights outside the blocks (embeddings, final norm, head), which the block
@@ -286,6 +289,11 @@ class StreamedModel:
     def block_parameters(self, index: int) -> Dict[str, nn.Parameter]:
         """The loaded block's parameters under their names in the full model."""
         return {f"{self.prefix}.{index}.{n}": p for n, p in self.block.named_parameters()}
+
+    def outside_names(self) -> List[str]:
+        """Names of the parameters outside the blocks, without loading them."""
+        local = f"{self.prefix}.0."
+        return [n for n, _ in self.shell.named_parameters() if not n.startswith(local)]
 
     def outside_parameters(self) -> Dict[str, nn.Parameter]:
         self._ensure_outside()
@@ -426,12 +434,14 @@ def backward_pass(
     start: Optional[BackwardState] = None,
     on_state: Optional[Callable[[BackwardState], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
+    outside: bool = True,
 ) -> float:
     """Back-propagates the calibration loss block by block, last to first, handing each block's
     parameter statistics to ``on_params`` (then the parameters outside the blocks), and the state
     after each block to ``on_state``. The loss is the mean over ``samples`` samples (default: the
     samples here; more when other processes score the rest) of each sample's mean token loss;
-    returns this process's part of it. ``start`` resumes a pass that ``on_state`` saw.
+    returns this process's part of it. ``start`` resumes a pass that ``on_state`` saw. Without
+    ``outside``, the parameters outside the blocks get no gradients (nothing asks for them).
 
     With ``fisher``, micro-batches must hold one sample, so that the squared gradient of each sample
     is accumulated (F = mean over samples of g²) without keeping per-sample copies.
@@ -461,6 +471,8 @@ def backward_pass(
             on_state(BackwardState(index, list(grads), state.loss))
         if progress is not None:
             progress(index)
+    if not outside:
+        return state.loss
     # Outside the blocks a sample's gradient has two parts, from the loss (head, final norm) and
     # from the token lookup (embedding; both when tied): both are taken together per micro-batch
     # so that squared per-sample gradients are right.
