@@ -245,3 +245,13 @@ def test_sweep_writes_table_and_plot(tmp_path: Path, heldout: Path) -> None:
     assert inside.exit_code == 1 and "outside the model directory" in inside.stderr
     bad = invoke("sweep", DEMO_MODEL, "--ratios", "0.1,1.5", "--importance", "l2", "--ppl", heldout, "-o", tmp_path / "bad")
     assert bad.exit_code == 1 and "strictly between 0 and 1" in bad.stderr
+
+
+def test_sweep_with_global_planning_measures_non_uniform_checkpoints(tmp_path: Path, heldout: Path) -> None:
+    output = tmp_path / "global"
+    result = invoke("sweep", DEMO_MODEL, "--ratios", "0.2", "--importance", "l2", "--global", "--ppl", heldout, "-o", output)
+    assert result.exit_code == 0, result.output
+    rows = read_csv(output / "sweep.csv")
+    assert [r["importance"] for r in rows] == ["dense", "l2"]
+    assert 0.17 < float(rows[1]["removed_fraction"]) < 0.23
+    assert json.loads((output / "sweep.json").read_text())["options"]["planning"] == "global"

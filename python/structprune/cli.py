@@ -416,7 +416,8 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
 @click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
 @click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
 @click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="GQA mode, as for prune.")
-@click.option("--multiple", type=click.IntRange(min=1), default=8, show_default=True, help="Kept widths are multiples of this, as for prune.")
+@click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept widths are multiples of this, as for prune [default: 64 for MLPs of 2048+ channels, else 8].")
+@click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Planning, as for prune (global checkpoints are evaluated through structprune.load_pruned).")
 @click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
@@ -424,7 +425,7 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring and evaluation.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the sweep is complete).")
 @reports_errors
-def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optional[Path], ppl: Path, windows: Tuple[int, ...], text_field: str, structures: str, gqa: str, multiple: int, samples: int, seq_len: int, seed: int, device: str, dtype: str, overwrite: bool) -> None:
+def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optional[Path], ppl: Path, windows: Tuple[int, ...], text_field: str, structures: str, gqa: str, multiple: Optional[int], uniform: bool, samples: int, seq_len: int, seed: int, device: str, dtype: str, overwrite: bool) -> None:
     """Prune MODEL at every ratio with every estimator and plot held-out perplexity against the
     fraction of parameters removed (dense as reference). Pruned checkpoints are deleted once
     measured; OUTPUT appears only when the sweep is complete."""
@@ -436,7 +437,8 @@ def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optio
     options = SweepOptions(
         ratios=_comma_separated(ratios, "--ratios", float), importances=_comma_separated(importances, "--importance"), ppl=ppl,
         calib=calib, windows=windows or (128,), text_field=text_field, structures=_comma_separated(structures, "--structures"),
-        gqa=gqa, multiple=multiple, samples=samples, seq_len=seq_len, seed=seed, device=device, dtype=dtype,
+        gqa=gqa, multiple=multiple, planning="uniform" if uniform else "global", samples=samples, seq_len=seq_len, seed=seed,
+        device=device, dtype=dtype,
     )
     if not plotting_available():
         click.echo("note: matplotlib is not installed, so no sweep.png (pip install 'structprune[plot]')", err=True)

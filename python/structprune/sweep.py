@@ -51,7 +51,8 @@ class SweepOptions:
     text_field: str = "text"
     structures: Tuple[str, ...] = ("heads", "mlp")
     gqa: str = "query-heads"
-    multiple: int = 8
+    multiple: Optional[int] = None
+    planning: str = "uniform"
     samples: int = 32
     seq_len: int = 128
     seed: int = 0
@@ -163,7 +164,7 @@ def _pruned_row(model_dir: Path, checkpoint: Path, importance: str, ratio: float
     started = time.perf_counter()
     prune_options = PruneOptions(
         ratio=ratio, importance=importance, structures=options.structures, gqa=options.gqa, multiple=options.multiple,
-        calib=options.calib, text_field=options.text_field, samples=options.samples, seq_len=options.seq_len,
+        planning=options.planning, calib=options.calib, text_field=options.text_field, samples=options.samples, seq_len=options.seq_len,
         seed=options.seed, device=options.device, dtype=options.dtype,
     )
     result = make_plan(model_dir, prune_options)
