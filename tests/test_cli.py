@@ -200,3 +200,13 @@ def test_missing_model_dir_is_reported(tmp_path: Path) -> None:
     assert result.returncode in (1, 2)
     assert "no-such-model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_cli_does_not_import_torch() -> None:
+    """`structprune info` and `apply` run in a few MB of Python: importing the CLI must not pull in
+    torch (hundreds of MB of resident memory, which the engine's memory budget would not cover)."""
+    import subprocess
+    import sys
+
+    code = "import sys, structprune.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

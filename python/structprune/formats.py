@@ -26,11 +26,12 @@ else ``layers``.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, Dict, List, Mapping, Optional
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from structprune.errors import PlanError
+
+if TYPE_CHECKING:  # torch is imported by the functions that build models, not by the CLI
+    from torch import nn
 
 FORMATS = ("auto", "stock", "decilm", "layers")
 LAYERS_KEY = "structprune_layers"

@@ -23,15 +23,17 @@ which :func:`default_protection` scales to other depths.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from structprune.cuts import Selection
 from structprune.errors import PlanError
 from structprune.graph import Structure, StructureGraph
-from structprune.scoring import Scores
+
+if TYPE_CHECKING:  # scoring needs torch; planning reads scores only, so the CLI stays light
+    from structprune.scoring import Scores
 
 STRUCTURE_CHOICES = ("heads", "mlp", "hidden", "blocks")
 NORMALIZATIONS = ("none", "mean", "max", "sum", "l2")
@@ -251,7 +253,7 @@ def normalized(graph: StructureGraph, scores: Scores, how: str) -> Scores:
         units[sid] = values / scale
         if sid in scores.per_group:
             per_group[sid] = scores.per_group[sid] / scale
-    return Scores(scores.estimator, scores.reduction, units, per_group, scores.block_influence, scores.loss)
+    return replace(scores, units=units, per_group=per_group)
 
 
 @dataclass
