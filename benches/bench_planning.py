@@ -53,20 +53,10 @@ def run_variant(model: Path, heldout: Path, scored: Any, options: Any, label: st
     from structprune.cuts import checkpoint_cut_plan
     from structprune.evaluate import perplexity_of_text
     from structprune.graph import trace
-    from structprune.planner import Target, default_protection, plan_global, plan_uniform
-    from structprune.prune import default_multiple
+    from structprune.prune import plan_selection
 
     graph = trace(model)
-    assert graph.blocks is not None
-    protect = options.protect
-    if protect is None:
-        protect = default_protection(graph.blocks.count) if options.planning == "global" else (0, 0)
-    target = Target(ratio=options.ratio, structures=options.structures, gqa=options.gqa, multiple=options.multiple or default_multiple(graph), protect=protect, normalize=options.normalize)
-    if options.planning == "global":
-        selection = plan_global(graph, scored.scores, target)
-    else:
-        config = json.loads((model / "config.json").read_text())
-        selection = plan_uniform(graph, scored.scores, target, config["num_attention_heads"], config["hidden_size"])
+    selection, _ = plan_selection(model, graph, scored.scores, options)
     plan = checkpoint_cut_plan(model, graph, selection, layout="auto")
     out = work / label.replace(" ", "_").replace(",", "")
     apply_plan(model, plan, out, overwrite=True)

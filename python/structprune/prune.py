@@ -15,7 +15,7 @@ import torch
 from structprune.apply import ApplyReport, apply_plan, plan_output
 from structprune.calibration import batch_sha256
 from structprune.checkpoint import read_checkpoint, read_config
-from structprune.cuts import checkpoint_cut_plan
+from structprune.cuts import Selection, checkpoint_cut_plan
 from structprune.distributed import Workers, current
 from structprune.errors import PlanError
 from structprune.graph import KINDS, StructureGraph, trace
@@ -109,18 +109,8 @@ def make_plan(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     scores = _score(model, graph, importance, input_ids, options, workers=workers, resume=resume, progress=progress)
-    config = read_config(model_dir) or {}
-    heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
-    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
-    protect = options.protect
-    if protect is None:
-        protect = default_protection(graph.blocks.count) if options.planning == "global" else (0, 0)
-    multiple = options.multiple or default_multiple(graph)
-    target = Target(ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa, multiple=multiple, protect=protect, normalize=options.normalize)
-    if options.planning == "global":
-        selection = plan_global(graph, scores, target)
-    else:
-        selection = plan_uniform(graph, scores, target, heads, hidden)
+    selection, target = plan_selection(model_dir, graph, scores, options)
+    protect, multiple = target.protect, target.multiple
     metadata = {
         "method": {
             "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
@@ -146,6 +136,25 @@ def make_plan(
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
         scores=scores,
     )
+
+
+def plan_selection(model_dir: Union[str, Path], graph: StructureGraph, scores: Scores, options: PruneOptions) -> Tuple[Selection, Target]:
+    """The units to remove given the scores, by ``options.planning``, and the target planned for
+    (protection and multiple resolved from their defaults)."""
+    assert graph.blocks is not None
+    protect = options.protect
+    if protect is None:
+        protect = default_protection(graph.blocks.count) if options.planning == "global" else (0, 0)
+    target = Target(
+        ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa,
+        multiple=options.multiple or default_multiple(graph), protect=protect, normalize=options.normalize,
+    )
+    if options.planning == "global":
+        return plan_global(graph, scores, target), target
+    config = read_config(Path(model_dir)) or {}
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    return plan_uniform(graph, scores, target, heads, hidden), target
 
 
 def default_multiple(graph: StructureGraph) -> int:
