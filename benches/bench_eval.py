@@ -7,7 +7,8 @@ In one run it:
 
 1. prunes ``../shared/fixtures/tiny-llama`` by ``--ratio`` (0.2) of its parameters with
    ``structprune.prune.prune`` (Taylor importance on ``text/calib.txt``, 32x128 windows, seed 0,
-   heads+MLP, widths rounded to ``--multiple``, as ``structprune prune`` does) into a temporary
+   heads+MLP or ``--structures``, ``--blocks`` whole blocks when blocks are among them, widths rounded
+   to ``--multiple``, as ``structprune prune`` does) into a temporary
    directory (skips with a message when ``../shared`` is absent);
 2. loads both with ``structprune.loading.load_model`` (float32, CPU unless ``--device``) and
    measures the held-out perplexity at window 128 (``structprune.evaluate``; dense reference 40.26),
@@ -53,6 +54,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--importance", default="taylor")
     parser.add_argument("--multiple", type=int, default=8, help="kept widths rounded to this (as prune --multiple)")
+    parser.add_argument("--structures", default="heads,mlp", help="as prune --structures")
+    parser.add_argument("--blocks", type=int, help="as prune --blocks: whole blocks removed when --structures combines blocks with widths")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -132,11 +135,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pruned_dir = Path(work) / "pruned"
         started = time.perf_counter()
         options = PruneOptions(ratio=args.ratio, importance=args.importance, calib=args.calib, multiple=args.multiple,
-                               device=args.device, dtype=args.dtype)
+                               structures=tuple(args.structures.split(",")), blocks=args.blocks, device=args.device, dtype=args.dtype)
         result = prune(args.model, pruned_dir, options)
         prune_seconds = time.perf_counter() - started
         print(f"pruned {args.model} by {100 * result.removed_fraction:.2f}% ({args.importance}, multiple {args.multiple}) "
-              f"in {prune_seconds:.1f} s; widths: " + "; ".join(f"{k} {sorted(set(v))}" for k, v in sorted(result.widths.items())))
+              f"in {prune_seconds:.1f} s; blocks removed: {result.blocks_removed or 'none'}; widths: "
+              + "; ".join(f"{k} {sorted(set(v))}" for k, v in sorted(result.widths.items())))
         models = {name: load_model(path, dtype=args.dtype, device=args.device) for name, path in (("dense", args.model), ("pruned", pruned_dir))}
     stream = token_stream(load_texts(args.heldout), load_tokenizer(args.model))
     figures: Dict[str, Dict[str, float]] = {}
@@ -177,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "pruned": {"removed_fraction": result.removed_fraction, "widths": result.widths, "prune_seconds": prune_seconds},
+            "pruned": {"removed_fraction": result.removed_fraction, "widths": result.widths, "blocks_removed": result.blocks_removed, "prune_seconds": prune_seconds},
             "figures": figures,
             "timings": timings,
             "memory_protocol": asdict(memory_protocol),

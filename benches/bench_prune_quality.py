@@ -9,7 +9,8 @@ In one run it:
    MLP 704, vocab 4096, untied; ``../shared/fixtures/README.md``), its calibration text
    ``text/calib.txt`` and held-out text ``text/heldout.txt`` (skips with a message when ``../shared``
    is absent), and measures the dense held-out perplexity (window 128; reference 40.26);
-2. for every estimator in ``structprune.importance.ESTIMATORS`` and every ratio, with structures
+2. for every estimator in ``structprune.importance.ESTIMATORS``, and ``flap+bias`` (FLAP with bias
+   compensation, ``PruneOptions(bias_compensation=True)``), and every ratio, with structures
    ("heads", "mlp") and both GQA modes ("query-heads", the default, and "kv-groups"):
    ``structprune.prune.make_plan`` (PruneOptions(ratio, importance, structures, gqa, calib, samples
    32, seq_len 128, seed 0)), ``structprune.apply_plan`` into a temporary directory, then
@@ -62,6 +63,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 DENSE_REFERENCE = 40.26  # ../shared/fixtures/README.md, window 128
+BIAS_SUFFIX = "+bias"  # an estimator name with this suffix prunes with bias compensation
 
 
 @dataclass
@@ -158,8 +160,9 @@ def run_structprune(ctx: Context, estimator: str, ratio: float, structures: Tupl
     from structprune.prune import PruneOptions, make_plan
 
     row = Row("structprune", estimator, "+".join(structures), gqa, ratio)
-    options = PruneOptions(ratio=ratio, importance=estimator, structures=structures, gqa=gqa, calib=ctx.calib,
-                           samples=ctx.args.samples, seq_len=ctx.args.seq_len, seed=ctx.args.seed)
+    importance, compensate = split_estimator(estimator)
+    options = PruneOptions(ratio=ratio, importance=importance, structures=structures, gqa=gqa, calib=ctx.calib,
+                           samples=ctx.args.samples, seq_len=ctx.args.seq_len, seed=ctx.args.seed, bias_compensation=compensate)
     out = work / f"{estimator}-{ratio}-{row.structures}-{gqa}"
     try:
         with warnings.catch_warnings():
@@ -484,11 +487,18 @@ def render(rows: Sequence[Row], dense_ppl: float) -> str:
     return "\n".join(out)
 
 
+def split_estimator(name: str) -> Tuple[str, bool]:
+    """``flap+bias`` → (``flap``, with bias compensation)."""
+    return (name[: -len(BIAS_SUFFIX)], True) if name.endswith(BIAS_SUFFIX) else (name, False)
+
+
 def best_estimator(rows: Sequence[Row], ratios: Sequence[float]) -> Optional[str]:
     """Lowest mean log-perplexity over the ratios, each (estimator, ratio) taking its best
-    heads+mlp run over the GQA modes; estimators missing a ratio are not eligible."""
+    heads+mlp run over the GQA modes; estimators missing a ratio are not eligible, nor compensated
+    ones (their hidden variant is refused, and the runs at Torch-Pruning's widths score estimators
+    without compensation)."""
     best: Optional[Tuple[float, str]] = None
-    for est in sorted({r.estimator for r in rows}):
+    for est in sorted({r.estimator for r in rows if not split_estimator(r.estimator)[1]}):
         logs = []
         for ratio in ratios:
             ok = [r.perplexity for r in rows if r.estimator == est and r.target == ratio and r.status == "ok"
@@ -510,7 +520,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--calib", default=from_root("text/calib.txt"))
     p.add_argument("--heldout", default=from_root("text/heldout.txt"))
     p.add_argument("--ratios", default="0.2,0.5", help="fractions of all parameters to remove (default 0.2,0.5)")
-    p.add_argument("--estimators", default="", help="comma list (default: all of structprune.importance.ESTIMATORS)")
+    p.add_argument("--estimators", default="", help="comma list; NAME+bias adds bias compensation (default: all of structprune.importance.ESTIMATORS and flap+bias)")
     p.add_argument("--gqa-modes", default="query-heads,kv-groups")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
@@ -541,7 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from structprune.importance import ESTIMATORS
 
     ratios = [float(x) for x in args.ratios.split(",") if x]
-    estimators = [e for e in (args.estimators.split(",") if args.estimators else list(ESTIMATORS)) if e]
+    estimators = [e for e in (args.estimators.split(",") if args.estimators else [*ESTIMATORS, "flap" + BIAS_SUFFIX]) if e]
     gqa_modes = [g for g in args.gqa_modes.split(",") if g]
     started = time.perf_counter()
     load_start = os.getloadavg()[0]

@@ -9,8 +9,9 @@ In one run it:
    for both scoring and recovery) and held-out text ``text/heldout.txt`` (evaluation only), and
    measures the dense held-out perplexity (window 128; reference 40.26);
 2. prunes it with ``structprune.prune.prune`` (PruneOptions(ratio, importance "taylor", calib, the
-   other options at their defaults: heads and MLP, uniform widths, 32 × 128-token samples)) into a
-   temporary directory and measures the pruned perplexity;
+   other options at their defaults: heads and MLP unless ``--structures``/``--blocks`` say otherwise,
+   uniform widths, 32 × 128-token samples)) into a temporary directory and measures the pruned
+   perplexity;
 3. runs ``structprune.recover.recover`` on the pruned checkpoint with the defaults of
    ``RecoverOptions`` (what ``structprune recover PRUNED -o OUT --data calib.txt`` does) unless
    flags change them, timing it from the call to the complete output directory (loading,
@@ -55,6 +56,8 @@ def held_out_perplexity(model_dir: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters pruned")
+    parser.add_argument("--structures", default="heads,mlp", help="as prune --structures")
+    parser.add_argument("--blocks", type=int, help="as prune --blocks: whole blocks removed when --structures combines blocks with widths")
     parser.add_argument("--max-steps", type=int, help="recovery steps (default: one epoch of calib.txt)")
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--lr", type=float)
@@ -84,10 +87,12 @@ def main() -> int:
     dense = held_out_perplexity(MODEL)
     print(f"dense       perplexity {dense:.2f} (window {WINDOW}; reference 40.26)", flush=True)
     started = time.perf_counter()
-    pruning = prune(MODEL, pruned_dir, PruneOptions(ratio=args.ratio, importance="taylor", calib=CALIB), overwrite=True)
+    pruning_options = PruneOptions(ratio=args.ratio, importance="taylor", calib=CALIB, structures=tuple(args.structures.split(",")), blocks=args.blocks)
+    pruning = prune(MODEL, pruned_dir, pruning_options, overwrite=True)
     prune_seconds = time.perf_counter() - started
     pruned = held_out_perplexity(pruned_dir)
-    print(f"pruned      perplexity {pruned:.2f} ({100 * pruning.removed_fraction:.1f}% of parameters removed, taylor, {prune_seconds:.1f} s)", flush=True)
+    depth = f", blocks {pruning.blocks_removed} removed" if pruning.blocks_removed else ""
+    print(f"pruned      perplexity {pruned:.2f} ({100 * pruning.removed_fraction:.1f}% of parameters removed, taylor, {args.structures}{depth}, {prune_seconds:.1f} s)", flush=True)
 
     started, cpu_started = time.perf_counter(), time.process_time()
     result = recover(pruned_dir, recovered_dir, options, overwrite=True, progress=True)
@@ -105,6 +110,8 @@ def main() -> int:
         figures: Dict[str, Any] = {
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
             "ratio": args.ratio,
+            "structures": args.structures,
+            "blocks_removed": pruning.blocks_removed,
             "removed_fraction": pruning.removed_fraction,
             "dense_perplexity": dense,
             "pruned_perplexity": pruned,

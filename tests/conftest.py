@@ -61,3 +61,25 @@ def make_checkpoint(tmp_path: Path) -> CheckpointFactory:
         return write_checkpoint(tmp_path / name, tensors, config=config, extra_files=extras, **kwargs)
 
     return factory
+
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "model"
+
+
+@pytest.fixture(scope="session")
+def demo_graph() -> Any:
+    """The bundled demo model's structure graph (traced on the meta device, no weights read)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import structprune
+
+    return structprune.trace(DEMO_MODEL)
+
+
+@pytest.fixture(scope="session")
+def demo_weights() -> Any:
+    """The bundled demo model's tensors by checkpoint name (torch tensors)."""
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    return load_file(DEMO_MODEL / "model.safetensors")

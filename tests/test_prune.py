@@ -24,18 +24,6 @@ DEMO = ROOT / "demo" / "model"
 CALIB = ROOT / "demo" / "text" / "calib.txt"
 
 
-@pytest.fixture(scope="module")
-def graph() -> structprune.StructureGraph:
-    return structprune.trace(DEMO)
-
-
-@pytest.fixture(scope="module")
-def weights() -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(DEMO / "model.safetensors")
-
-
 def test_estimator_formulas() -> None:
     w = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
     g = torch.tensor([[0.5, 0.5], [-1.0, 2.0]])
@@ -54,15 +42,15 @@ def test_estimator_formulas() -> None:
         estimator("nope")
 
 
-def test_kv_group_score_holds_its_own_query_heads(graph: structprune.StructureGraph, weights: Dict[str, torch.Tensor]) -> None:
+def test_kv_group_score_holds_its_own_query_heads(demo_graph: structprune.StructureGraph, demo_weights: Dict[str, torch.Tensor]) -> None:
     """L1 score of KV group g = |k rows g| + |v rows g| + |q rows of query heads g·n_rep … (g+1)·n_rep − 1|
     + |o_proj columns of those heads|: n_rep consecutive query heads share KV head g (not j % n_kv)."""
     model = StreamedModel(DEMO, blocks_prefix="model.layers")
-    scores = score(model, graph, estimator("l1"), None)
+    scores = score(model, demo_graph, estimator("l1"), None)
     config = json.loads((DEMO / "config.json").read_text())
     d, kv, heads = config["head_dim"], config["num_key_value_heads"], config["num_attention_heads"]
     rep = heads // kv
-    for s in graph.by_kind("kv_groups"):
+    for s in demo_graph.by_kind("kv_groups"):
         p = f"model.layers.{s.layer}.self_attn."
         for g in range(kv):
             rows = slice(g * d, (g + 1) * d)
@@ -70,10 +58,10 @@ def test_kv_group_score_holds_its_own_query_heads(graph: structprune.StructureGr
             expected = sum(
                 float(t.abs().sum())
                 for t in (
-                    weights[p + "k_proj.weight"][rows],
-                    weights[p + "v_proj.weight"][rows],
-                    weights[p + "q_proj.weight"][q_rows],
-                    weights[p + "o_proj.weight"][:, q_rows],
+                    demo_weights[p + "k_proj.weight"][rows],
+                    demo_weights[p + "v_proj.weight"][rows],
+                    demo_weights[p + "q_proj.weight"][q_rows],
+                    demo_weights[p + "o_proj.weight"][:, q_rows],
                 )
             )
             assert scores.units[s.id][g] == pytest.approx(expected, rel=1e-6)

@@ -6,13 +6,15 @@ from typing import Callable, Optional, TypedDict, Union
 _Path = Union[str, PathLike[str]]
 # (name, dtype, shape, file, nbytes)
 _TensorRow = tuple[str, str, list[int], str, int]
+# (name, dtype, shape, file, nbytes, offset of the first byte in the file)
+_StoredTensorRow = tuple[str, str, list[int], str, int, int]
 
 __version__: str
 
 class _CheckpointDict(TypedDict):
     shards: list[str]
     sharded: bool
-    tensors: list[_TensorRow]
+    tensors: list[_StoredTensorRow]
 
 class _LayoutDict(TypedDict):
     shards: list[str]

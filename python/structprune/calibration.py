@@ -155,8 +155,10 @@ def _read_text(path: Path) -> str:
         raise _error(path, f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})", line) from exc
 
 
-def _load_jsonl(path: Path, text_field: str) -> List[str]:
-    texts = []
+def read_jsonl_records(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line of a JSON Lines file; a line that is
+    not a JSON object raises ``CalibrationError`` naming the file and line."""
+    records = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue  # blank lines (a trailing one above all) are common and carry no record
@@ -166,6 +168,13 @@ def _load_jsonl(path: Path, text_field: str) -> List[str]:
             raise _error(path, f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})", number) from exc
         if not isinstance(record, dict):
             raise _error(path, f"{path}:{number}: expected a JSON object, got {type(record).__name__}", number)
+        records.append((number, record))
+    return records
+
+
+def _load_jsonl(path: Path, text_field: str) -> List[str]:
+    texts = []
+    for number, record in read_jsonl_records(path):
         try:
             texts.append(record_text(record, text_field))
         except ValueError as exc:

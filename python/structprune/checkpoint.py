@@ -21,6 +21,8 @@ class TensorInfo:
     shape: Tuple[int, ...]
     file: str
     nbytes: int
+    offset: Optional[int] = None
+    """Where the tensor's bytes start in ``file``; ``None`` for a tensor a plan would write."""
 
     @property
     def numel(self) -> int:
@@ -54,8 +56,8 @@ def read_checkpoint(model_dir: Union[str, "PathLike[str]"]) -> Checkpoint:
     path = Path(model_dir)
     raw = _core.read_checkpoint(str(path))
     tensors = {
-        name: TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=file, nbytes=nbytes)
-        for name, dtype, shape, file, nbytes in raw["tensors"]
+        name: TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=file, nbytes=nbytes, offset=offset)
+        for name, dtype, shape, file, nbytes, offset in raw["tensors"]
     }
     return Checkpoint(path=path, tensors=tensors, shards=list(raw["shards"]), config=read_config(path))
 

@@ -252,6 +252,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True, help="Fraction of all parameters to remove.")
 @click.option("--importance", default="taylor", show_default=True, help="Estimator: taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap.")
 @click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
+@click.option("--blocks", "block_count", type=click.IntRange(min=0), default=None, help="With blocks and width structures together: remove this many whole blocks (lowest block influence), the rest of the ratio from widths. Depth speeds up every token step; width usually costs less quality.")
 @click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups.")
 @click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept MLP and hidden widths are multiples of this [default: 64 for MLPs of 2048+ channels, else 8].")
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max", "prod", "first"]), default="sum", show_default=True, help="How a unit's scores in different weights combine.")
@@ -266,6 +267,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Uniform: the same widths in every layer (a stock checkpoint). Global: per-layer widths, steps taken across all layers by score per parameter (a DeciLM or layers checkpoint, see --format).")
 @click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global].")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers.")
+@click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format).")
 @click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
@@ -274,7 +276,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Save the scoring state after every block and continue an interrupted run, in $XDG_CACHE_HOME/structprune/resume/<hash of model, calibration and scoring options> (~/.cache without XDG_CACHE_HOME).")
 @click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), help="As --resume, in this directory (refused if it holds another run's state).")
 @reports_errors
-def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, uniform: bool, protect: Optional[str], normalize: str, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
     """Prune MODEL: trace it, score every structure on calibration text block by block (one
     decoder block in memory at a time), remove the least important units so that RATIO of all
     parameters goes, and write the result to OUTPUT: a stock checkpoint with --uniform (every
@@ -296,7 +298,8 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
         seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, planning="uniform" if uniform else "global",
-        protect=_protection(protect), normalize=normalize, layout=layout,
+        protect=_protection(protect), normalize=normalize, layout=layout, blocks=block_count,
+        bias_compensation=bias_compensation,
     )
     bars: Dict[str, Any] = {}
 

@@ -58,7 +58,7 @@ def cut_plan(
     names = sorted(set(tensor_names))
     to_model = {name: (model_names or {}).get(name, name) for name in names}
     _validate(graph, selection)
-    removed = _removed_indices(graph, selection)
+    removed = removed_indices(graph, selection)
     dropped_layers = set(selection.blocks)
     new_layer = _layer_renumbering(graph, dropped_layers)
     plan = CutPlan(metadata=dict(metadata or {}))
@@ -141,7 +141,8 @@ def _validate(graph: StructureGraph, selection: Selection) -> None:
             raise PlanError(f"invalid selection: blocks {selection.blocks} are not distinct indices below {graph.blocks.count} leaving one")
 
 
-def _removed_indices(graph: StructureGraph, selection: Selection) -> Dict[str, Dict[int, Set[int]]]:
+def removed_indices(graph: StructureGraph, selection: Selection) -> Dict[str, Dict[int, Set[int]]]:
+    """Parameter (model name) → dimension → the indices ``selection`` removes along it."""
     removed: Dict[str, Dict[int, Set[int]]] = defaultdict(lambda: defaultdict(set))
     for sid, units in selection.units.items():
         if units:
@@ -334,34 +335,42 @@ def _config_class(config: Mapping[str, Any]) -> Any:
 def planned_shapes(
     graph: StructureGraph, plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
 ) -> Dict[str, Tuple[int, ...]]:
-    """Output shapes of ``plan`` by the model's state-dict names (tied aliases take their source's shape)."""
+    """Output shapes of ``plan`` by the model's state-dict names (tied aliases take their source's
+    shape). Tensors the plan adds are named as in the output already, in ``to_model`` as well."""
     shapes: Dict[str, Tuple[int, ...]] = {}
-    renumbered = _layer_renumbering(graph, dropped_layers)
     for name, model_name in to_model.items():
-        source = graph.tied.get(model_name, model_name)
-        if source not in graph.params:
-            continue
         cut = plan.tensors.get(name, TensorCut())
-        if cut.drop:
+        if cut.add is not None:
+            shapes[model_name] = cut.add.shape
+            continue
+        source = graph.tied.get(model_name, model_name)
+        if source not in graph.params or cut.drop:
             continue
         shape = list(graph.params[source])
         for dim, indices in cut.keep.items():
             shape[dim] = len(plan.index_sets[indices]) if isinstance(indices, str) else len(indices)
-        layer = _layer_of(graph, model_name)
-        if layer is not None and renumbered[layer] != layer:
-            model_name = _renumber(graph, model_name, layer, renumbered[layer])
-        shapes[model_name] = tuple(shape)
+        shapes[output_name(graph, model_name, dropped_layers)] = tuple(shape)
     return shapes
+
+
+def output_name(graph: StructureGraph, model_name: str, dropped_layers: Set[int]) -> str:
+    """The state-dict name the tensor ``model_name`` (of a layer that stays) has in the output:
+    its block renumbered past the removed ones."""
+    layer = _layer_of(graph, model_name)
+    renumbered = _layer_renumbering(graph, dropped_layers)
+    if layer is None or renumbered[layer] == layer:
+        return model_name
+    return _renumber(graph, model_name, layer, renumbered[layer])
 
 
 def verify_config(
     graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
 ) -> None:
     """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
-    edited = _merge_patch(dict(config), plan.config)
+    edited = merge_patch(dict(config), plan.config)
     model_type = edited.get("model_type")
     try:
-        model = _meta_model_of(edited)
+        model = meta_model_of(edited)
     except PlanError:
         raise
     except Exception as err:  # noqa: BLE001 - config classes raise many kinds of validation errors
@@ -380,7 +389,7 @@ def verify_config(
         raise PlanError(f"the edited {model_type} config expects tensor '{missing[0]}', which the plan does not produce")
 
 
-def _meta_model_of(config: Dict[str, Any]) -> Any:
+def meta_model_of(config: Dict[str, Any]) -> Any:
     """The model an edited config.json describes, in any format, on the meta device."""
     import torch
 
@@ -402,12 +411,12 @@ def _is_buffer(model: Any, name: str) -> bool:
     return name in dict(model.named_buffers())
 
 
-def _merge_patch(target: Dict[str, Any], patch: Mapping[str, Any]) -> Dict[str, Any]:
+def merge_patch(target: Dict[str, Any], patch: Mapping[str, Any]) -> Dict[str, Any]:
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
         elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            target[key] = _merge_patch(dict(target[key]), value)
+            target[key] = merge_patch(dict(target[key]), value)
         else:
             target[key] = value
     return target

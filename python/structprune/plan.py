@@ -7,16 +7,18 @@ applies it. Indices are always in the original checkpoint's coordinates.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from structprune.errors import PlanError
 
-# A JSON array of integers as json.dumps(indent=...) lays it out, one number per line.
-_INT_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]")
+# A JSON array of numbers as json.dumps(indent=...) lays it out, one number per line.
+_NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_NUMBER_LIST = re.compile(rf"\[(?:\s*{_NUMBER},)*\s*{_NUMBER}\s*\]")
 
 PLAN_FORMAT = "structprune.cut-plan"
 PLAN_VERSION = 1
@@ -25,13 +27,68 @@ Indices = Union[List[int], str]
 """Kept indices along one dimension, or the name of a shared index set."""
 
 
+@dataclass(frozen=True)
+class Values:
+    """Contents the plan gives a tensor: every element in row-major order (``values``), or one value
+    for all (``fill``). The engine rounds them to the tensor's dtype (F16, BF16, F32 or F64), so
+    values computed in that dtype are written exactly."""
+
+    values: Optional[Tuple[float, ...]] = None
+    fill: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if (self.values is None) == (self.fill is None):
+            raise PlanError("tensor values need exactly one of 'values' (every element) and 'fill' (one value for all)")
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Values":
+        return cls(values=tuple(float(v) for v in values))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"values": list(self.values)} if self.values is not None else {"fill": self.fill}
+
+    @classmethod
+    def from_dict(cls, where: str, data: Any) -> "Values":
+        if not isinstance(data, Mapping) or set(data) - {"values", "fill"}:
+            raise PlanError(f"{where} must be an object with 'values' or 'fill'")
+        try:
+            values = None if data.get("values") is None else tuple(_finite(v) for v in data["values"])
+            fill = None if data.get("fill") is None else _finite(data["fill"])
+            return cls(values=values, fill=fill)
+        except (TypeError, ValueError, PlanError) as err:
+            raise PlanError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class AddedTensor:
+    """A tensor the checkpoint does not have, written by the plan (a bias that compensates removed
+    channels). Its name is an output name."""
+
+    dtype: str
+    shape: Tuple[int, ...]
+    contents: Values
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), **self.contents.to_dict()}
+
+    @classmethod
+    def from_dict(cls, where: str, data: Any) -> "AddedTensor":
+        if not isinstance(data, Mapping) or not isinstance(data.get("dtype"), str) or not isinstance(data.get("shape"), list):
+            raise PlanError(f"{where} must be an object with a 'dtype' name, a 'shape' list and 'values' or 'fill'")
+        contents = Values.from_dict(where, {k: v for k, v in data.items() if k not in ("dtype", "shape")})
+        return cls(dtype=data["dtype"], shape=tuple(int(d) for d in data["shape"]), contents=contents)
+
+
 @dataclass
 class TensorCut:
-    """What happens to one tensor: kept indices per dimension, removal, or a new name."""
+    """What happens to one tensor: kept indices per dimension, removal, a new name, new values
+    (``replace``), or, for a tensor the checkpoint lacks, its creation (``add``)."""
 
     keep: Dict[int, Indices] = field(default_factory=dict)
     drop: bool = False
     rename: Optional[str] = None
+    add: Optional[AddedTensor] = None
+    replace: Optional[Values] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -41,13 +98,20 @@ class TensorCut:
             out["drop"] = True
         if self.rename is not None:
             out["rename"] = self.rename
+        if self.add is not None:
+            out["add"] = self.add.to_dict()
+        if self.replace is not None:
+            out["replace"] = self.replace.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "TensorCut":
-        unknown = set(data) - {"keep", "drop", "rename"}
+        unknown = set(data) - {"keep", "drop", "rename", "add", "replace"}
         if unknown:
             raise PlanError(f"invalid cut plan, tensor '{name}': unknown field(s) {sorted(unknown)}")
+        where = f"invalid cut plan, tensor '{name}'"
+        add = AddedTensor.from_dict(f"{where}: 'add'", data["add"]) if "add" in data else None
+        replace = Values.from_dict(f"{where}: 'replace'", data["replace"]) if "replace" in data else None
         keep_raw = data.get("keep", {})
         if not isinstance(keep_raw, Mapping):
             raise PlanError(f"invalid cut plan, tensor '{name}': 'keep' must be an object of dim -> indices")
@@ -56,7 +120,7 @@ class TensorCut:
             if not str(dim).isdigit():
                 raise PlanError(f"invalid cut plan, tensor '{name}': keep dimension {dim!r} is not a non-negative integer")
             keep[int(dim)] = indices if isinstance(indices, str) else [int(i) for i in indices]
-        return cls(keep=keep, drop=bool(data.get("drop", False)), rename=data.get("rename"))
+        return cls(keep=keep, drop=bool(data.get("drop", False)), rename=data.get("rename"), add=add, replace=replace)
 
 
 @dataclass
@@ -84,9 +148,10 @@ class CutPlan:
         return out
 
     def to_json(self) -> str:
-        """Deterministic JSON: same plan, same bytes; index lists stay on one line each."""
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
-        return _INT_LIST.sub(lambda m: "[" + ", ".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text) + "\n"
+        """Deterministic JSON: same plan, same bytes; index and value lists stay on one line each.
+        Floats are written in their shortest round-trip form, so values survive exactly."""
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=False, allow_nan=False)
+        return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text) + "\n"
 
     def save(self, path: Union[str, "PathLike[str]"]) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
@@ -141,3 +206,9 @@ def as_plan_json(plan: PlanLike) -> str:
 
 def _plain(indices: Union[Indices, range]) -> Indices:
     return indices if isinstance(indices, str) else [int(i) for i in indices]
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanError(f"expected a finite number, got {value!r}")
+    return float(value)

@@ -16,6 +16,13 @@ estimates a change of the loss, which is comparable everywhere) or after normali
 structure's scores (``normalize``). The result needs a non-uniform checkpoint format
 (``structprune.formats``).
 
+Depth and width combine: with ``blocks`` next to other structures, ``Target.blocks`` whole blocks
+(the lowest block influence outside protected layers) go first and the rest of the budget comes
+from widths in the blocks that stay. Block influence and width scores are not on one scale, so the
+split between depth and width is the user's choice: depth makes every token step cheaper (fewer
+layers to run, which matters most where per-layer overhead dominates, as in small-batch decoding),
+width usually costs less quality per parameter.
+
 Protected layers (the first and last few) are never pruned; LLM-Pruner prunes layers 4–29 of 32,
 which :func:`default_protection` scales to other depths.
 """
@@ -47,7 +54,9 @@ class Target:
     removes whole KV groups (``kv-groups``) or the same number of query heads inside every KV group
     (``query-heads``). Kept widths are multiples of ``multiple`` (MLP and hidden). ``protect``:
     how many of the first and of the last blocks are left unpruned. ``normalize``: how global
-    planning makes scores of different structures comparable (one of ``NORMALIZATIONS``)."""
+    planning makes scores of different structures comparable (one of ``NORMALIZATIONS``).
+    ``blocks``: whole blocks to remove when "blocks" is combined with width structures (``None``
+    when blocks are pruned on their own: then the ratio sets their number)."""
 
     ratio: float
     structures: Tuple[str, ...] = ("heads", "mlp")
@@ -55,6 +64,7 @@ class Target:
     multiple: int = 8
     protect: Tuple[int, int] = (0, 0)
     normalize: str = "none"
+    blocks: Optional[int] = None
 
 
 def default_protection(depth: int) -> Tuple[int, int]:
@@ -175,9 +185,12 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
     if not kinds:
         raise PlanError(f"the model has none of the structures {', '.join(target.structures)}")
     wanted = target.ratio * graph.total_params
-    if "blocks" in kinds:
-        return _plan_blocks(graph, scores, kinds, wanted)
-    protected = protected_layers(graph, target)
+    if kinds == ["blocks"]:
+        return _plan_blocks(graph, scores, wanted)
+    removed_blocks = _blocks_with_widths(graph, scores, target, kinds)
+    kinds = [k for k in kinds if k != "blocks"]
+    wanted -= len(removed_blocks) * _block_params(graph)
+    protected = protected_layers(graph, target) | frozenset(removed_blocks)
     head_kind = next((_kind(graph, scores, k, head_count, protected) for k in kinds if k in _HEAD_KINDS), None)
     fine = [_kind(graph, scores, k, head_count, protected) for k in kinds if k not in _HEAD_KINDS]
     best: Optional[Tuple[float, float, Dict[str, int]]] = None
@@ -198,15 +211,57 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
         if best is None or key < best[:2]:
             best = (key[0], key[1], counts)
     assert best is not None
-    return _select(graph, scores, kinds, best[2], protected)
+    selection = _select(graph, scores, kinds, best[2], protected)
+    selection.blocks = removed_blocks
+    return selection
 
 
-def _plan_blocks(graph: StructureGraph, scores: Scores, kinds: Sequence[str], wanted: float) -> Selection:
-    if len(kinds) > 1:
-        raise PlanError("blocks cannot yet be combined with other structures in one prune; prune blocks on their own")
-    assert graph.blocks is not None
-    count = min(graph.blocks.count - 1, max(1, int(round(wanted / graph.blocks.unit_params))))
-    return _select(graph, scores, kinds, {"blocks": count})
+def _plan_blocks(graph: StructureGraph, scores: Scores, wanted: float) -> Selection:
+    count = min(_block_count(graph) - 1, max(1, int(round(wanted / _block_params(graph)))))
+    return Selection(blocks=_lowest(_block_influence(scores), count))
+
+
+def _blocks_with_widths(graph: StructureGraph, scores: Scores, target: Target, kinds: Sequence[str]) -> List[int]:
+    """The blocks removed before widths are planned: ``target.blocks`` of them, those with the lowest
+    influence outside protected layers (none when blocks are not targeted)."""
+    if "blocks" not in kinds:
+        return []
+    if target.blocks is None:
+        raise PlanError(
+            "blocks combined with other structures need the number of whole blocks to remove (--blocks N); "
+            "the rest of the ratio then comes from widths"
+        )
+    protected = protected_layers(graph, target)
+    candidates = [b for b in range(_block_count(graph)) if b not in protected]
+    if not 0 <= target.blocks < len(candidates):
+        raise PlanError(f"cannot remove {target.blocks} blocks: {len(candidates)} unprotected blocks, and one must keep its widths to prune")
+    influence = _block_influence(scores)
+    chosen = _lowest(influence[candidates], target.blocks)
+    removed = sorted(candidates[i] for i in chosen)
+    if len(removed) * _block_params(graph) >= target.ratio * graph.total_params:
+        raise PlanError(
+            f"removing {len(removed)} blocks already removes {len(removed) * _block_params(graph) / graph.total_params:.1%} "
+            f"of the parameters, not less than the ratio {target.ratio:.1%}; ask for fewer blocks or a larger ratio"
+        )
+    return removed
+
+
+def _block_count(graph: StructureGraph) -> int:
+    if graph.blocks is None:
+        raise PlanError("the model has no repeated blocks to remove")
+    return graph.blocks.count
+
+
+def _block_params(graph: StructureGraph) -> int:
+    if graph.blocks is None:
+        raise PlanError("the model has no repeated blocks to remove")
+    return graph.blocks.unit_params
+
+
+def _block_influence(scores: Scores) -> np.ndarray:
+    if scores.block_influence is None:
+        raise PlanError("removing blocks needs calibration data (block influence)")
+    return np.asarray(scores.block_influence)
 
 
 def _lowest(values: np.ndarray, count: int) -> List[int]:
@@ -216,10 +271,6 @@ def _lowest(values: np.ndarray, count: int) -> List[int]:
 
 
 def _select(graph: StructureGraph, scores: Scores, kinds: Sequence[str], counts: Dict[str, int], protected: FrozenSet[int] = frozenset()) -> Selection:
-    if counts.get("blocks"):
-        if scores.block_influence is None:
-            raise PlanError("removing blocks needs calibration data (block influence)")
-        return Selection(blocks=_lowest(scores.block_influence, counts["blocks"]))
     per_structure = {s.id: counts.get(kind, 0) for kind in kinds for s in _targeted(graph, kind, protected)}
     return _select_per_structure(graph, scores, per_structure)
 
@@ -289,18 +340,20 @@ def plan_global(graph: StructureGraph, scores: Scores, target: Target) -> Select
     if not 0 < target.ratio < 1:
         raise PlanError(f"ratio must be between 0 and 1, got {target.ratio}")
     kinds = _kinds_for(graph, target)
-    if "blocks" in kinds:
-        raise PlanError("global planning chooses widths per layer; remove blocks with uniform planning, on their own")
+    if kinds == ["blocks"]:
+        raise PlanError("global planning chooses widths per layer; remove blocks on their own with uniform planning, or name width structures too")
     if not kinds:
         raise PlanError(f"the model has none of the structures {', '.join(target.structures)}")
-    protected = protected_layers(graph, target)
+    removed_blocks = _blocks_with_widths(graph, scores, target, kinds)
+    kinds = [k for k in kinds if k != "blocks"]
+    protected = protected_layers(graph, target) | frozenset(removed_blocks)
     ranked = normalized(graph, scores, target.normalize)
     ladders = [
         _ladder(s, ranked, 1 if kind in _HEAD_KINDS else target.multiple)
         for kind in kinds
         for s in _targeted(graph, kind, protected)
     ]
-    budget = target.ratio * graph.total_params
+    budget = target.ratio * graph.total_params - len(removed_blocks) * _block_params(graph)
     removed = 0
     queue: List[Tuple[float, int, int]] = []
     for position, ladder in enumerate(ladders):
@@ -321,7 +374,9 @@ def plan_global(graph: StructureGraph, scores: Scores, target: Target) -> Select
         if following is not None:
             heapq.heappush(queue, (following[0], ladder.structure.id, position))
     counts = {ladder.structure.id: ladder.stops[ladder.position] for ladder in ladders}
-    return _select_per_structure(graph, scores, counts)
+    selection = _select_per_structure(graph, scores, counts)
+    selection.blocks = removed_blocks
+    return selection
 
 
 def layer_widths(graph: StructureGraph, selection: Selection) -> Dict[str, List[int]]:

@@ -15,6 +15,7 @@ import torch
 from structprune.apply import ApplyReport, apply_plan, plan_output
 from structprune.calibration import batch_sha256
 from structprune.checkpoint import read_checkpoint, read_config
+from structprune.compensation import check_request, compensate_biases
 from structprune.cuts import Selection, checkpoint_cut_plan
 from structprune.distributed import Workers, current
 from structprune.errors import PlanError
@@ -56,6 +57,13 @@ class PruneOptions:
     normalize: str = "none"
     layout: str = "auto"
     """Checkpoint format (``structprune.formats``): auto, stock, decilm or layers."""
+    blocks: Optional[int] = None
+    """Whole blocks to remove when ``structures`` combines blocks with widths (the rest of the ratio
+    comes from widths); ``None`` when blocks are pruned on their own."""
+    bias_compensation: bool = False
+    """FLAP's bias compensation (``structprune.compensation``): the removed input channels of
+    o_proj/down_proj (and their equivalents) are replaced by their calibration means, folded into the
+    layers' biases. Needs calibration data, whatever the estimator."""
 
 
 @dataclass
@@ -101,7 +109,9 @@ def make_plan(
     if graph.blocks is None:
         raise PlanError(f"{model_dir}: no repeated blocks found, so the model cannot be scored block by block")
     importance = estimator(options.importance, seed=options.seed)
-    needs_data = importance.needs_gradients or importance.needs_activations or "blocks" in options.structures
+    if options.bias_compensation:
+        check_request(tuple(options.structures), options.layout)
+    needs_data = importance.needs_gradients or importance.needs_activations or "blocks" in options.structures or options.bias_compensation
     input_ids, calibration = _calibration(model_dir, options) if needs_data else (None, None)
     workers = workers or current()
     device = workers.compute_device(options.device)
@@ -114,7 +124,7 @@ def make_plan(
     metadata = {
         "method": {
             "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
-            "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize,
+            "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize, "blocks": options.blocks,
         },
         "seed": options.seed,
         "target_ratio": options.ratio,
@@ -122,6 +132,10 @@ def make_plan(
         "scores": _score_summary(graph, scores),
     }
     plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout=options.layout)
+    if options.bias_compensation:
+        if plan.metadata["format"] == "decilm":  # chosen by auto; the layers format holds biases
+            plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout="layers")
+        compensate_biases(model_dir, graph, selection, plan, scores.input_means)
     before = read_checkpoint(model_dir).parameters
     after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
     plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -148,6 +162,7 @@ def plan_selection(model_dir: Union[str, Path], graph: StructureGraph, scores: S
     target = Target(
         ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa,
         multiple=options.multiple or default_multiple(graph), protect=protect, normalize=options.normalize,
+        blocks=options.blocks,
     )
     if options.planning == "global":
         return plan_global(graph, scores, target), target
@@ -201,13 +216,16 @@ def _score(
     if input_ids is None:
         return score(model, graph, importance, None, reduction=options.reduction, progress=progress, kinds=kinds)
     share = input_ids[workers.share(input_ids.shape[0])]
-    common = {"reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers, "kinds": kinds}
+    common = {
+        "reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers, "kinds": kinds,
+        "record_means": options.bias_compensation,
+    }
     if resume is False:
         return score(model, graph, importance, share, **common)
     key = run_key(
         model.model_dir, calibration_sha256=batch_sha256(input_ids), importance=options.importance, seed=options.seed,
         micro_batch=options.micro_batch, dtype=options.dtype, device=str(model.device), processes=workers.world_size,
-        kinds=kinds,
+        kinds=kinds, input_means=options.bias_compensation,
     )
     directory = default_directory(key) if resume is True else Path(resume)
     with Journal(directory, key, workers) as journal:
@@ -219,7 +237,8 @@ def _calibration(model_dir: Path, options: PruneOptions) -> tuple:
     from structprune.loading import load_tokenizer
 
     if options.calib is None:
-        raise PlanError(f"importance '{options.importance}' needs calibration text: pass --calib FILE")
+        needing = f"importance '{options.importance}'" + (" with bias compensation" if options.bias_compensation else "")
+        raise PlanError(f"{needing} needs calibration text: pass --calib FILE")
     texts = load_texts(options.calib, text_field=options.text_field)
     tokenizer = load_tokenizer(model_dir)
     batch = calibration_batch(texts, tokenizer, samples=options.samples, seq_len=options.seq_len, seed=options.seed)

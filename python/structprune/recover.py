@@ -58,6 +58,7 @@ from structprune.calibration import (
     ALPACA_TEMPLATE_NO_INPUT,
     batch_sha256,
     load_texts,
+    read_jsonl_records,
     token_stream,
 )
 from structprune.checkpoint import Checkpoint, read_checkpoint
@@ -212,22 +213,8 @@ def load_training_data(path: PathLike, tokenizer: "PreTrainedTokenizerBase", *, 
     return TrainingData(windows, windows.clone(), torch.ones_like(windows), "text")
 
 
-def _jsonl_records(path: Path) -> List[Tuple[int, Mapping[str, Any]]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise _data_error(path, f"{path}: cannot read as UTF-8 text: {err}") from err
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise _data_error(path, f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno})", number) from err
-        if not isinstance(record, dict):
-            raise _data_error(path, f"{path}:{number}: expected a JSON object, got {type(record).__name__}", number)
-        records.append((number, record))
+def _jsonl_records(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
+    records = read_jsonl_records(path)
     if not records:
         raise _data_error(path, f"{path}: empty: no records")
     return records

@@ -55,10 +55,14 @@ def run_key(
     device: str,
     processes: int,
     kinds: Sequence[str],
+    input_means: bool = False,
 ) -> Dict[str, Any]:
     """Everything the saved scoring state depends on: the structure ``kinds`` scored (hidden
-    channels only when asked for) among them. The other planning options (ratio, protection, …)
-    are not part of it: they only read the finished scores."""
+    channels only when asked for) among them, and whether layer input means are recorded (bias
+    compensation). The other planning options (ratio, protection, …) are not part of it: they only
+    read the finished scores."""
+    # Stated only when recorded, so that the directories of runs without means keep their names.
+    means = {"input_means": True} if input_means else {}
     return {
         "format": FORMAT_VERSION,
         "model": model_identity(model_dir),
@@ -70,6 +74,7 @@ def run_key(
         "device": torch.device(device).type,
         "processes": processes,
         "kinds": sorted(kinds),
+        **means,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,19 @@ from structprune.resume import Journal
 from structprune.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
 
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")
+
+WeightDim = Tuple[str, int]
+"""A parameter name and one of its dimensions."""
+
+
+@dataclass(frozen=True)
+class InputMean:
+    """The mean over all calibration tokens of each input channel of one linear layer: what bias
+    compensation puts in place of the channels pruning removes."""
+
+    input_dim: int
+    """The weight dimension that indexes input channels (1 for nn.Linear, 0 for GPT-2's Conv1D)."""
+    mean: np.ndarray
 
 
 @dataclass
@@ -32,6 +45,9 @@ class Scores:
     block_influence: Optional[np.ndarray] = None
     """1 − mean cos(block input, block output) per block (ShortGPT): low means the block barely acts."""
     loss: Optional[float] = None
+    input_means: Dict[str, InputMean] = field(default_factory=dict)
+    """Weight name → the mean of its inputs, for the linear layers that consume a structure's
+    units (o_proj, down_proj…); recorded when ``score`` is asked to (``record_means``)."""
 
 
 class _Folder:
@@ -120,10 +136,12 @@ def _reduce(arrays: List[np.ndarray], reduction: str) -> np.ndarray:
 
 
 class _ActivationRecorder:
-    """Per-input-channel sums and sums of squares of every linear layer's input in the loaded block."""
+    """Per-input-channel sums and sums of squares of the inputs of the loaded block's linear layers:
+    all of them, or only the ``(weight name, input dim)`` pairs in ``only``."""
 
-    def __init__(self, model: StreamedModel) -> None:
+    def __init__(self, model: StreamedModel, only: Optional[FrozenSet[WeightDim]] = None) -> None:
         self.model = model
+        self.only = only
         self.stats: Dict[str, ActivationStats] = {}
         self._handles: list = []
         self._index = 0
@@ -132,8 +150,9 @@ class _ActivationRecorder:
         self._index = index
         for name, module in self.model.block.named_modules():
             input_dim = _input_dim(module)
-            if input_dim is not None:
-                self._handles.append(module.register_forward_hook(self._hook(f"{self.model.prefix}.{index}.{name}.weight", input_dim)))
+            weight_name = f"{self.model.prefix}.{index}.{name}.weight"
+            if input_dim is not None and (self.only is None or (weight_name, input_dim) in self.only):
+                self._handles.append(module.register_forward_hook(self._hook(weight_name, input_dim)))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -175,11 +194,13 @@ def score(
     workers: Workers = SINGLE,
     journal: Optional[Journal] = None,
     kinds: Optional[Collection[str]] = None,
+    record_means: bool = False,
 ) -> Scores:
     """Scores every structure of ``graph`` (only those of ``kinds`` when given: leaving out
     ``hidden`` spares the backward pass through the embeddings and head, the largest tensors).
     ``input_ids`` may be ``None`` for data-free estimators. ``progress(stage, done, total)`` is
-    called after each block.
+    called after each block. ``record_means``: also keep the mean input of every linear layer that
+    consumes units of a structure other than hidden (``Scores.input_means``, for bias compensation).
 
     Under torchrun, ``input_ids`` is this process's share of the calibration batch and ``workers``
     sums the statistics over processes, so every process gets the scores of the whole batch. With
@@ -195,17 +216,31 @@ def score(
     needs_data = importance.needs_gradients or importance.needs_activations
     if needs_data and input_ids is None:
         raise ValueError(f"importance '{importance.name}' needs calibration data")
+    if record_means and input_ids is None:
+        raise ValueError("recording the mean inputs of layers needs calibration data")
     if input_ids is None:
         _score_weights_only(model, folder, progress)
     else:
         store = store or ActivationStore(directory=journal.activations if journal else None)
-        run = _DataScoring(model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, journal=journal, progress=progress)
+        means_of = consuming_inputs(graph) if record_means else frozenset()
+        run = _DataScoring(
+            model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, journal=journal, progress=progress,
+            means_of=means_of,
+        )
         try:
             result.block_influence, result.loss = run.run(input_ids)
         finally:
             store.close()
+        result.input_means = run.input_means
     result.units, result.per_group = folder.result(reduction)
     return result
+
+
+def consuming_inputs(graph: StructureGraph) -> FrozenSet[WeightDim]:
+    """Every ``(parameter, dim)`` along which a structure other than hidden has units: for a linear
+    layer's weight along its input dimension, the layer consumes those units (o_proj consumes heads,
+    down_proj MLP channels). Hidden channels are left out: they also pass through normalisations."""
+    return frozenset((m.param, m.dim) for s in graph.structures if s.kind != "hidden" for m in s.members)
 
 
 def _score_weights_only(model: StreamedModel, folder: _Folder, progress: Optional[Callable[[str, int, int], None]]) -> None:
@@ -226,7 +261,10 @@ class _DataScoring:
     Steps, as the journal counts them (B blocks): forward block k is step k + 1, backward block k
     step 2B − k, and the end (parameters outside the blocks, the loss) step 2B + 1. The state after
     a step holds the folded member scores, Block Influence so far and, in the backward pass, the
-    gradient flowing into the block below and the loss of this process's samples."""
+    gradient flowing into the block below and the loss of this process's samples.
+
+    Estimators without gradients are folded in the forward pass, with the activation statistics
+    when they use them; ``means_of`` lists the layer inputs whose means are kept."""
 
     def __init__(
         self,
@@ -239,6 +277,7 @@ class _DataScoring:
         workers: Workers,
         journal: Optional[Journal],
         progress: Optional[Callable[[str, int, int], None]],
+        means_of: FrozenSet[WeightDim] = frozenset(),
     ) -> None:
         self.model = model
         self.folder = folder
@@ -251,7 +290,11 @@ class _DataScoring:
         self.blocks = model.num_blocks
         self.end_step = 2 * self.blocks + 1
         self.influence = np.zeros(self.blocks)
-        self.recorder = _ActivationRecorder(model)
+        self.means_of = means_of
+        self.input_means: Dict[str, InputMean] = {}
+        self.records = importance.needs_activations or bool(means_of)
+        # Estimators that use activations need every linear's; means alone need only the consumers'.
+        self.recorder = _ActivationRecorder(model, None if importance.needs_activations else means_of)
 
     def run(self, input_ids: torch.Tensor) -> Tuple[np.ndarray, Optional[float]]:
         """Block Influence per block and the calibration loss (``None`` without gradients)."""
@@ -267,8 +310,8 @@ class _DataScoring:
             if saved is not None and step > self.blocks:
                 resumed = BackwardState(2 * self.blocks - step, saved["grads"], saved["loss"])
             loss = self._backward(streamed, resumed, samples=int(self.workers.sum_values([input_ids.shape[0]])[0]))
-        elif self.importance.needs_activations and self.folder.wants(self.model.outside_names()):
-            # The parameters outside the blocks get their (zero) activation scores.
+        elif self.folder.wants(self.model.outside_names()):
+            # The parameters outside the blocks get their weight-only (for activation estimators: zero) scores.
             self.folder.add({n: ParamStats(n, p.detach()) for n, p in self.model.outside_parameters().items()}, {})
         if self.journal is not None:
             self.journal.finish(self.end_step, self._state(loss=loss))
@@ -276,18 +319,16 @@ class _DataScoring:
 
     def _forward(self, input_ids: torch.Tensor, start: int) -> StreamedPass:
         def on_load(index: int) -> None:
-            if self.importance.needs_activations:
+            if self.records:
                 self.recorder.detach()
                 self.recorder.attach(index)
 
         def on_block(index: int, inputs: List[torch.Tensor], outputs: List[torch.Tensor]) -> None:
             self._measure_influence(index, inputs, outputs)
-            if self.importance.needs_activations:
-                self.recorder.detach()
-                self._sum_activation_stats(self.recorder.stats)
+            activations = self._block_activations() if self.records else {}
+            if not self.importance.needs_gradients:
                 params = {n: ParamStats(n, p.detach()) for n, p in self.model.block_parameters(index).items()}
-                self.folder.add(params, self.recorder.stats)
-                self.recorder.stats = {}
+                self.folder.add(params, activations if self.importance.needs_activations else {})
             if self.journal is not None:
                 self.journal.record(index + 1, self._state())
             if self.progress:
@@ -323,6 +364,16 @@ class _DataScoring:
         total, count = self.workers.sum_values([sum(float(c.sum()) for c in cosines), sum(c.numel() for c in cosines)])
         self.influence[index] = 1.0 - total / count
 
+    def _block_activations(self) -> Dict[str, ActivationStats]:
+        """The loaded block's activation statistics over all processes; the means asked for are kept."""
+        self.recorder.detach()
+        stats, self.recorder.stats = self.recorder.stats, {}
+        self._sum_activation_stats(stats)
+        for name, entry in stats.items():
+            if (name, entry.input_dim) in self.means_of:
+                self.input_means[name] = InputMean(entry.input_dim, entry.mean.cpu().numpy())
+        return stats
+
     def _sum_activation_stats(self, stats: Dict[str, ActivationStats]) -> None:
         names = sorted(stats)
         counts = torch.tensor([stats[n].count for n in names], dtype=torch.float64)
@@ -340,10 +391,12 @@ class _DataScoring:
             "block_returns_tuple": self.model.block_returns_tuple,
             "loss": loss,
             "grads": None if grads is None else [g.detach().cpu() for g in grads],
+            "input_means": {name: (m.input_dim, torch.from_numpy(m.mean)) for name, m in self.input_means.items()},
         }
 
     def _restore(self, saved: Dict[str, Any]) -> int:
         self.folder.restore(saved["folder"])
         self.influence = saved["influence"].numpy().copy()
         self.model.block_returns_tuple = bool(saved["block_returns_tuple"])
+        self.input_means = {name: InputMean(int(dim), mean.numpy()) for name, (dim, mean) in saved.get("input_means", {}).items()}
         return int(saved["step"])

@@ -174,6 +174,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::TensorRef;
     use crate::dtype::Dtype;
+    use crate::plan::Data;
     use proptest::prelude::*;
     use std::sync::Arc;
 
@@ -182,7 +183,7 @@ mod tests {
             shape.iter().zip(&keep).map(|(&s, k)| k.as_ref().map_or(s, |l| l.len() as u64)).collect();
         OutputTensor {
             name: "t".into(),
-            source: TensorRef { shard: 0, entry: 0 },
+            data: Data::Stored(TensorRef { shard: 0, entry: 0 }),
             dtype: Dtype::I16,
             nbytes: out_shape.iter().product::<u64>() * 2,
             source_shape: shape,

@@ -40,10 +40,52 @@ struct RawCut {
     drop: bool,
     #[serde(default)]
     rename: Option<String>,
+    /// Parsed on its own (`RawAdd`), so that its errors can name the tensor.
+    #[serde(default)]
+    add: Option<Value>,
+    /// Parsed on its own (`RawValues`), so that its errors can name the tensor.
+    #[serde(default)]
+    replace: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdd {
+    dtype: String,
+    shape: Vec<u64>,
+    #[serde(default)]
+    values: Option<Vec<f64>>,
+    #[serde(default)]
+    fill: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValues {
+    #[serde(default)]
+    values: Option<Vec<f64>>,
+    #[serde(default)]
+    fill: Option<f64>,
 }
 
 /// Kept indices along one dimension; shared between tensors that use the same index set.
 pub type KeepList = Arc<Vec<u64>>;
+
+/// Contents a plan gives a tensor: every element in row-major order, or one value for all; rounded
+/// to the tensor's dtype when the output is laid out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    Each(Arc<Vec<f64>>),
+    Fill(f64),
+}
+
+/// A tensor the checkpoint does not have, written with the plan's values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddedTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub values: Values,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct TensorCut {
@@ -51,6 +93,10 @@ pub struct TensorCut {
     pub keep: Vec<(usize, KeepList)>,
     pub drop: bool,
     pub rename: Option<String>,
+    /// Set for a tensor the plan creates; then nothing else is.
+    pub add: Option<AddedTensor>,
+    /// New contents of a stored tensor (of its output shape, in its own dtype).
+    pub replace: Option<Values>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -97,9 +143,16 @@ impl CutPlan {
 }
 
 fn resolve_cut(name: &str, raw: RawCut, sets: &HashMap<String, KeepList>) -> Result<TensorCut> {
-    if raw.drop && (!raw.keep.is_empty() || raw.rename.is_some()) {
-        return Err(Error::plan(name, "'drop' cannot be combined with 'keep' or 'rename'"));
+    if raw.drop && (!raw.keep.is_empty() || raw.rename.is_some() || raw.replace.is_some()) {
+        return Err(Error::plan(name, "'drop' cannot be combined with 'keep', 'rename' or 'replace'"));
     }
+    if let Some(add) = raw.add {
+        if raw.drop || !raw.keep.is_empty() || raw.rename.is_some() || raw.replace.is_some() {
+            return Err(Error::plan(name, "'add' creates a tensor and cannot be combined with another action"));
+        }
+        return Ok(TensorCut { add: Some(resolve_add(name, add)?), ..TensorCut::default() });
+    }
+    let replace = raw.replace.map(|value| resolve_replace(name, value)).transpose()?;
     let mut keep = Vec::with_capacity(raw.keep.len());
     for (dim_text, indices) in raw.keep {
         let dim: usize = dim_text
@@ -125,7 +178,28 @@ fn resolve_cut(name: &str, raw: RawCut, sets: &HashMap<String, KeepList>) -> Res
         keep.push((dim, list));
     }
     keep.sort_by_key(|(dim, _)| *dim);
-    Ok(TensorCut { keep, drop: raw.drop, rename: raw.rename })
+    Ok(TensorCut { keep, drop: raw.drop, rename: raw.rename, add: None, replace })
+}
+
+fn resolve_add(name: &str, raw: Value) -> Result<AddedTensor> {
+    let raw: RawAdd = serde_json::from_value(raw).map_err(|e| Error::plan(name, format!("'add': {e}")))?;
+    let dtype = Dtype::parse(&raw.dtype)
+        .ok_or_else(|| Error::plan(name, format!("'add': unknown safetensors dtype '{}'", raw.dtype)))?;
+    let values = one_of(name, "add", raw.values, raw.fill)?;
+    Ok(AddedTensor { dtype, shape: raw.shape, values })
+}
+
+fn resolve_replace(name: &str, raw: Value) -> Result<Values> {
+    let raw: RawValues = serde_json::from_value(raw).map_err(|e| Error::plan(name, format!("'replace': {e}")))?;
+    one_of(name, "replace", raw.values, raw.fill)
+}
+
+fn one_of(name: &str, action: &str, values: Option<Vec<f64>>, fill: Option<f64>) -> Result<Values> {
+    match (values, fill) {
+        (Some(values), None) => Ok(Values::Each(Arc::new(values))),
+        (None, Some(fill)) => Ok(Values::Fill(fill)),
+        _ => Err(Error::plan(name, format!("'{action}' needs exactly one of 'values' (every element) and 'fill' (one value for all)"))),
+    }
 }
 
 /// A plan's extra file must be a plain file name the engine does not write itself.
@@ -146,12 +220,24 @@ fn check_increasing(list: &[u64]) -> std::result::Result<(), String> {
     }
 }
 
+/// Where an output tensor's bytes come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Data {
+    /// A checkpoint tensor, cut by `OutputTensor::keep`.
+    Stored(TensorRef),
+    /// The plan's values, encoded in the output dtype.
+    Given(Arc<Vec<u8>>),
+    /// One element's bytes, repeated (a fill: generated while writing, never held whole).
+    Repeated(Vec<u8>),
+}
+
 /// One tensor of the output checkpoint and where its bytes come from.
 #[derive(Debug, Clone)]
 pub struct OutputTensor {
     pub name: String,
-    pub source: TensorRef,
+    pub data: Data,
     pub dtype: Dtype,
+    /// The stored tensor's shape (the output shape when the data is not stored).
     pub source_shape: Vec<u64>,
     pub shape: Vec<u64>,
     /// Per source dimension: `Some(kept indices)` where the plan cuts it.
@@ -165,10 +251,20 @@ impl OutputTensor {
     }
 }
 
-/// Checks the plan against the checkpoint and lists the output tensors in storage order.
+/// Checks the plan against the checkpoint and lists the output tensors in storage order: stored
+/// tensors in input order, each added tensor right after the last one of its module (see `place_added`).
 pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<OutputTensor>> {
-    if let Some(unknown) = plan.tensors.keys().find(|name| checkpoint.get(name).is_none()) {
-        return Err(Error::plan(unknown, "the checkpoint has no tensor of this name"));
+    for (name, cut) in &plan.tensors {
+        match (cut.add.is_some(), checkpoint.get(name).is_some()) {
+            (false, false) => return Err(Error::plan(name, "the checkpoint has no tensor of this name")),
+            (true, true) => {
+                return Err(Error::plan(
+                    name,
+                    "'add' names a tensor the checkpoint already has (use 'replace' to give it new values)",
+                ))
+            }
+            _ => {}
+        }
     }
     let mut outputs = Vec::with_capacity(checkpoint.len());
     let mut claimed: HashMap<String, String> = HashMap::new();
@@ -210,17 +306,78 @@ pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<Out
         }
         let numel = shape.iter().product::<u64>();
         let nbytes = entry.dtype.span_bytes(numel).expect("a sub-tensor of a valid tensor has a valid span");
-        outputs.push(OutputTensor {
-            name,
-            source,
-            dtype: entry.dtype,
-            source_shape: entry.shape.clone(),
-            shape,
-            keep,
-            nbytes,
-        });
+        let output = match cut.and_then(|c| c.replace.as_ref()) {
+            Some(values) => given(name, entry.dtype, shape, values)?,
+            None => OutputTensor { name, data: Data::Stored(source), dtype: entry.dtype, source_shape: entry.shape.clone(), shape, keep, nbytes },
+        };
+        outputs.push(output);
     }
-    Ok(outputs)
+    let mut added = Vec::new();
+    for (name, cut) in &plan.tensors {
+        let Some(add) = &cut.add else { continue };
+        if let Some(previous) = claimed.get(name) {
+            return Err(Error::plan(name, format!("'add' names the output of tensor '{previous}'")));
+        }
+        added.push(given(name.clone(), add.dtype, add.shape.clone(), &add.values)?);
+    }
+    Ok(place_added(outputs, added))
+}
+
+/// An output tensor holding the plan's `values`, checked against its dtype and shape.
+fn given(name: String, dtype: Dtype, shape: Vec<u64>, values: &Values) -> Result<OutputTensor> {
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d))
+        .filter(|&n| dtype.span_bytes(n).is_some())
+        .ok_or_else(|| Error::plan(&name, format!("shape {shape:?} of {dtype} is too large")))?;
+    let encode = |value: f64| dtype.encode_float(value).map_err(|reason| Error::plan(&name, reason));
+    let data = match values {
+        Values::Fill(value) => Data::Repeated(encode(*value)?),
+        Values::Each(values) => {
+            if values.len() as u64 != numel {
+                return Err(Error::plan(
+                    &name,
+                    format!("{} values given for shape {shape:?}, which has {numel} elements", values.len()),
+                ));
+            }
+            let mut bytes = Vec::with_capacity(values.len() * dtype.item_bytes().unwrap_or(0) as usize);
+            for &value in values.iter() {
+                bytes.extend(encode(value)?);
+            }
+            Data::Given(Arc::new(bytes))
+        }
+    };
+    let nbytes = dtype.span_bytes(numel).expect("checked above");
+    Ok(OutputTensor { name, data, dtype, source_shape: shape.clone(), keep: vec![None; shape.len()], shape, nbytes })
+}
+
+/// Puts each added tensor right after the last stored output tensor of its module (the name up to
+/// its last '.': `a.q_proj.bias` follows `a.q_proj.weight`), added tensors of one module in name
+/// order, and those whose module has no stored tensor at the end in name order. The order follows
+/// from the names alone, so the output stays byte-reproducible.
+fn place_added(stored: Vec<OutputTensor>, added: Vec<OutputTensor>) -> Vec<OutputTensor> {
+    fn module(name: &str) -> &str {
+        name.rsplit_once('.').map_or("", |(module, _)| module)
+    }
+    let mut last_of_module: HashMap<&str, usize> = HashMap::new();
+    for (i, tensor) in stored.iter().enumerate() {
+        last_of_module.insert(module(&tensor.name), i);
+    }
+    let mut after: BTreeMap<usize, Vec<OutputTensor>> = BTreeMap::new();
+    let mut trailing = Vec::new();
+    for tensor in added {
+        match last_of_module.get(module(&tensor.name)) {
+            Some(&anchor) => after.entry(anchor).or_default().push(tensor),
+            None => trailing.push(tensor),
+        }
+    }
+    let mut outputs = Vec::with_capacity(stored.len() + after.values().map(Vec::len).sum::<usize>() + trailing.len());
+    for (i, tensor) in stored.into_iter().enumerate() {
+        outputs.push(tensor);
+        outputs.extend(after.remove(&i).unwrap_or_default());
+    }
+    outputs.extend(trailing);
+    outputs
 }
 
 #[cfg(test)]
@@ -252,6 +409,43 @@ mod tests {
     }
 
     #[test]
+    fn parses_added_tensors_and_replaced_values() {
+        let p = plan(r#"{"format":"structprune.cut-plan","version":1,"tensors":{
+            "a.bias":{"add":{"dtype":"BF16","shape":[3],"values":[0.5,-1,2e-3]}},
+            "b.bias":{"add":{"dtype":"F32","shape":[2,2],"fill":0}},
+            "c.bias":{"keep":{"0":[1]},"replace":{"values":[1.25]}}}}"#)
+        .unwrap();
+        let added = p.tensors["a.bias"].add.as_ref().unwrap();
+        assert_eq!((added.dtype, added.shape.clone()), (Dtype::BF16, vec![3]));
+        assert_eq!(added.values, Values::Each(Arc::new(vec![0.5, -1.0, 2e-3])));
+        assert_eq!(p.tensors["b.bias"].add.as_ref().unwrap().values, Values::Fill(0.0));
+        assert_eq!(p.tensors["c.bias"].replace, Some(Values::Each(Arc::new(vec![1.25]))));
+    }
+
+    #[test]
+    fn rejects_malformed_added_tensors_naming_them() {
+        let with = |entry: &str| plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"x.bias":{entry}}}}}"#));
+        let rejected = |entry: &str, expected: &str| match with(entry) {
+            Err(Error::Plan { tensor: Some(tensor), reason }) => {
+                assert_eq!(tensor, "x.bias");
+                assert!(reason.contains(expected), "{entry}: {reason}");
+            }
+            other => panic!("{entry}: expected a plan error naming the tensor, got {other:?}"),
+        };
+        rejected(r#"{"add":{"dtype":"F33","shape":[1],"fill":0}}"#, "unknown safetensors dtype 'F33'");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1]}}"#, "exactly one of 'values'");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0,"values":[0]}}"#, "exactly one of 'values'");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"values":["0"]}}"#, "'add': invalid type");
+        rejected(r#"{"add":{"dtype":"F32","shape":[-1],"fill":0}}"#, "'add': invalid value");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0,"colour":1}}"#, "unknown field `colour`");
+        rejected(r#"{"add":{"shape":[1],"fill":0}}"#, "missing field `dtype`");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"rename":"y"}"#, "cannot be combined");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"drop":true}"#, "cannot be combined");
+        rejected(r#"{"replace":{}}"#, "'replace' needs exactly one");
+        rejected(r#"{"replace":{"values":[1],"dtype":"F32"}}"#, "unknown field `dtype`");
+    }
+
+    #[test]
     fn plan_files_must_be_plain_names_the_engine_does_not_write() {
         let with_file = |name: &str| {
             plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"files":{{{}:"x"}}}}"#, serde_json::to_string(name).unwrap()))
@@ -272,6 +466,7 @@ mod tests {
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[-1, 0]}}}"#))).contains("not a non-negative integer"));
         assert!(plan_reason(plan(&base(r#"{"a":{"drop":true,"rename":"b"}}"#))).contains("cannot be combined"));
         assert!(plan_reason(plan(&base(r#"{"a":{"kep":{}}}"#))).contains("unknown field"));
+        assert!(plan_reason(plan(&base(r#"{"a":{"drop":true,"replace":{"fill":0}}}"#))).contains("cannot be combined"));
         assert!(plan_reason(plan(r#"{"format":"x","version":1}"#)).contains("expected"));
         assert!(plan_reason(plan(r#"{"format":"structprune.cut-plan","version":7}"#)).contains("not supported"));
     }

@@ -49,8 +49,9 @@ fn read_checkpoint<'py>(py: Python<'py>, model_dir: PathBuf) -> PyResult<Bound<'
     let checkpoint = py.detach(|| Checkpoint::open(&model_dir)).map_err(to_pyerr)?;
     let tensors = PyList::empty(py);
     for (r, entry) in checkpoint.tensors() {
-        let file = &checkpoint.shards[r.shard].file_name;
-        tensors.append((&entry.name, entry.dtype.name(), entry.shape.clone(), file, entry.nbytes()))?;
+        let shard = &checkpoint.shards[r.shard];
+        let offset = shard.header.data_start + entry.begin;
+        tensors.append((&entry.name, entry.dtype.name(), entry.shape.clone(), &shard.file_name, entry.nbytes(), offset))?;
     }
     let result = PyDict::new(py);
     result.set_item("shards", checkpoint.shards.iter().map(|s| s.file_name.clone()).collect::<Vec<_>>())?;

@@ -20,7 +20,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gather::{Segment, SegmentIter};
 use crate::header::{serialize_header, TensorEntry};
-use crate::plan::{output_tensors, CutPlan, OutputTensor};
+use crate::plan::{output_tensors, CutPlan, Data, OutputTensor};
 use crate::staging::{sync_dir, Staging};
 
 /// Reading a gap between two wanted ranges is cheaper than another system call when it is this small.
@@ -381,13 +381,23 @@ impl Worker {
         if t.nbytes == 0 {
             return Ok(());
         }
-        let shard = &checkpoint.shards[t.source.shard];
-        let source_base = shard.header.data_start + checkpoint.entry(t.source).begin;
         let (out_shard, tensor_offset) = layout.placements[item.tensor];
         let out_row_bytes = t.shape.first().map_or(t.nbytes, |&rows| t.nbytes / rows);
         let mut out_offset = tensor_offset + item.rows.start * out_row_bytes;
-        let input = &inputs[t.source.shard];
         let (out_path, output) = &outputs[out_shard];
+        let source = match &t.data {
+            Data::Stored(source) => *source,
+            given => {
+                // 0-d tensors have no rows: their one work item covers all of them.
+                let len = if t.shape.is_empty() { t.nbytes } else { (item.rows.end - item.rows.start) * out_row_bytes };
+                self.write_given(given, out_offset - tensor_offset, len, output, out_offset).map_err(Error::io(out_path))?;
+                progress.done.fetch_add(len, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        let shard = &checkpoint.shards[source.shard];
+        let source_base = shard.header.data_start + checkpoint.entry(source).begin;
+        let input = &inputs[source.shard];
         let mut segments = SegmentIter::new(t, item.rows.clone()).peekable();
         let mut carry: Option<Segment> = None;
         loop {
@@ -417,6 +427,28 @@ impl Worker {
             output.write_all_at(&self.out[..filled], out_offset).map_err(Error::io(out_path))?;
             out_offset += filled as u64;
             progress.done.fetch_add(filled as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes bytes `start..start + len` of a tensor whose data the plan gives, at `offset`.
+    fn write_given(&mut self, data: &Data, start: u64, len: u64, output: &File, offset: u64) -> std::io::Result<()> {
+        match data {
+            Data::Given(bytes) => output.write_all_at(&bytes[start as usize..(start + len) as usize], offset),
+            Data::Repeated(element) => {
+                // Whole elements per write, so every chunk starts on an element boundary.
+                let chunk = (self.out.len() / element.len()) * element.len();
+                for (slot, byte) in self.out[..chunk].iter_mut().zip(element.iter().cycle()) {
+                    *slot = *byte;
+                }
+                let mut written = 0;
+                while written < len {
+                    let n = (len - written).min(chunk as u64);
+                    output.write_all_at(&self.out[..n as usize], offset + written)?;
+                    written += n;
+                }
+                Ok(())
+            }
+            Data::Stored(_) => unreachable!("stored tensors are gathered from the input"),
         }
     }
 

@@ -212,3 +212,107 @@ fn large_ranges_copied_in_the_kernel_are_exact() {
     let (_, whole) = values(&shard, "whole");
     assert!(whole.iter().enumerate().all(|(i, &v)| v == i as u16), "uncut tensor differs");
 }
+
+/// `layers.0.up.weight` (I16 [4, 3]), `layers.0.down.weight` (F32 [2, 4]), `layers.0.down.bias`
+/// (BF16 [2]), `head.weight` (I16 [2, 2]) in one file.
+fn checkpoint_with_biases(dir: &Path) {
+    let float = |name: &str, dtype: Dtype, shape: &[u64], bytes: Vec<u8>| {
+        (TensorEntry { name: name.into(), dtype, shape: shape.to_vec(), begin: 0, end: 0 }, bytes)
+    };
+    let down: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let bias: Vec<u8> = [0x3f80u16, 0x4000].iter().flat_map(|b| b.to_le_bytes()).collect(); // 1.0, 2.0
+    let tensors = vec![
+        tensor("layers.0.up.weight", &[4, 3]),
+        float("layers.0.down.weight", Dtype::F32, &[2, 4], down),
+        float("layers.0.down.bias", Dtype::BF16, &[2], bias),
+        tensor("head.weight", &[2, 2]),
+    ];
+    write_shard(&dir.join("model.safetensors"), &tensors);
+}
+
+fn bias_plan(tensors: Value) -> CutPlan {
+    CutPlan::from_json(&json!({"format": "structprune.cut-plan", "version": 1, "tensors": tensors}).to_string()).unwrap()
+}
+
+fn raw_bytes(path: &Path, name: &str) -> (Dtype, Vec<u64>, Vec<u8>) {
+    let header = read_header(path).unwrap();
+    let entry = header.tensors.iter().find(|t| t.name == name).unwrap();
+    let bytes = fs::read(path).unwrap();
+    (entry.dtype, entry.shape.clone(), bytes[(header.data_start + entry.begin) as usize..(header.data_start + entry.end) as usize].to_vec())
+}
+
+#[test]
+fn added_and_replaced_tensors_hold_the_plans_values_in_a_fixed_place() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    checkpoint_with_biases(&input);
+    let plan = bias_plan(json!({
+        "layers.0.up.weight": {"keep": {"0": [0, 2]}},
+        "layers.0.up.bias": {"add": {"dtype": "F16", "shape": [2], "values": [0.5, -65504]}},
+        "layers.0.down.bias": {"replace": {"values": [0.333333333, 3]}},
+        "layers.0.extra.scale": {"add": {"dtype": "BF16", "shape": [1, 3000], "fill": 0.5}},
+        "a.first": {"add": {"dtype": "F64", "shape": [], "values": [0.1]}},
+        "head.bias": {"add": {"dtype": "F32", "shape": [2], "fill": 0}}
+    }));
+    let mut outputs = Vec::new();
+    for (i, (threads, budget)) in [(1, 1 << 20), (3, 64)].into_iter().enumerate() {
+        let output = root.path().join(format!("out{i}"));
+        apply_plan(&input, &plan, &output, &options(threads, budget, 1 << 30), &Progress::default()).unwrap();
+        outputs.push(fs::read(output.join("model.safetensors")).unwrap());
+    }
+    assert!(outputs[0] == outputs[1], "the output depends on threads or buffers");
+    let shard = root.path().join("out0").join("model.safetensors");
+    let names: Vec<String> = read_header(&shard).unwrap().tensors.into_iter().map(|t| t.name).collect();
+    assert_eq!(
+        names,
+        ["layers.0.up.weight", "layers.0.up.bias", "layers.0.down.weight", "layers.0.down.bias", "head.weight", "head.bias", "a.first", "layers.0.extra.scale"],
+        "added tensors follow the last tensor of their module, the others come last in name order"
+    );
+    let half = |bits: &[u16]| bits.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>();
+    assert_eq!(raw_bytes(&shard, "layers.0.up.bias"), (Dtype::F16, vec![2], half(&[0x3800, 0xfbff])));
+    assert_eq!(raw_bytes(&shard, "layers.0.down.bias"), (Dtype::BF16, vec![2], half(&[0x3eab, 0x4040])), "rounded to BF16");
+    assert_eq!(raw_bytes(&shard, "layers.0.extra.scale"), (Dtype::BF16, vec![1, 3000], half(&[0x3f00; 3000])));
+    assert_eq!(raw_bytes(&shard, "a.first"), (Dtype::F64, vec![], 0.1f64.to_le_bytes().to_vec()));
+    assert_eq!(raw_bytes(&shard, "head.bias"), (Dtype::F32, vec![2], vec![0; 8]));
+}
+
+#[test]
+fn bad_added_and_replaced_tensors_are_refused_before_anything_is_written() {
+    let root = tempfile::tempdir().unwrap();
+    let input = root.path().join("in");
+    fs::create_dir(&input).unwrap();
+    checkpoint_with_biases(&input);
+    let cases = [
+        (json!({"layers.0.down.bias": {"add": {"dtype": "F32", "shape": [2], "fill": 0}}}), "layers.0.down.bias", "already has"),
+        (
+            json!({"head.weight": {"rename": "head.w"}, "head.w": {"add": {"dtype": "F32", "shape": [2], "fill": 0}}}),
+            "head.w",
+            "output of tensor 'head.weight'",
+        ),
+        (json!({"x.bias": {"add": {"dtype": "F32", "shape": [2, 2], "values": [1, 2, 3]}}}), "x.bias", "3 values given for shape [2, 2]"),
+        (json!({"x.bias": {"add": {"dtype": "I16", "shape": [1], "fill": 1}}}), "x.bias", "not I16"),
+        (json!({"x.bias": {"add": {"dtype": "F16", "shape": [1], "values": [1e6]}}}), "x.bias", "out of range for F16"),
+        (json!({"x.bias": {"add": {"dtype": "F32", "shape": [4294967296u64, 4294967296u64], "fill": 0}}}), "x.bias", "too large"),
+        (
+            json!({"layers.0.down.bias": {"keep": {"0": [1]}, "replace": {"values": [1, 2]}}}),
+            "layers.0.down.bias",
+            "2 values given for shape [1]",
+        ),
+        (json!({"head.weight": {"replace": {"fill": 1}}}), "head.weight", "not I16"),
+        (json!({"nope": {"replace": {"fill": 1}}}), "nope", "has no tensor"),
+    ];
+    let output = root.path().join("out");
+    for (tensors, tensor, reason) in cases {
+        let result = apply_plan(&input, &bias_plan(tensors.clone()), &output, &options(2, 1 << 20, 1 << 30), &Progress::default());
+        match result {
+            Err(Error::Plan { tensor: Some(t), reason: r }) => {
+                assert_eq!(t, tensor, "{tensors}");
+                assert!(r.contains(reason), "{tensors}: {r}");
+            }
+            other => panic!("{tensors}: expected a plan error, got {other:?}"),
+        }
+    }
+    let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["in"]);
+}
