@@ -134,3 +134,15 @@ def test_cli_prune_dry_run_and_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
     bad = runner.invoke(main, ["prune", str(DEMO), "--ratio", "0.3", "--importance", "l1", "--structures", "wings", "--dry-run"])
     assert bad.exit_code == 1 and "unknown structure 'wings'" in bad.output
+
+
+def test_cli_prune_combines_blocks_and_widths() -> None:
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    common = ["prune", str(DEMO), "--ratio", "0.3", "--structures", "heads,mlp,blocks", "--calib", str(CALIB), "--samples", "4", "--seq-len", "32", "--dry-run"]
+    missing = runner.invoke(main, common)
+    assert missing.exit_code == 1 and "--blocks N" in missing.output
+    combined = runner.invoke(main, [*common, "--blocks", "1"])
+    assert combined.exit_code == 0, combined.output
+    assert "blocks removed:" in combined.output and "channels     per layer:" in combined.output
