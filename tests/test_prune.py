@@ -95,6 +95,7 @@ def test_structures_and_gqa_choices(tmp_path: Path) -> None:
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "combined").config.hidden_size == config["hidden_size"]
     blocks = make_plan(DEMO, PruneOptions(ratio=0.15, importance="taylor", structures=("blocks",), calib=CALIB, samples=4, seq_len=32))
     assert len(blocks.blocks_removed) == 1 and blocks.plan.config["num_hidden_layers"] == 5
+    assert blocks.scores is not None and blocks.scores.loss is None and not blocks.scores.units  # no backward pass
     structprune.apply_plan(DEMO, blocks.plan, tmp_path / "blocks")
     assert transformers.AutoConfig.from_pretrained(tmp_path / "blocks").num_hidden_layers == 5
 

@@ -213,6 +213,8 @@ def _score(
     # Hidden channels are scored only when asked for: their scores need the gradients of the
     # embeddings and head, the largest tensors of the model.
     kinds = [k for k in KINDS if k != "hidden" or "hidden" in options.structures]
+    if tuple(options.structures) == ("blocks",):
+        kinds = []  # Block Influence comes from the forward pass: no unit scores, no backward pass
     if input_ids is None:
         return score(model, graph, importance, None, reduction=options.reduction, progress=progress, kinds=kinds)
     share = input_ids[workers.share(input_ids.shape[0])]

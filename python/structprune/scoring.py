@@ -305,7 +305,7 @@ class _DataScoring:
             return self.influence, saved["loss"]
         streamed = self._forward(input_ids, start=min(step, self.blocks))
         loss = None
-        if self.importance.needs_gradients:
+        if self.importance.needs_gradients and self.folder.members:
             resumed = None
             if saved is not None and step > self.blocks:
                 resumed = BackwardState(2 * self.blocks - step, saved["grads"], saved["loss"])
