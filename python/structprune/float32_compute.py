@@ -12,7 +12,7 @@ float32 arithmetic on the half-precision values (more accurate than half-precisi
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any, ContextManager, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -35,13 +35,7 @@ def needs_float32_compute(device: torch.device, dtype: torch.dtype) -> bool:
 
 def float32_linears(device: torch.device, dtype: torch.dtype) -> ContextManager[None]:
     """A context in which half-precision CPU linears compute in float32, when the CPU needs it."""
-    return _linears_in_float32() if needs_float32_compute(device, dtype) else nullcontext()
-
-
-@contextmanager
-def _linears_in_float32() -> Iterator[None]:
-    with _Float32Linears():
-        yield
+    return _Float32Linears() if needs_float32_compute(device, dtype) else nullcontext()
 
 
 class _Float32Linears(TorchFunctionMode):

@@ -1,7 +1,7 @@
 //! End-to-end checks of the rewrite engine on checkpoints written here byte by byte.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use serde_json::{json, Map, Value};
@@ -85,6 +85,14 @@ fn values(path: &Path, name: &str) -> (Vec<u64>, Vec<u16>) {
     (entry.shape.clone(), data.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
 }
 
+/// The input checkpoint directory `<root>/in`, filled by `write`.
+fn input_checkpoint(root: &Path, write: fn(&Path)) -> PathBuf {
+    let input = root.join("in");
+    fs::create_dir(&input).unwrap();
+    write(&input);
+    input
+}
+
 fn flat(rows: &[u16], cols: &[u16], width: u16) -> Vec<u16> {
     rows.iter().flat_map(|r| cols.iter().map(move |c| r * width + c)).collect()
 }
@@ -92,9 +100,7 @@ fn flat(rows: &[u16], cols: &[u16], width: u16) -> Vec<u16> {
 #[test]
 fn cuts_renames_drops_and_patches_config() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    sharded_checkpoint(&input);
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
     let output = root.path().join("out");
     let report = apply_plan(&input, &plan(), &output, &options(2, 1 << 20, 1 << 30), &Progress::default()).unwrap();
     assert_eq!(report.shards, ["model.safetensors"]);
@@ -115,9 +121,7 @@ fn cuts_renames_drops_and_patches_config() {
 #[test]
 fn writes_the_plans_files_in_place_of_input_files() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    sharded_checkpoint(&input);
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
     let mut with_files = plan();
     with_files.files.insert("tokenizer.json".into(), "{\"from\": \"plan\"}".into());
     with_files.files.insert("modeling_x.py".into(), "X = 1\n".into());
@@ -132,9 +136,7 @@ fn writes_the_plans_files_in_place_of_input_files() {
 #[test]
 fn output_bytes_do_not_depend_on_threads_buffers_or_input_sharding() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    sharded_checkpoint(&input);
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
     let read_all = |dir: &Path| -> Vec<(String, Vec<u8>)> {
         let mut files: Vec<_> = fs::read_dir(dir)
             .unwrap()
@@ -160,9 +162,7 @@ fn output_bytes_do_not_depend_on_threads_buffers_or_input_sharding() {
 #[test]
 fn cancellation_and_errors_leave_no_output() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    sharded_checkpoint(&input);
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
     let output = root.path().join("out");
     let cancelled = Progress::default();
     cancelled.cancel.store(true, Ordering::Relaxed);
@@ -178,9 +178,7 @@ fn cancellation_and_errors_leave_no_output() {
 #[test]
 fn refuses_outputs_that_would_touch_the_input() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    sharded_checkpoint(&input);
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
     for output in [input.clone(), input.join("nested"), root.path().to_owned()] {
         let mut opts = options(1, 1 << 20, 1 << 30);
         opts.overwrite = true;
@@ -244,9 +242,7 @@ fn raw_bytes(path: &Path, name: &str) -> (Dtype, Vec<u64>, Vec<u8>) {
 #[test]
 fn added_and_replaced_tensors_hold_the_plans_values_in_a_fixed_place() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    checkpoint_with_biases(&input);
+    let input = input_checkpoint(root.path(), checkpoint_with_biases);
     let plan = bias_plan(json!({
         "layers.0.up.weight": {"keep": {"0": [0, 2]}},
         "layers.0.up.bias": {"add": {"dtype": "F16", "shape": [2], "values": [0.5, -65504]}},
@@ -280,9 +276,7 @@ fn added_and_replaced_tensors_hold_the_plans_values_in_a_fixed_place() {
 #[test]
 fn bad_added_and_replaced_tensors_are_refused_before_anything_is_written() {
     let root = tempfile::tempdir().unwrap();
-    let input = root.path().join("in");
-    fs::create_dir(&input).unwrap();
-    checkpoint_with_biases(&input);
+    let input = input_checkpoint(root.path(), checkpoint_with_biases);
     let cases = [
         (json!({"layers.0.down.bias": {"add": {"dtype": "F32", "shape": [2], "fill": 0}}}), "layers.0.down.bias", "already has"),
         (
