@@ -339,7 +339,9 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_score = time.perf_counter()
-    store = ActivationStore()
+    from structprune.sizes import parse_size
+
+    store = ActivationStore(parse_size(args.activation_memory))
     # The kinds make_plan scores for --structures heads,mlp (the default): hidden channels only when pruned.
     kinds = [k for k in KINDS if k != "hidden" or args.score_hidden]
     scores = score(model, graph, estimator("taylor"), ids, micro_batch=args.micro_batch, store=store, progress=progress, kinds=kinds)
@@ -405,7 +407,7 @@ def full_worker(args: argparse.Namespace) -> None:
 def run_worker(model_dir: Path, args: argparse.Namespace, result_path: Path, log_path: Path, full: bool = False) -> Tuple[int, float, int, Dict[str, Any]]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-full" if full else "--worker", "--model", str(model_dir), "--result", str(result_path),
            "--dtype", args.dtype, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-           "--micro-batch", str(args.micro_batch), "--seed", str(args.seed), "--device", args.device]
+           "--micro-batch", str(args.micro_batch), "--seed", str(args.seed), "--device", args.device, "--activation-memory", args.activation_memory]
     if args.score_hidden:
         cmd.append("--score-hidden")
     if args.threads:
@@ -469,6 +471,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--micro-batch", type=int, default=4, help="score() micro_batch (default 4, as make_plan)")
+    p.add_argument("--activation-memory", default="4GiB",
+                   help="saved block inputs kept in memory, past it on disk (structprune prune --activation-memory; default 4GiB)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the worker (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-gb", type=float, default=2.0, help="peak-RSS target, decimal GB (default 2)")
@@ -563,6 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        f"{spec.params / 1e9:.2f} B params, {len(wanted['files'])} shards"],
         ["calibration", f"{args.samples} x {args.seq_len} random token ids, micro-batch {args.micro_batch}, compute {args.dtype}, "
                         f"{data.get('torch_threads')} torch threads"],
+        ["saved block inputs", f"in memory up to {args.activation_memory}; {data.get('activations_spilled', 0)} went to disk"],
         ["peak RSS (wait4 ru_maxrss)", f"{fmt_mib(peak)} = {peak / GB:.2f} GB"],
         ["peak RSS (worker VmHWM)", fmt_mib(data.get("vm_hwm"))],
         ["RSS after imports", fmt_mib(data.get("rss_after_imports"))],

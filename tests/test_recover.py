@@ -140,21 +140,24 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(workspace: Dict[str, Path]) -> None:
-    root = workspace["root"]
+def test_two_processes_train_like_one_with_the_same_global_batch(workspace: Dict[str, Path], tmp_path: Path) -> None:
+    # accelerate turns FSDP on only for accelerator devices (its MULTI_CPU state never becomes
+    # FSDP), so two CPU processes test the DDP path.
     common = ["--data", str(workspace["train"]), "--seq-len", "32", "--max-steps", "3", "--dropout", "0", "-q"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        "-m", "structprune", "recover", str(workspace["pruned"]), "-o", str(root / "two"), "--batch-size", "2", *common,
+        "-m", "structprune", "recover", str(workspace["pruned"]), "-o", str(tmp_path / "two"), "--batch-size", "2", *common,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = recover(workspace["pruned"], root / "one", small_options(workspace, batch_size=4, max_steps=3))
-    two_report = json.loads((root / "two" / "recovery.json").read_text())
+    one = recover(workspace["pruned"], tmp_path / "one", small_options(workspace, batch_size=4, max_steps=3))
+    two_report = json.loads((tmp_path / "two" / "recovery.json").read_text())
     assert (two_report["processes"], two_report["global_batch"]) == (2, one.global_batch) == (2, 4)
+    assert two_report["parallelism"] == "ddp"
+    assert json.loads((one.output_dir / "recovery.json").read_text())["parallelism"] == "single"
     np.testing.assert_allclose(two_report["losses"], one.losses, rtol=1e-5)
-    weights_one, weights_two = load_file(str(root / "one" / "model.safetensors")), load_file(str(root / "two" / "model.safetensors"))
+    weights_one, weights_two = load_file(str(one.output_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert weights_one.keys() == weights_two.keys()
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
@@ -214,12 +217,38 @@ def test_bad_data_files_are_refused_with_file_and_line(tmp_path: Path, content: 
     assert caught.value.path == str(data_file)
 
 
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_trains_an_adapter_merged_into_the_full_precision_base(workspace: Dict[str, Path], tmp_path: Path, bits: str) -> None:
+    """QLoRA: the adapter learns against a bitsandbytes-quantized frozen base; the output is the
+    unquantized base with that adapter merged (stock dtype, no quantization config)."""
+    pytest.importorskip("bitsandbytes", reason="--load-in needs bitsandbytes (in the test extra)")
+    from peft import PeftModel
+
+    from structprune.loading import load_model
+
+    result = recover(workspace["pruned"], tmp_path / "out", small_options(workspace, load_in=bits, max_steps=3, lr=3e-3))
+    assert result.steps == 3 and all(np.isfinite(result.losses))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    report = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    assert report["options"]["load_in"] == bits
+    base = load_model(workspace["pruned"], dtype="float32", device="cpu")
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()
+    merged = load_model(tmp_path / "out", dtype="float32", device="cpu").eval()
+    ids = torch.arange(3, 3 + 48).reshape(2, 24)
+    with torch.no_grad():
+        expected = with_adapter(input_ids=ids).logits
+        with with_adapter.disable_adapter():
+            unadapted = with_adapter(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert (got - unadapted).abs().max() > 1e-3, "the adapter changed the model"
+
+
 def test_bad_options_are_refused_before_training(workspace: Dict[str, Path], tmp_path: Path) -> None:
     pruned = workspace["pruned"]
     with pytest.raises(RecoveryError, match="needs a CUDA device"):
         recover(pruned, tmp_path / "a", small_options(workspace, mixed_precision="fp16"))
-    with pytest.raises(RecoveryError, match="bitsandbytes.*needs a CUDA device"):
-        recover(pruned, tmp_path / "a", small_options(workspace, load_in="4bit"))
     with pytest.raises(RecoveryError, match="scheduler must be one of"):
         recover(pruned, tmp_path / "a", small_options(workspace, scheduler="exponential"))
     (tmp_path / "taken").mkdir()

@@ -97,3 +97,56 @@ def test_second_order_needs_single_sample_micro_batches(batch: torch.Tensor) -> 
             backward_pass(model, streamed, fisher=True, on_params=lambda stats: None)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_untied_models_read_each_embedding_only_where_it_is_used(arch: str, tmp_path: Path) -> None:
+    """The token lookup is read for ``embed`` only and the head for the loss only (each is as
+    large as a block on a 7B model); the gradients still equal full-model autograd."""
+    from arch_configs import CONFIGS, PREFIX
+
+    config = CONFIGS[arch]()
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    full = getattr(transformers, config.architectures[0])._from_config(config, dtype=torch.float32).eval()
+    full.save_pretrained(tmp_path)
+    ids = torch.randint(0, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    full(input_ids=ids, labels=ids).loss.backward()
+
+    model = StreamedModel(tmp_path, blocks_prefix=PREFIX[arch])
+    lookup = next(n for n, p in model.shell.named_parameters() if p is model.shell.get_input_embeddings().weight)
+    head = next(n for n, p in model.shell.named_parameters() if p is model.shell.get_output_embeddings().weight)
+    reads: list = []
+    read = model._read
+    model._read = lambda name: reads.append(name) or read(name)  # type: ignore[method-assign]
+    store = ActivationStore(0)
+    stats: Dict[str, ParamStats] = {}
+    try:
+        streamed = forward_pass(model, ids, micro_batch=2, store=store)
+        assert lookup in reads and head not in reads
+        reads.clear()
+        backward_pass(model, streamed, fisher=False, on_params=lambda block: stats.update(copies(block)), outside=False)
+        assert head in reads and lookup not in reads
+    finally:
+        store.close()
+    for name, param in full.named_parameters():
+        if name.startswith(PREFIX[arch] + "."):
+            assert_close_relative(stats[name].grad, param.grad, name)
+
+
+def test_backward_frees_the_saved_inputs_it_has_used(batch: torch.Tensor) -> None:
+    model = StreamedModel(DEMO, blocks_prefix="model.layers")
+    store = ActivationStore()
+    try:
+        streamed = forward_pass(model, batch, micro_batch=2, store=store)
+        last_outputs = sum(store.get((model.num_blocks, m), model.device).numel() * 4 for m in range(2))
+        assert store.in_memory == (model.num_blocks + 1) * last_outputs
+        backward_pass(model, streamed, fisher=False, on_params=lambda block: None)
+        # Only the last block's outputs stay (the pass through the head reads them); no saved
+        # tensor was made to require or hold a gradient.
+        assert store.in_memory == last_outputs
+        for m in range(2):
+            kept = store.get((model.num_blocks, m), model.device)
+            assert kept.grad is None and not kept.requires_grad
+    finally:
+        store.close()

@@ -18,7 +18,7 @@ from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import StructpruneError
 from structprune.formats import FORMATS
 from structprune.planner import NORMALIZATIONS
-from structprune.sizes import format_size, parse_size
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, format_size, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
@@ -264,6 +264,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per forward/backward call (taylor2 uses 1).")
+@click.option("--activation-memory", type=SizeParam(), default=format_size(DEFAULT_ACTIVATION_MEMORY), show_default=True, help="Memory for the saved block inputs while scoring (one per block and micro-batch); past it they go to a temporary file. 0 keeps none in memory.")
 @click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Uniform: the same widths in every layer (a stock checkpoint). Global: per-layer widths, steps taken across all layers by score per parameter (a DeciLM or layers checkpoint, see --format).")
 @click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global].")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers.")
@@ -276,7 +277,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Save the scoring state after every block and continue an interrupted run, in $XDG_CACHE_HOME/structprune/resume/<hash of model, calibration and scoring options> (~/.cache without XDG_CACHE_HOME).")
 @click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), help="As --resume, in this directory (refused if it holds another run's state).")
 @reports_errors
-def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, activation_memory: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
     """Prune MODEL: trace it, score every structure on calibration text block by block (one
     decoder block in memory at a time), remove the least important units so that RATIO of all
     parameters goes, and write the result to OUTPUT: a stock checkpoint with --uniform (every
@@ -297,8 +298,8 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
     options = PruneOptions(
         ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
-        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, planning="uniform" if uniform else "global",
-        protect=_protection(protect), normalize=normalize, layout=layout, blocks=block_count,
+        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, activation_memory=activation_memory,
+        planning="uniform" if uniform else "global", protect=_protection(protect), normalize=normalize, layout=layout, blocks=block_count,
         bias_compensation=bias_compensation,
     )
     bars: Dict[str, Any] = {}
@@ -475,7 +476,7 @@ def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optio
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory, ~30% more time).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True, help="Autocast precision (CUDA only).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype of the frozen base during training (the output keeps the input's dtypes).")
-@click.option("--load-in", type=click.Choice(["4bit", "8bit"]), help="Quantize the frozen base with bitsandbytes (QLoRA; CUDA only).")
+@click.option("--load-in", type=click.Choice(["4bit", "8bit"]), help="Quantize the frozen base with bitsandbytes (QLoRA): CUDA, or the CPU with bitsandbytes >= 0.48 (its CPU kernels).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="cpu, or cuda (each process of a launcher takes its own GPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the LoRA initialisation, example order and dropout.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate --eval-data every N steps.")

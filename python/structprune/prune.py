@@ -25,6 +25,7 @@ from structprune.plan import CutPlan
 from structprune.planner import PLANNINGS, Target, default_protection, layer_widths, plan_global, plan_uniform
 from structprune.resume import Journal, default_directory, run_key
 from structprune.scoring import Scores, score
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY
 from structprune.streaming import StreamedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +50,8 @@ class PruneOptions:
     device: str = "cpu"
     dtype: str = "float32"
     micro_batch: int = 4
+    activation_memory: int = DEFAULT_ACTIVATION_MEMORY
+    """Bytes of saved block inputs kept in memory during scoring; the rest go to a temporary file."""
     planning: str = "uniform"
     """``uniform`` (same widths in every layer) or ``global`` (per-layer widths by score)."""
     protect: Optional[Tuple[int, int]] = None
@@ -220,7 +223,7 @@ def _score(
     share = input_ids[workers.share(input_ids.shape[0])]
     common = {
         "reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers, "kinds": kinds,
-        "record_means": options.bias_compensation,
+        "record_means": options.bias_compensation, "activation_memory": options.activation_memory,
     }
     if resume is False:
         return score(model, graph, importance, share, **common)

@@ -135,7 +135,8 @@ class RecoverOptions:
     dtype: str = "float32"
     """Dtype the frozen base is loaded in for training."""
     load_in: Optional[str] = None
-    """``4bit``/``8bit``: frozen base quantized by bitsandbytes (CUDA only)."""
+    """``4bit``/``8bit``: frozen base quantized by bitsandbytes (QLoRA); CUDA, or the CPU with a
+    bitsandbytes that has CPU kernels."""
     device: str = "cpu"
     """``cpu`` or ``cuda`` (under a launcher each process takes its own GPU)."""
     seed: int = 0
@@ -339,8 +340,6 @@ def check_options(options: RecoverOptions) -> None:
     on_cpu = not options.device.startswith("cuda")
     if on_cpu and options.mixed_precision != "no":
         raise RecoveryError(f"mixed precision {options.mixed_precision} needs a CUDA device (--device cuda); on the CPU train with --mixed-precision no (float32)")
-    if on_cpu and options.load_in is not None:
-        raise RecoveryError(f"--load-in {options.load_in} (bitsandbytes) needs a CUDA device (--device cuda)")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -443,7 +442,7 @@ def recover(
 
     adapter_state = trainer.adapter_state_dict()
     if accelerator.is_main_process:
-        report = _report(options, pruned, data, schedule, steps, trainer.trainable_params, history)
+        report = _report(options, pruned, data, schedule, steps, trainer.trainable_params, history, _parallelism(accelerator))
         _write_output(pruned, output, trainer.unwrapped(), adapter_state, work, report, options, overwrite, progress)
     accelerator.wait_for_everyone()
     return RecoverResult(
@@ -667,7 +666,7 @@ def _training_base(pruned: Path, options: RecoverOptions, device: torch.device) 
 def _quantized_base(pruned: Path, options: RecoverOptions, device: torch.device) -> "PreTrainedModel":
     """The frozen base quantized by bitsandbytes (QLoRA): loading.load_model has no quantization."""
     try:
-        import bitsandbytes  # noqa: F401 - only checked for: transformers imports it itself
+        import bitsandbytes
     except ImportError as err:
         raise MissingDependencyError(f"--load-in {options.load_in} needs bitsandbytes: pip install bitsandbytes") from err
     from peft import prepare_model_for_kbit_training
@@ -678,7 +677,15 @@ def _quantized_base(pruned: Path, options: RecoverOptions, device: torch.device)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(pruned, quantization_config=quantization, device_map={"": device}, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(pruned, quantization_config=quantization, device_map={"": device}, local_files_only=True)
+    except (RuntimeError, NotImplementedError) as err:
+        if device.type != "cpu":
+            raise
+        raise RecoveryError(
+            f"--load-in {options.load_in}: bitsandbytes {bitsandbytes.__version__} could not quantize {pruned} on the CPU "
+            f"(CPU kernels need a recent bitsandbytes; 0.50 works): {err}"
+        ) from err
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -715,7 +722,16 @@ def _postfix(report: StepReport, history: _History) -> Dict[str, str]:
 # ----------------------------------------------------------------------------- output
 
 
-def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule: Schedule, steps: int, trainable: int, history: _History) -> Dict[str, Any]:
+def _parallelism(accelerator: "Accelerator") -> str:
+    """How the processes shared the work: ``single``, ``ddp`` (replicas) or ``fsdp`` (sharded)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule: Schedule, steps: int, trainable: int, history: _History, parallelism: str) -> Dict[str, Any]:
     """recovery.json: what was trained on and how, and the losses; nothing machine-dependent."""
     settings = {name: getattr(options, name) for name in _TRAJECTORY_OPTIONS}
     settings["target_modules"] = list(options.target_modules)
@@ -725,6 +741,7 @@ def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule:
         "eval_data": None if options.eval_data is None else str(options.eval_data),
         "options": settings,
         "processes": schedule.processes,
+        "parallelism": parallelism,
         "global_batch": schedule.global_batch,
         "steps": steps,
         "trainable_params": trainable,

@@ -15,6 +15,7 @@ from structprune.distributed import SINGLE, Workers
 from structprune.graph import Member, StructureGraph
 from structprune.importance import ActivationStats, Importance
 from structprune.resume import Journal
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY
 from structprune.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
 
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")
@@ -195,12 +196,14 @@ def score(
     journal: Optional[Journal] = None,
     kinds: Optional[Collection[str]] = None,
     record_means: bool = False,
+    activation_memory: int = DEFAULT_ACTIVATION_MEMORY,
 ) -> Scores:
     """Scores every structure of ``graph`` (only those of ``kinds`` when given: leaving out
     ``hidden`` spares the backward pass through the embeddings and head, the largest tensors).
     ``input_ids`` may be ``None`` for data-free estimators. ``progress(stage, done, total)`` is
     called after each block. ``record_means``: also keep the mean input of every linear layer that
     consumes units of a structure other than hidden (``Scores.input_means``, for bias compensation).
+    Saved block inputs stay in memory up to ``activation_memory`` bytes and go to disk past it.
 
     Under torchrun, ``input_ids`` is this process's share of the calibration batch and ``workers``
     sums the statistics over processes, so every process gets the scores of the whole batch. With
@@ -221,7 +224,7 @@ def score(
     if input_ids is None:
         _score_weights_only(model, folder, progress)
     else:
-        store = store or ActivationStore(directory=journal.activations if journal else None)
+        store = store or ActivationStore(activation_memory, directory=journal.activations if journal else None)
         means_of = consuming_inputs(graph) if record_means else frozenset()
         run = _DataScoring(
             model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, journal=journal, progress=progress,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from typing import Union
 
+DEFAULT_ACTIVATION_MEMORY = 4 << 30
+"""Bytes of saved block inputs scoring keeps in memory before further ones go to disk (here, not in
+the streaming module, so that the CLI can show it without importing torch)."""
+
 _UNITS = {
     "": 1,
     "B": 1,

@@ -27,7 +27,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -35,10 +35,9 @@ from torch import nn
 from structprune.checkpoint import TensorInfo, read_checkpoint
 from structprune.errors import StructpruneError
 from structprune.float32_compute import float32_linears
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY
 from structprune.tracing import checkpoint_name_map
 
-# Past this many bytes of saved block inputs, further ones go to disk.
-DEFAULT_ACTIVATION_BUDGET = 4 << 30
 
 STORED_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -98,7 +97,7 @@ class ActivationStore:
     every tensor is also written there (atomically, as ``BLOCK-MICROBATCH.pt``) and kept after
     ``close``, so that a resumed run reads the activations an interrupted one saved."""
 
-    def __init__(self, budget: int = DEFAULT_ACTIVATION_BUDGET, directory: Optional[Path] = None) -> None:
+    def __init__(self, budget: int = DEFAULT_ACTIVATION_MEMORY, directory: Optional[Path] = None) -> None:
         self.budget = budget
         self.in_memory = 0
         self.directory = directory
@@ -130,6 +129,13 @@ class ActivationStore:
             raise StreamingError(f"{path}: no saved input of block {key[0]}, micro-batch {key[1]}")
         return torch.load(path, map_location=device, weights_only=True)
 
+    def release(self, key: Tuple[int, int]) -> None:
+        """Frees the memory copy of a saved input no pass will read again (a copy in ``directory``
+        stays, for resuming)."""
+        dropped = self._tensors.pop(key, None)
+        if dropped is not None:
+            self.in_memory -= dropped.numel() * dropped.element_size()
+
     @property
     def spilled(self) -> int:
         """How many of the activations put here went to disk only (past the budget)."""
@@ -144,9 +150,7 @@ class ActivationStore:
 
     def _forget(self, key: Tuple[int, int]) -> None:
         self._disk_only.discard(key)
-        dropped = self._tensors.pop(key, None)
-        if dropped is not None:
-            self.in_memory -= dropped.numel() * dropped.element_size()
+        self.release(key)
 
     def _temporary_dir(self) -> Path:
         if self._temporary is None:
@@ -263,7 +267,7 @@ class StreamedModel:
         self.block = self.stack[0]
         self._block_shapes = {name: parameter.shape for name, parameter in self.block.named_parameters()}
         self._outside_names: List[str] = []
-        self._outside_loaded = False
+        self._outside_loaded: Set[str] = set()
         self._load_outside_blocks()
 
     # -- loading ---------------------------------------------------------------------------------
@@ -334,26 +338,37 @@ class StreamedModel:
         with torch.no_grad():
             for name in self._by_position([n for n in present if n in buffers]):
                 self._read_into(name, self.shell.get_buffer(name))
-        self._ensure_outside()
+        self.unload_outside()
+        self._input_only, self._output_only = self._one_sided_embeddings()
+
+    def _one_sided_embeddings(self) -> Tuple[Set[str], Set[str]]:
+        """The token-lookup weight only ``embed`` uses and the head weight only ``loss`` uses (both
+        empty when they are one tied tensor): on a 7B model each is as large as a block."""
+        named = {id(p): n for n, p in self.shell.named_parameters()}
+        lookup = self.shell.get_input_embeddings()
+        head = self.shell.get_output_embeddings()
+        lookup_weight = getattr(lookup, "weight", None)
+        head_weight = getattr(head, "weight", None)
+        if lookup_weight is None or head_weight is None or lookup_weight is head_weight:
+            return set(), set()
+        return {named[id(lookup_weight)]}, {named[id(head_weight)]}
 
     def unload_outside(self) -> None:
         """Frees the weights outside the blocks (embeddings, final norm, head), which the block
-        passes do not use: on a 7B model they are as large as a block. They are read again from the
-        checkpoint when next needed (``embed``, ``loss``, ``outside_parameters``)."""
-        if not self._outside_loaded:
-            return
+        passes do not use. They are read again from the checkpoint when next needed: ``embed``
+        reads all but the head, ``loss`` all but the token lookup, ``outside_parameters`` all."""
         for name in self._outside_names:
             parameter = self.shell.get_parameter(name)
             parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
-        self._outside_loaded = False
+        self._outside_loaded.clear()
 
-    def _ensure_outside(self) -> None:
-        if self._outside_loaded:
-            return
+    def _ensure_outside(self, skip: Collection[str] = ()) -> None:
+        """Reads the weights outside the blocks that are not loaded yet, but those in ``skip``."""
+        wanted = [n for n in self._outside_names if n not in self._outside_loaded and n not in skip]
         # Assigning .data keeps each Parameter object, so tied weights (one object) stay tied.
-        for name in self._by_position(self._outside_names):
+        for name in self._by_position(wanted):
             self.shell.get_parameter(name).data = self._read(name)
-        self._outside_loaded = True
+        self._outside_loaded.update(wanted)
 
     def unload_block(self) -> None:
         """Frees the loaded block's weights while no block runs (the loss pass); ``load_block``
@@ -400,7 +415,7 @@ class StreamedModel:
 
     def embed(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Any, ...], Dict[str, Any]]:
         """Hidden states entering block 0 and the arguments the model passes to every block."""
-        self._ensure_outside()
+        self._ensure_outside(skip=self._output_only)
         with self._standing_in(_Capture()):
             try:
                 self.shell(input_ids=input_ids.to(self.device), use_cache=False)
@@ -417,9 +432,14 @@ class StreamedModel:
 
     def loss(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The model's own causal-LM loss from the last block's output."""
-        self._ensure_outside()
+        self._ensure_outside(skip=self._input_only)
+        labels = input_ids.to(self.device)
+        # The token lookup's output never reaches the loss (the first block's place is taken by
+        # the saved output), so placeholder embeddings stand in and the lookup stays unread.
+        width = self.shell.get_input_embeddings().embedding_dim
+        placeholder = torch.zeros(*labels.shape, width, dtype=self.dtype, device=self.device)
         with self._standing_in(_Inject((last_hidden,) if self.block_returns_tuple else last_hidden)), float32_linears(self.device, self.dtype):
-            output = self.shell(input_ids=input_ids.to(self.device), labels=input_ids.to(self.device), use_cache=False)
+            output = self.shell(inputs_embeds=placeholder, labels=labels, use_cache=False)
         return output.loss
 
 
@@ -550,12 +570,14 @@ def backward_pass(
         tracker = _GradTracker(params, fisher)
         with _grad_enabled(params):
             for m in range(len(batches)):
-                hidden = streamed.store.get((index, m), model.device).requires_grad_(True)
+                # detach(): the gradient must not attach to the stored tensor and outlive the pass.
+                hidden = streamed.store.get((index, m), model.device).detach().requires_grad_(True)
                 args, kwargs = streamed.block_args[m]
                 out = model.run_block(hidden, args, kwargs)
                 out.backward(grads[m])
                 tracker.collect()
                 grads[m] = hidden.grad.detach()
+                streamed.store.release((index, m))
         on_params(tracker.stats(total))
         tracker.release()
         if on_state is not None:
@@ -592,7 +614,7 @@ def _loss_gradients(model: StreamedModel, streamed: StreamedPass, total: int) ->
     loss_total = 0.0
     with torch.enable_grad():
         for m, batch in enumerate(streamed.micro_batches):
-            last = streamed.store.get((model.num_blocks, m), model.device).requires_grad_(True)
+            last = streamed.store.get((model.num_blocks, m), model.device).detach().requires_grad_(True)
             loss = model.loss(last, batch) * (batch.shape[0] / total)
             (grad,) = torch.autograd.grad(loss, last)
             loss_total += float(loss.detach())
