@@ -341,7 +341,7 @@ def worker(args: argparse.Namespace) -> None:
     t_score = time.perf_counter()
     from structprune.sizes import parse_size
 
-    store = ActivationStore(parse_size(args.activation_memory))
+    store = ActivationStore(parse_size(args.activation_memory, allow_zero=True))
     # The kinds make_plan scores for --structures heads,mlp (the default): hidden channels only when pruned.
     kinds = [k for k in KINDS if k != "hidden" or args.score_hidden]
     scores = score(model, graph, estimator("taylor"), ids, micro_batch=args.micro_batch, store=store, progress=progress, kinds=kinds)

@@ -30,9 +30,12 @@ _NODE_REFERENCE = re.compile(r" at node \d+(?: \([^)]*\))?")
 class SizeParam(click.ParamType):
     name = "size"
 
+    def __init__(self, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero
+
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
         try:
-            return parse_size(value)
+            return parse_size(value, allow_zero=self.allow_zero)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
@@ -264,7 +267,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per forward/backward call (taylor2 uses 1).")
-@click.option("--activation-memory", type=SizeParam(), default=format_size(DEFAULT_ACTIVATION_MEMORY), show_default=True, help="Memory for the saved block inputs while scoring (one per block and micro-batch); past it they go to a temporary file. 0 keeps none in memory.")
+@click.option("--activation-memory", type=SizeParam(allow_zero=True), default=format_size(DEFAULT_ACTIVATION_MEMORY), show_default=True, help="Memory for the saved block inputs while scoring (one per block and micro-batch); past it they go to a temporary file. 0 keeps none in memory.")
 @click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Uniform: the same widths in every layer (a stock checkpoint). Global: per-layer widths, steps taken across all layers by score per parameter (a DeciLM or layers checkpoint, see --format).")
 @click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global].")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers.")

@@ -24,20 +24,22 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(size: Union[int, str]) -> int:
-    """Returns ``size`` in bytes; raises ``ValueError`` naming the accepted units otherwise."""
+def parse_size(size: Union[int, str], *, allow_zero: bool = False) -> int:
+    """Returns ``size`` in bytes; raises ``ValueError`` naming the accepted units otherwise. Zero is
+    refused unless ``allow_zero`` (for a budget, where it means "nothing in memory")."""
     if isinstance(size, bool):
         raise ValueError(f"size must be bytes or a string like '5GB', got {size!r}")
+    smallest = 0 if allow_zero else 1
     if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"size must be positive, got {size}")
+        if size < smallest:
+            raise ValueError(f"size must be {'non-negative' if allow_zero else 'positive'}, got {size}")
         return size
     match = _PATTERN.match(size)
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"cannot read size {size!r}: use bytes or a number with one of KB, MB, GB, TB, KiB, MiB, GiB, TiB")
     value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
+    if value < smallest:
         raise ValueError(f"size must be positive, got {size!r}")
     return value
 
