@@ -122,8 +122,10 @@ class ActivationStore:
             torch.save(tensor.cpu(), self._temporary_dir() / _activation_file(key))
 
     def get(self, key: Tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The saved tensor as a new tensor object (sharing memory when it is in memory already on
+        ``device``), so that a caller marking it for gradients leaves the stored one untouched."""
         if key in self._tensors:
-            return self._tensors[key].to(device)
+            return self._tensors[key].detach().to(device)
         path = (self.directory or self._temporary_dir()) / _activation_file(key)
         if not path.is_file():
             raise StreamingError(f"{path}: no saved input of block {key[0]}, micro-batch {key[1]}")
@@ -338,6 +340,7 @@ class StreamedModel:
         with torch.no_grad():
             for name in self._by_position([n for n in present if n in buffers]):
                 self._read_into(name, self.shell.get_buffer(name))
+        # The shell was built with (uninitialised) outside weights; each pass reads what it uses.
         self.unload_outside()
         self._input_only, self._output_only = self._one_sided_embeddings()
 
@@ -570,8 +573,7 @@ def backward_pass(
         tracker = _GradTracker(params, fisher)
         with _grad_enabled(params):
             for m in range(len(batches)):
-                # detach(): the gradient must not attach to the stored tensor and outlive the pass.
-                hidden = streamed.store.get((index, m), model.device).detach().requires_grad_(True)
+                hidden = streamed.store.get((index, m), model.device).requires_grad_(True)
                 args, kwargs = streamed.block_args[m]
                 out = model.run_block(hidden, args, kwargs)
                 out.backward(grads[m])
@@ -614,7 +616,7 @@ def _loss_gradients(model: StreamedModel, streamed: StreamedPass, total: int) ->
     loss_total = 0.0
     with torch.enable_grad():
         for m, batch in enumerate(streamed.micro_batches):
-            last = streamed.store.get((model.num_blocks, m), model.device).detach().requires_grad_(True)
+            last = streamed.store.get((model.num_blocks, m), model.device).requires_grad_(True)
             loss = model.loss(last, batch) * (batch.shape[0] / total)
             (grad,) = torch.autograd.grad(loss, last)
             loss_total += float(loss.detach())
