@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import numpy as np
 import pytest
@@ -140,27 +140,60 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(workspace: Dict[str, Path], tmp_path: Path) -> None:
-    # accelerate turns FSDP on only for accelerator devices (its MULTI_CPU state never becomes
-    # FSDP), so two CPU processes test the DDP path.
-    common = ["--data", str(workspace["train"]), "--seq-len", "32", "--max-steps", "3", "--dropout", "0", "-q"]
+@pytest.fixture(scope="module")
+def one_process(workspace: Dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three steps of global batch 4 in one process: what two processes must reproduce."""
+    done = recover(workspace["pruned"], tmp_path_factory.mktemp("one") / "out", small_options(workspace, batch_size=4, max_steps=3))
+    assert json.loads((done.output_dir / "recovery.json").read_text())["parallelism"] == "single"
+    return done.output_dir
+
+
+def _run_two_processes(workspace: Dict[str, Path], output: Path, entry: Sequence[str], *options: str) -> "subprocess.CompletedProcess[str]":
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        "-m", "structprune", "recover", str(workspace["pruned"]), "-o", str(tmp_path / "two"), "--batch-size", "2", *common,
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), *entry,
+        "recover", str(workspace["pruned"]), "-o", str(output), "--batch-size", "2",
+        "--data", str(workspace["train"]), "--seq-len", "32", "--max-steps", "3", "--dropout", "0", "-q", *options,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+
+
+def _recover_in_two_processes(workspace: Dict[str, Path], output: Path, *entry: str) -> Dict[str, object]:
+    done = _run_two_processes(workspace, output, entry)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = recover(workspace["pruned"], tmp_path / "one", small_options(workspace, batch_size=4, max_steps=3))
-    two_report = json.loads((tmp_path / "two" / "recovery.json").read_text())
-    assert (two_report["processes"], two_report["global_batch"]) == (2, one.global_batch) == (2, 4)
-    assert two_report["parallelism"] == "ddp"
-    assert json.loads((one.output_dir / "recovery.json").read_text())["parallelism"] == "single"
-    np.testing.assert_allclose(two_report["losses"], one.losses, rtol=1e-5)
-    weights_one, weights_two = load_file(str(one.output_dir / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    return json.loads((output / "recovery.json").read_text())
+
+
+def _assert_same_training(one: Path, two: Path, two_report: Dict[str, object]) -> None:
+    one_report = json.loads((one / "recovery.json").read_text())
+    assert (two_report["processes"], two_report["global_batch"]) == (2, one_report["global_batch"]) == (2, 4)
+    np.testing.assert_allclose(two_report["losses"], one_report["losses"], rtol=1e-5)
+    weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert weights_one.keys() == weights_two.keys()
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(workspace: Dict[str, Path], one_process: Path, tmp_path: Path) -> None:
+    report = _recover_in_two_processes(workspace, tmp_path / "two", "-m", "structprune")
+    assert report["parallelism"] == "ddp"
+    _assert_same_training(one_process, tmp_path / "two", report)
+
+
+def test_two_fsdp_processes_shard_the_model_and_train_like_one(workspace: Dict[str, Path], one_process: Path, tmp_path: Path) -> None:
+    # accelerate refuses FSDP to CPU processes (it runs DDP instead); the helper lifts that gate
+    # so that the sharded path, with the adapter gathered from both processes, runs here.
+    report = _recover_in_two_processes(workspace, tmp_path / "two", str(REPO / "tests" / "fsdp_on_cpu.py"))
+    assert report["parallelism"] == "fsdp"
+    _assert_same_training(one_process, tmp_path / "two", report)
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_refuses_resumable_states_before_training(workspace: Dict[str, Path], tmp_path: Path) -> None:
+    done = _run_two_processes(workspace, tmp_path / "out", [str(REPO / "tests" / "fsdp_on_cpu.py")], "--save-every", "1")
+    assert done.returncode == 1
+    assert "--save-every/--resume are not supported under FSDP" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_schedule_splits_global_batches_over_processes_and_epochs() -> None:
