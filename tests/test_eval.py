@@ -177,6 +177,72 @@ def test_tasks_without_lm_eval_say_how_to_install(monkeypatch: pytest.MonkeyPatc
     assert "error: zero-shot tasks need lm-evaluation-harness" in result.stderr and "pip install lm-eval" in result.stderr
 
 
+def _pick_the_continuation_task(directory: Path) -> List[Dict[str, Any]]:
+    """A local lm-eval task: each held-out line's first words, and its own next words among two
+    other lines' as the choices."""
+    lines = [line.split() for line in DEMO_HELDOUT.read_text(encoding="utf-8").splitlines() if len(line.split()) >= 12][:12]
+    docs = []
+    for i, words in enumerate(lines):
+        choices = [" ".join(lines[(i + shift) % len(lines)][6:10]) for shift in (0, 1, 2)]
+        answer = i % 3
+        choices[0], choices[answer] = choices[answer], choices[0]
+        docs.append({"context": " ".join(words[:6]), "choices": choices, "answer": answer})
+    data = directory / "pick.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    (directory / "pick.yaml").write_text(
+        "task: structprune_pick\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+        encoding="utf-8",
+    )
+    return docs
+
+
+def direct_choice_accuracy(model_dir: Path, docs: List[Dict[str, Any]]) -> float:
+    """Multiple choice by hand: the choice whose tokens (after " ", tokenized with the context) have
+    the highest summed log-probability given the context."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    correct = 0
+    for doc in docs:
+        context = tokenizer(doc["context"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in doc["choices"]:
+            whole = tokenizer(doc["context"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(logits[t - 1, whole[t]].item() for t in range(len(context), len(whole))))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    return correct / len(docs)
+
+
+def test_zero_shot_task_on_local_data_scores_like_a_direct_computation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (pip install lm-eval) is not installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    docs = _pick_the_continuation_task(tmp_path)
+    result = invoke("eval", DEMO_MODEL, "--tasks", "structprune_pick", "--task-path", tmp_path, "--no-timing", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["model"]["tasks"]["structprune_pick"]
+    assert metrics["acc"] == pytest.approx(direct_choice_accuracy(DEMO_MODEL, docs))
+    assert metrics["acc_stderr"] > 0
+
+
+def test_unknown_task_is_refused_naming_the_task_path(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (pip install lm-eval) is not installed")
+    result = invoke("eval", DEMO_MODEL, "--tasks", "no_such_task", "--task-path", tmp_path, "--no-timing")
+    assert result.exit_code == 1
+    assert f"unknown lm-eval task(s) no_such_task (including the task definitions in {tmp_path})" in result.output
+
+
 def test_load_model_refuses_what_it_cannot_load(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a directory"):
         load_model(tmp_path / "absent", dtype="float32", device="cpu")
