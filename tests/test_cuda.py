@@ -1,9 +1,12 @@
-"""The CUDA paths: streamed scoring, pruning and loading on a GPU. Skipped where CUDA is not
+"""The CUDA paths: streamed scoring, pruning, loading and recovery (autocast, QLoRA) on a GPU. Skipped where CUDA is not
 available (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -66,3 +69,25 @@ def test_pruned_model_evaluates_on_cuda(tmp_path: Path) -> None:
     on_gpu = perplexity_of_text(tmp_path / "out", HELDOUT, window=128, device="cuda")
     on_cpu = perplexity_of_text(tmp_path / "out", HELDOUT, window=128, device="cpu")
     assert on_gpu.perplexity == pytest.approx(on_cpu.perplexity, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def pruned_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("cuda-recover") / "pruned"
+    structprune.apply_plan(DEMO, ROOT / "demo" / "example-plan.json", output)
+    return output
+
+
+@pytest.mark.parametrize(("mixed_precision", "load_in"), [("bf16", None), ("fp16", None), ("no", "4bit"), ("no", "8bit")])
+def test_recover_on_cuda_lowers_the_loss_and_writes_a_stock_checkpoint(pruned_demo: Path, tmp_path: Path, mixed_precision: str, load_in: Optional[str]) -> None:
+    from structprune.recover import RecoverOptions, recover
+
+    options = RecoverOptions(data=CALIB, seq_len=64, batch_size=8, max_steps=12, lr=3e-3, dropout=0.0, device="cuda",
+                             mixed_precision=mixed_precision, load_in=load_in)
+    result = recover(pruned_demo, tmp_path / "out", options)
+    assert result.steps == 12 and all(math.isfinite(loss) for loss in result.losses)
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert merged.config.intermediate_size == json.loads((pruned_demo / "config.json").read_text())["intermediate_size"]
