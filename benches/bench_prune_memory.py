@@ -293,6 +293,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import structprune
+    from structprune import float32_compute
     from structprune.graph import KINDS
     from structprune.importance import estimator
     from structprune.scoring import score
@@ -305,6 +306,10 @@ def worker(args: argparse.Namespace) -> None:
     result["torch"] = torch.__version__
     model_dir = Path(args.model)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    if args.half_matmul == "float32":
+        # What a CPU without bfloat16/float16 matrix units runs (structprune.float32_compute).
+        float32_compute.needs_float32_compute = lambda device, dtype: device.type == "cpu" and dtype in float32_compute.HALF_DTYPES
+    result["float32_compute"] = float32_compute.needs_float32_compute(torch.device(args.device), dtype)
 
     t0 = time.perf_counter()
     stage[0] = "trace"
@@ -407,7 +412,8 @@ def full_worker(args: argparse.Namespace) -> None:
 def run_worker(model_dir: Path, args: argparse.Namespace, result_path: Path, log_path: Path, full: bool = False) -> Tuple[int, float, int, Dict[str, Any]]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-full" if full else "--worker", "--model", str(model_dir), "--result", str(result_path),
            "--dtype", args.dtype, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-           "--micro-batch", str(args.micro_batch), "--seed", str(args.seed), "--device", args.device, "--activation-memory", args.activation_memory]
+           "--micro-batch", str(args.micro_batch), "--seed", str(args.seed), "--device", args.device, "--activation-memory", args.activation_memory,
+           "--half-matmul", args.half_matmul]
     if args.score_hidden:
         cmd.append("--score-hidden")
     if args.threads:
@@ -471,6 +477,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--micro-batch", type=int, default=4, help="score() micro_batch (default 4, as make_plan)")
+    p.add_argument("--half-matmul", choices=["auto", "float32"], default="auto",
+                   help="half-precision CPU matrix products: auto (native where the CPU has bfloat16/float16 units, "
+                        "else structprune's float32 path) or float32 (always the float32 path, as on AVX2-only CPUs)")
     p.add_argument("--activation-memory", default="4GiB",
                    help="saved block inputs kept in memory, past it on disk (structprune prune --activation-memory; default 4GiB)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the worker (default: torch's)")
@@ -567,6 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        f"{spec.params / 1e9:.2f} B params, {len(wanted['files'])} shards"],
         ["calibration", f"{args.samples} x {args.seq_len} random token ids, micro-batch {args.micro_batch}, compute {args.dtype}, "
                         f"{data.get('torch_threads')} torch threads"],
+        ["half-precision matmuls", "float32 path (structprune.float32_compute)" if data.get("float32_compute") else "native"],
         ["saved block inputs", f"in memory up to {args.activation_memory}; {data.get('activations_spilled', 0)} went to disk"],
         ["peak RSS (wait4 ru_maxrss)", f"{fmt_mib(peak)} = {peak / GB:.2f} GB"],
         ["peak RSS (worker VmHWM)", fmt_mib(data.get("vm_hwm"))],

@@ -88,3 +88,33 @@ def test_streamed_bfloat16_gradients_follow_float32_autograd(monkeypatch: pytest
         scale = param.grad.abs().max().item()
         worst = (stats[name].grad.float() - param.grad).abs().max().item() / scale
         assert worst < 0.05, f"{name}: relative difference {worst:.3f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_gradients_of_micro_batches_sum_in_place(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked to, the backward adds each micro-batch's weight gradient into the one ``weight.grad``
+    (no second weight-sized buffer) and the sum equals float32 arithmetic over the whole batch."""
+    monkeypatch.setattr(float32_compute, "CHUNK_BYTES", 48 * 4 * 7)
+    inputs = half_inputs(dtype)
+    x, weight, bias = inputs
+    seed = torch.linspace(-1, 1, 2 * 5 * 40).reshape(2, 5, 40)
+    buffers = []
+    for sample in range(2):
+        out = Float32Linear.apply(x[sample], weight, bias, True)
+        out.backward(seed[sample].to(dtype))
+        buffers.append(weight.grad.data_ptr())
+    assert buffers[0] == buffers[1] and weight.grad.dtype == dtype
+    want = float32_reference(inputs)
+    torch.testing.assert_close(weight.grad.float(), want[2], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.float(), want[1], rtol=1e-2, atol=1e-2)
+
+
+def test_weight_gradients_of_computed_weights_still_flow_through_autograd() -> None:
+    """A weight that is not a leaf (computed from another tensor) has no ``.grad`` to add into; its
+    gradient goes back through autograd as usual."""
+    base = torch.randn(40, 48).to(torch.bfloat16).requires_grad_(True)
+    x = torch.randn(3, 48).to(torch.bfloat16)
+    out = Float32Linear.apply(x, base * 2, None, True)
+    out.backward(torch.ones_like(out))
+    expected = 2 * torch.ones(3, 40).T @ x.float()
+    torch.testing.assert_close(base.grad.float(), expected, rtol=1e-2, atol=1e-2)

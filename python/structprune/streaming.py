@@ -428,7 +428,7 @@ class StreamedModel:
 
     def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
         """The loaded block's hidden-state output for ``hidden``."""
-        with float32_linears(self.device, self.dtype):
+        with float32_linears(self.device, self.dtype, accumulate_weight_grads=True):
             output = self.block(hidden, *args, **kwargs)
         self.block_returns_tuple = isinstance(output, (tuple, list))
         return _first(output)
@@ -441,7 +441,7 @@ class StreamedModel:
         # the saved output), so placeholder embeddings stand in and the lookup stays unread.
         width = self.shell.get_input_embeddings().embedding_dim
         placeholder = torch.zeros(*labels.shape, width, dtype=self.dtype, device=self.device)
-        with self._standing_in(_Inject((last_hidden,) if self.block_returns_tuple else last_hidden)), float32_linears(self.device, self.dtype):
+        with self._standing_in(_Inject((last_hidden,) if self.block_returns_tuple else last_hidden)), float32_linears(self.device, self.dtype, accumulate_weight_grads=True):
             output = self.shell(inputs_embeds=placeholder, labels=labels, use_cache=False)
         return output.loss
 
