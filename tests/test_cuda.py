@@ -1,5 +1,6 @@
-"""The CUDA paths: streamed scoring, pruning, loading and recovery (autocast, QLoRA) on a GPU. Skipped where CUDA is not
-available (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda.py``."""
+"""The CUDA paths: streamed scoring, pruning, loading and recovery (autocast, QLoRA) on a GPU.
+Skipped where CUDA is not available (CI has none); run on a GPU machine with
+``python -m pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 

@@ -224,10 +224,8 @@ def direct_choice_accuracy(model_dir: Path, docs: List[Dict[str, Any]]) -> float
     return correct / len(docs)
 
 
-def test_zero_shot_task_on_local_data_scores_like_a_direct_computation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zero_shot_task_on_local_data_scores_like_a_direct_computation(tmp_path: Path) -> None:
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness (pip install lm-eval) is not installed")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     docs = _pick_the_continuation_task(tmp_path)
     result = invoke("eval", DEMO_MODEL, "--tasks", "structprune_pick", "--task-path", tmp_path, "--no-timing", "--json")
     assert result.exit_code == 0, result.output
