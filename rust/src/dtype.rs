@@ -65,7 +65,7 @@ impl Dtype {
     /// Bytes per element, or `None` for the packed sub-byte types whose elements have no byte address.
     pub fn item_bytes(self) -> Option<u64> {
         let bits = self.bits();
-        (bits % 8 == 0).then_some(u64::from(bits / 8))
+        bits.is_multiple_of(8).then_some(u64::from(bits / 8))
     }
 
     /// Bytes taken by `numel` elements, or `None` when that is not a whole number of bytes or overflows.

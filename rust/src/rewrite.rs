@@ -75,20 +75,29 @@ pub trait Placed {
     fn nbytes(&self) -> u64;
 }
 
-impl Placed for OutputTensor {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[u64] {
-        &self.shape
-    }
-    fn nbytes(&self) -> u64 {
-        self.nbytes
-    }
+/// Implements [`Placed`] for a struct with `name`, `dtype`, `shape` and `nbytes` fields (invoked
+/// where the fields are visible).
+macro_rules! placed_from_fields {
+    ($type:ty) => {
+        impl $crate::rewrite::Placed for $type {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn dtype(&self) -> $crate::dtype::Dtype {
+                self.dtype
+            }
+            fn shape(&self) -> &[u64] {
+                &self.shape
+            }
+            fn nbytes(&self) -> u64 {
+                self.nbytes
+            }
+        }
+    };
 }
+pub(crate) use placed_from_fields;
+
+placed_from_fields!(OutputTensor);
 
 /// Where every output tensor goes.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::rewrite::{
     check_paths, copied_bytes, create_shards, files_under, finish, other_files, place, report, ApplyReport, CopiedFile,
-    Layout, Placed, Progress,
+    placed_from_fields, Layout, Progress,
 };
 use crate::staging::Staging;
 
@@ -46,20 +46,7 @@ impl TensorSpec {
     }
 }
 
-impl Placed for TensorSpec {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[u64] {
-        &self.shape
-    }
-    fn nbytes(&self) -> u64 {
-        self.nbytes
-    }
-}
+placed_from_fields!(TensorSpec);
 
 /// A file or directory copied into the output at a relative path (an adapter, a report).
 #[derive(Debug, Clone)]
@@ -223,6 +210,7 @@ fn check_no_clashes(output: &Path, layout: &Layout<TensorSpec>, to_copy: &[Copie
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rewrite::Placed;
 
     #[test]
     fn specs_need_whole_bytes() {

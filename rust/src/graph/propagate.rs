@@ -173,11 +173,10 @@ impl Propagator {
             "linear" => self.linear(node, &context),
             "addmm" => self.addmm(node, &context),
             "mm" | "bmm" | "matmul" => self.matmul(node, 0, &context),
-            "baddbmm" => self.matmul(node, 1, &context).map(|v| {
-                if let (Val::Tensor(out), Some(input)) = (&v, self.tensor_arg(node, 0)) {
+            "baddbmm" => self.matmul(node, 1, &context).inspect(|v| {
+                if let (Val::Tensor(out), Some(input)) = (v, self.tensor_arg(node, 0)) {
                     self.broadcast_into(&input, out, &context);
                 }
-                v
             }),
             "embedding" => self.embedding(node),
             "transpose" | "t" | "permute" | "swapaxes" | "movedim" => self.permute(node),

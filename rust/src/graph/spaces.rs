@@ -233,7 +233,7 @@ impl Spaces {
     pub fn split_front(&mut self, id: SpaceId, front: u64, product: bool) -> Option<(SpaceId, SpaceId)> {
         let root = self.find(id);
         let size = self.size(root);
-        if front == 0 || front >= size || (product && size % front != 0) {
+        if front == 0 || front >= size || (product && !size.is_multiple_of(front)) {
             return None;
         }
         match self.refinement(root) {
@@ -266,7 +266,7 @@ impl Spaces {
                 }
             } else {
                 let remaining = if product {
-                    if front % acc != 0 {
+                    if !front.is_multiple_of(acc) {
                         return None;
                     }
                     front / acc
@@ -307,7 +307,7 @@ impl Spaces {
         if let Some(Refinement::Product(parts)) = self.refinement(id) {
             let outer = parts[0];
             let stride = size / self.size(self.find_const(outer));
-            if start % stride != 0 || end % stride != 0 {
+            if !start.is_multiple_of(stride) || !end.is_multiple_of(stride) {
                 return None;
             }
             let outer_segment = self.segment(outer, start / stride, end / stride)?;
