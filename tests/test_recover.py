@@ -27,6 +27,7 @@ DEMO_MODEL = REPO / "demo" / "model"
 DEMO_PLAN = REPO / "demo" / "example-plan.json"
 DEMO_CALIB = REPO / "demo" / "text" / "calib.txt"
 DEMO_HELDOUT = REPO / "demo" / "text" / "heldout.txt"
+FSDP_ON_CPU = [str(REPO / "tests" / "fsdp_on_cpu.py")]  # torchrun entry: the CLI with accelerate's FSDP2 on CPU processes
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def _run_two_processes(workspace: Dict[str, Path], output: Path, entry: Sequence
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
-def _recover_in_two_processes(workspace: Dict[str, Path], output: Path, *entry: str) -> Dict[str, object]:
+def _recover_in_two_processes(workspace: Dict[str, Path], output: Path, entry: Sequence[str]) -> Dict[str, object]:
     done = _run_two_processes(workspace, output, entry)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((output / "recovery.json").read_text())
@@ -175,7 +176,7 @@ def _assert_same_training(one: Path, two: Path, two_report: Dict[str, object]) -
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(workspace: Dict[str, Path], one_process: Path, tmp_path: Path) -> None:
-    report = _recover_in_two_processes(workspace, tmp_path / "two", "-m", "structprune")
+    report = _recover_in_two_processes(workspace, tmp_path / "two", ["-m", "structprune"])
     assert report["parallelism"] == "ddp"
     _assert_same_training(one_process, tmp_path / "two", report)
 
@@ -183,14 +184,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(workspace: Dict
 def test_two_fsdp_processes_shard_the_model_and_train_like_one(workspace: Dict[str, Path], one_process: Path, tmp_path: Path) -> None:
     # accelerate refuses FSDP to CPU processes (it runs DDP instead); the helper lifts that gate
     # so that the sharded path, with the adapter gathered from both processes, runs here.
-    report = _recover_in_two_processes(workspace, tmp_path / "two", str(REPO / "tests" / "fsdp_on_cpu.py"))
+    report = _recover_in_two_processes(workspace, tmp_path / "two", FSDP_ON_CPU)
     assert report["parallelism"] == "fsdp"
     _assert_same_training(one_process, tmp_path / "two", report)
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_fsdp_refuses_resumable_states_before_training(workspace: Dict[str, Path], tmp_path: Path) -> None:
-    done = _run_two_processes(workspace, tmp_path / "out", [str(REPO / "tests" / "fsdp_on_cpu.py")], "--save-every", "1")
+    done = _run_two_processes(workspace, tmp_path / "out", FSDP_ON_CPU, "--save-every", "1")
     assert done.returncode == 1
     assert "--save-every/--resume are not supported under FSDP" in done.stderr
     assert not (tmp_path / "out").exists()

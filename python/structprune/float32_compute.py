@@ -96,25 +96,23 @@ class Float32Linear(torch.autograd.Function):
             grad_x = summed.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             inputs = x.reshape(-1, x.shape[-1]).float()
-            if ctx.accumulate_weight_grad:
-                _add_into_grad(weight, grads, inputs)
-            else:
+            if not ctx.accumulate_weight_grad:
                 grad_weight = torch.empty_like(weight)
-                for rows in _row_slices(weight.shape[0], weight.shape[1]):
-                    grad_weight[rows] = grads[:, rows].T @ inputs
+                _weight_grad_into(grad_weight, grads, inputs, add=False)
+            elif weight.grad is None:
+                weight.grad = torch.empty_like(weight)
+                _weight_grad_into(weight.grad, grads, inputs, add=False)
+            else:
+                _weight_grad_into(weight.grad, grads, inputs, add=True)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grads.sum(dim=0).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None
 
 
-def _add_into_grad(weight: torch.Tensor, grads: torch.Tensor, inputs: torch.Tensor) -> None:
-    """``weight.grad += grads.T @ inputs``, in float32 slice by slice, rounded once per slice."""
-    first = weight.grad is None
-    target = torch.empty_like(weight) if first else weight.grad
-    for rows in _row_slices(weight.shape[0], weight.shape[1]):
+def _weight_grad_into(target: torch.Tensor, grads: torch.Tensor, inputs: torch.Tensor, *, add: bool) -> None:
+    """``target = grads.T @ inputs`` (``+=`` with ``add``), in float32 slice by slice, rounded once per slice."""
+    for rows in _row_slices(target.shape[0], target.shape[1]):
         part = grads[:, rows].T @ inputs
-        if not first:
+        if add:
             part += target[rows]  # promoted element by element: no float32 copy of the slice
         target[rows] = part
-    if first:
-        weight.grad = target
