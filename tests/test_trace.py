@@ -313,8 +313,8 @@ def test_config_without_architectures_uses_auto_class() -> None:
 
 def test_grad_mode_wrappers_are_inlined() -> None:
     """Exported with grad enabled, HF's no_grad rotary embedding becomes a
-    wrap_with_set_grad_enabled higher-order op around a submodule: the IR inlines it and comes out
-    the same as the no_grad export trace_model does."""
+    wrap_with_set_grad_enabled higher-order op around a submodule (torch < 2.15 with transformers
+    < 5.24): the IR inlines it and comes out the same as the no_grad export trace_model does."""
     from structprune import tracing as tr
 
     cfg = CONFIGS["llama"]()
@@ -322,10 +322,13 @@ def test_grad_mode_wrappers_are_inlined() -> None:
     model.eval()
     ids = torch.zeros((1, SEQ_LEN), dtype=torch.long, device="meta")
     ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=False)
-    assert any("wrap_with_set_grad_enabled" in str(n.target) for n in ep.graph.nodes)
     inlined = tr._to_ir(ep, model, {}, None)
     plain = tr._to_ir(tr._export(model), model, {}, None)
     assert inlined.nodes == plain.nodes and inlined.outputs == plain.outputs
+    if not any("wrap_with_set_grad_enabled" in str(n.target) for n in ep.graph.nodes):
+        # An upstream detail: newer torch/transformers export the rotary embedding without the
+        # wrapper, so the grad-mode export above had nothing to inline.
+        pytest.skip(f"torch {torch.__version__} / transformers {transformers.__version__} export no wrap_with_set_grad_enabled: nothing to inline")
 
 
 def test_non_finite_floats_are_encoded() -> None:
