@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from structprune.errors import PlanError
 
@@ -29,32 +30,49 @@ Indices = Union[List[int], str]
 
 @dataclass(frozen=True)
 class Values:
-    """Contents the plan gives a tensor: every element in row-major order (``values``), or one value
-    for all (``fill``). The engine rounds them to the tensor's dtype (F16, BF16, F32 or F64), so
-    values computed in that dtype are written exactly."""
+    """Contents the plan gives a tensor: every element in row-major order (``values``), one value
+    for all (``fill``), or a tensor of a safetensors file (``file`` + ``tensor``: weights that a
+    reconstruction computed, too many numbers for JSON; copied byte for byte, so it must have the
+    output's dtype and shape). The engine rounds ``values`` and ``fill`` to the tensor's dtype (F16,
+    BF16, F32 or F64), so values computed in that dtype are written exactly."""
 
     values: Optional[Tuple[float, ...]] = None
     fill: Optional[float] = None
+    file: Optional[str] = None
+    tensor: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if (self.values is None) == (self.fill is None):
-            raise PlanError("tensor values need exactly one of 'values' (every element) and 'fill' (one value for all)")
+        if (self.file is None) != (self.tensor is None):
+            raise PlanError("tensor values from a file need both 'file' and 'tensor'")
+        if sum(x is not None for x in (self.values, self.fill, self.file)) != 1:
+            raise PlanError("tensor values need exactly one of 'values' (every element), 'fill' (one value for all) and 'file' + 'tensor'")
 
     @classmethod
     def of(cls, values: Sequence[float]) -> "Values":
         return cls(values=tuple(float(v) for v in values))
 
+    @classmethod
+    def from_file(cls, file: Union[str, "PathLike[str]"], tensor: str) -> "Values":
+        return cls(file=str(file), tensor=tensor)
+
     def to_dict(self) -> Dict[str, Any]:
-        return {"values": list(self.values)} if self.values is not None else {"fill": self.fill}
+        if self.values is not None:
+            return {"values": list(self.values)}
+        if self.file is not None:
+            return {"file": self.file, "tensor": self.tensor}
+        return {"fill": self.fill}
 
     @classmethod
     def from_dict(cls, where: str, data: Any) -> "Values":
-        if not isinstance(data, Mapping) or set(data) - {"values", "fill"}:
-            raise PlanError(f"{where} must be an object with 'values' or 'fill'")
+        if not isinstance(data, Mapping) or set(data) - {"values", "fill", "file", "tensor"}:
+            raise PlanError(f"{where} must be an object with 'values', 'fill' or 'file' + 'tensor'")
+        for key in ("file", "tensor"):
+            if key in data and not isinstance(data[key], str):
+                raise PlanError(f"{where}: '{key}' must be a string")
         try:
             values = None if data.get("values") is None else tuple(_finite(v) for v in data["values"])
             fill = None if data.get("fill") is None else _finite(data["fill"])
-            return cls(values=values, fill=fill)
+            return cls(values=values, fill=fill, file=data.get("file"), tensor=data.get("tensor"))
         except (TypeError, ValueError, PlanError) as err:
             raise PlanError(f"{where}: {err}") from None
 
@@ -154,7 +172,25 @@ class CutPlan:
         return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text) + "\n"
 
     def save(self, path: Union[str, "PathLike[str]"]) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        """Writes the plan; tensor files below the plan's directory are named relative to it (so a
+        plan and its reconstructed weights move together and the text does not depend on where
+        they live), others by absolute path."""
+        base = Path(path).resolve().parent
+        Path(path).write_text(self._with_files(lambda file: _relative_to(file, base)).to_json(), encoding="utf-8")
+
+    def _with_files(self, rename: Callable[[str], str]) -> "CutPlan":
+        """A copy whose tensor-file paths (``replace``/``add`` from a file) are ``rename``d."""
+
+        def moved(values: Optional[Values]) -> Optional[Values]:
+            if values is None or values.file is None:
+                return values
+            return dataclasses.replace(values, file=rename(values.file))
+
+        tensors = {}
+        for name, cut in self.tensors.items():
+            add = cut.add if cut.add is None else dataclasses.replace(cut.add, contents=moved(cut.add.contents))
+            tensors[name] = dataclasses.replace(cut, replace=moved(cut.replace), add=add)
+        return dataclasses.replace(self, tensors=tensors)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CutPlan":
@@ -189,7 +225,8 @@ class CutPlan:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise PlanError(f"{path}: cannot read plan: {err.strerror}") from err
-        return cls.from_json(text, source=str(path))
+        base = Path(path).resolve().parent
+        return cls.from_json(text, source=str(path))._with_files(lambda file: str(base / file))
 
 
 PlanLike = Union[CutPlan, Mapping[str, Any], str, "PathLike[str]"]
@@ -202,6 +239,14 @@ def as_plan_json(plan: PlanLike) -> str:
     if isinstance(plan, Mapping):
         return json.dumps(plan)
     return CutPlan.load(plan).to_json()
+
+
+def _relative_to(file: str, base: Path) -> str:
+    resolved = Path(file).resolve()
+    try:
+        return str(resolved.relative_to(base))
+    except ValueError:
+        return str(resolved)
 
 
 def _plain(indices: Union[Indices, range]) -> Indices:

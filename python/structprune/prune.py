@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import resource
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from structprune.apply import ApplyReport, apply_plan, plan_output
+from structprune.apply import ApplyReport, apply_plan, check_output, plan_output
 from structprune.calibration import batch_sha256
 from structprune.checkpoint import read_checkpoint, read_config
 from structprune.compensation import check_request, compensate_biases
@@ -23,6 +26,7 @@ from structprune.graph import KINDS, StructureGraph, trace
 from structprune.importance import Importance, estimator
 from structprune.plan import CutPlan
 from structprune.planner import PLANNINGS, Target, default_protection, layer_widths, plan_global, plan_uniform
+from structprune.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, apply_to_plan, reconstruct, stored_dtype_map
 from structprune.resume import Journal, default_directory, run_key
 from structprune.scoring import Scores, score
 from structprune.sizes import DEFAULT_ACTIVATION_MEMORY
@@ -67,6 +71,12 @@ class PruneOptions:
     """FLAP's bias compensation (``structprune.compensation``): the removed input channels of
     o_proj/down_proj (and their equivalents) are replaced by their calibration means, folded into the
     layers' biases. Needs calibration data, whatever the estimator."""
+    reconstruct: bool = False
+    """Refit the kept input columns of every layer that loses inputs (least squares on the pruned
+    model's calibration activations, block by block: ``structprune.reconstruct``). Needs
+    calibration data, whatever the estimator."""
+    damping: float = DEFAULT_DAMPING
+    """Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix."""
 
 
 @dataclass
@@ -94,8 +104,11 @@ def make_plan(
     progress: Optional[Progress] = None,
     resume: Union[bool, str, Path] = False,
     workers: Optional[Workers] = None,
+    reconstruction_dir: Optional[Path] = None,
 ) -> PruneResult:
-    """Scores the checkpoint and plans the cut, writing no checkpoint.
+    """Scores the checkpoint and plans the cut, writing no checkpoint (with ``options.reconstruct``,
+    the refitted weights go to ``reconstruction_dir``, which the plan then reads: keep it until the
+    plan is applied).
 
     ``resume``: a directory where scoring saves its state after every block and continues a saved
     run (``True``: one under the user's cache directory, named by a hash of the inputs; see
@@ -114,7 +127,11 @@ def make_plan(
     importance = estimator(options.importance, seed=options.seed)
     if options.bias_compensation:
         check_request(tuple(options.structures), options.layout)
-    needs_data = importance.needs_gradients or importance.needs_activations or "blocks" in options.structures or options.bias_compensation
+    if options.reconstruct:
+        _check_reconstruction(options, reconstruction_dir)
+    needs_data = (
+        importance.needs_gradients or importance.needs_activations or "blocks" in options.structures or options.bias_compensation or options.reconstruct
+    )
     input_ids, calibration = _calibration(model_dir, options) if needs_data else (None, None)
     workers = workers or current()
     device = workers.compute_device(options.device)
@@ -128,6 +145,7 @@ def make_plan(
         "method": {
             "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
             "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize, "blocks": options.blocks,
+            "reconstruct": options.reconstruct,
         },
         "seed": options.seed,
         "target_ratio": options.ratio,
@@ -139,6 +157,9 @@ def make_plan(
         if plan.metadata["format"] == "decilm":  # chosen by auto; the layers format holds biases
             plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout="layers")
         compensate_biases(model_dir, graph, selection, plan, scores.input_means)
+    if options.reconstruct:
+        assert input_ids is not None and reconstruction_dir is not None
+        _reconstruct(model, graph, selection, plan, input_ids[workers.share(input_ids.shape[0])], options, reconstruction_dir, workers, progress)
     before = read_checkpoint(model_dir).parameters
     after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
     plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -175,6 +196,41 @@ def plan_selection(model_dir: Union[str, Path], graph: StructureGraph, scores: S
     return plan_uniform(graph, scores, target, heads, hidden), target
 
 
+def _check_reconstruction(options: PruneOptions, reconstruction_dir: Optional[Path]) -> None:
+    if "hidden" in options.structures:
+        raise PlanError(HIDDEN_REFUSAL)
+    if options.bias_compensation:
+        raise PlanError("reconstruction refits the kept weights, which subsumes bias compensation: choose one of them")
+    if options.damping < 0:
+        raise PlanError(f"reconstruction damping must be at least 0, got {options.damping}")
+    if reconstruction_dir is None:
+        raise PlanError("reconstruction writes the refitted weights to files the plan reads: pass reconstruction_dir")
+
+
+def _reconstruct(
+    model: StreamedModel,
+    graph: StructureGraph,
+    selection: Selection,
+    plan: CutPlan,
+    share: torch.Tensor,
+    options: PruneOptions,
+    directory: Path,
+    workers: Workers,
+    progress: Optional[Progress],
+) -> None:
+    from structprune.tracing import checkpoint_name_map
+
+    names = list(read_checkpoint(model.model_dir).tensors)
+    stored_names = {model_name: name for name, model_name in checkpoint_name_map(model.model_dir, names).items()}
+    result = reconstruct(
+        model, graph, selection, share, directory, stored_names=stored_names, stored_dtypes=stored_dtype_map(model.model_dir),
+        damping=options.damping, micro_batch=options.micro_batch, activation_memory=options.activation_memory, workers=workers,
+        progress=progress,
+    )
+    apply_to_plan(plan, result)
+    plan.metadata["reconstruction"]["damping"] = options.damping
+
+
 def default_multiple(graph: StructureGraph) -> int:
     """64 when the MLP has at least 2048 channels (large models, where 64 keeps GEMMs on full
     tiles), else 8 (small models, where 64 would be too coarse a step)."""
@@ -194,11 +250,29 @@ def prune(
 ) -> PruneResult:
     """Scores, plans and writes the pruned checkpoint to ``output_dir`` (only process 0 writes it
     when several score together; ``resume`` as for ``make_plan``)."""
+    check_output(model_dir, output_dir, overwrite=overwrite)  # before scoring, not after it
     workers = current()
-    result = make_plan(model_dir, options, progress=progress, resume=resume, workers=workers)
-    if workers.is_main:
-        result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
+    with reconstruction_work_dir(output_dir, options) as work_dir:
+        result = make_plan(model_dir, options, progress=progress, resume=resume, workers=workers, reconstruction_dir=work_dir)
+        if workers.is_main:
+            result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
     return result
+
+
+@contextmanager
+def reconstruction_work_dir(output_dir: Union[str, Path], options: PruneOptions) -> Iterator[Optional[Path]]:
+    """A hidden directory beside the output for the refitted weights while the plan is applied,
+    removed afterwards whatever happens (``None`` without reconstruction)."""
+    if not options.reconstruct:
+        yield None
+        return
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.structprune-reconstruct-", dir=output_dir.parent))
+    try:
+        yield work_dir
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _score(

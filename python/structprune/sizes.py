@@ -9,6 +9,10 @@ DEFAULT_ACTIVATION_MEMORY = 4 << 30
 """Bytes of saved block inputs scoring keeps in memory before further ones go to disk (here, not in
 the streaming module, so that the CLI can show it without importing torch)."""
 
+DEFAULT_DAMPING = 0.01
+"""Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix (SparseGPT's
+1%); here for the same reason as the activation budget."""
+
 _UNITS = {
     "": 1,
     "B": 1,

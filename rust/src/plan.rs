@@ -1,6 +1,7 @@
 //! The cut plan (`docs/plan-format.md`): parsing, and validation against a checkpoint.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -57,6 +58,10 @@ struct RawAdd {
     values: Option<Vec<f64>>,
     #[serde(default)]
     fill: Option<f64>,
+    #[serde(default)]
+    file: Option<PathBuf>,
+    #[serde(default)]
+    tensor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,17 +71,25 @@ struct RawValues {
     values: Option<Vec<f64>>,
     #[serde(default)]
     fill: Option<f64>,
+    /// A safetensors file holding the contents as `tensor` (weights a reconstruction computed:
+    /// far too many numbers for JSON).
+    #[serde(default)]
+    file: Option<PathBuf>,
+    #[serde(default)]
+    tensor: Option<String>,
 }
 
 /// Kept indices along one dimension; shared between tensors that use the same index set.
 pub type KeepList = Arc<Vec<u64>>;
 
-/// Contents a plan gives a tensor: every element in row-major order, or one value for all; rounded
-/// to the tensor's dtype when the output is laid out.
+/// Contents a plan gives a tensor: every element in row-major order, or one value for all (both
+/// rounded to the tensor's dtype when the output is laid out), or a tensor of a safetensors file,
+/// copied byte for byte (it must have the output's dtype and shape).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Values {
     Each(Arc<Vec<f64>>),
     Fill(f64),
+    File { path: PathBuf, tensor: String },
 }
 
 /// A tensor the checkpoint does not have, written with the plan's values.
@@ -185,20 +198,27 @@ fn resolve_add(name: &str, raw: Value) -> Result<AddedTensor> {
     let raw: RawAdd = serde_json::from_value(raw).map_err(|e| Error::plan(name, format!("'add': {e}")))?;
     let dtype = Dtype::parse(&raw.dtype)
         .ok_or_else(|| Error::plan(name, format!("'add': unknown safetensors dtype '{}'", raw.dtype)))?;
-    let values = one_of(name, "add", raw.values, raw.fill)?;
+    let values = one_of(name, "add", RawValues { values: raw.values, fill: raw.fill, file: raw.file, tensor: raw.tensor })?;
     Ok(AddedTensor { dtype, shape: raw.shape, values })
 }
 
 fn resolve_replace(name: &str, raw: Value) -> Result<Values> {
     let raw: RawValues = serde_json::from_value(raw).map_err(|e| Error::plan(name, format!("'replace': {e}")))?;
-    one_of(name, "replace", raw.values, raw.fill)
+    one_of(name, "replace", raw)
 }
 
-fn one_of(name: &str, action: &str, values: Option<Vec<f64>>, fill: Option<f64>) -> Result<Values> {
-    match (values, fill) {
-        (Some(values), None) => Ok(Values::Each(Arc::new(values))),
-        (None, Some(fill)) => Ok(Values::Fill(fill)),
-        _ => Err(Error::plan(name, format!("'{action}' needs exactly one of 'values' (every element) and 'fill' (one value for all)"))),
+fn one_of(name: &str, action: &str, raw: RawValues) -> Result<Values> {
+    match (raw.values, raw.fill, raw.file, raw.tensor) {
+        (Some(values), None, None, None) => Ok(Values::Each(Arc::new(values))),
+        (None, Some(fill), None, None) => Ok(Values::Fill(fill)),
+        (None, None, Some(path), Some(tensor)) => Ok(Values::File { path, tensor }),
+        (None, None, Some(_), None) | (None, None, None, Some(_)) => {
+            Err(Error::plan(name, format!("'{action}' from a file needs both 'file' and 'tensor'")))
+        }
+        _ => Err(Error::plan(
+            name,
+            format!("'{action}' needs exactly one of 'values' (every element), 'fill' (one value for all) and 'file' + 'tensor'"),
+        )),
     }
 }
 
@@ -229,6 +249,8 @@ pub enum Data {
     Given(Arc<Vec<u8>>),
     /// One element's bytes, repeated (a fill: generated while writing, never held whole).
     Repeated(Vec<u8>),
+    /// A whole tensor of another safetensors file: its bytes start at `offset` of `path`.
+    External { path: Arc<PathBuf>, offset: u64 },
 }
 
 /// One tensor of the output checkpoint and where its bytes come from.
@@ -346,9 +368,32 @@ fn given(name: String, dtype: Dtype, shape: Vec<u64>, values: &Values) -> Result
             }
             Data::Given(Arc::new(bytes))
         }
+        Values::File { path, tensor } => external(&name, dtype, &shape, path, tensor)?,
     };
     let nbytes = dtype.span_bytes(numel).expect("checked above");
     Ok(OutputTensor { name, data, dtype, source_shape: shape.clone(), keep: vec![None; shape.len()], shape, nbytes })
+}
+
+/// The bytes of `tensor` in the safetensors file `path`, which must have the output's dtype and shape.
+fn external(name: &str, dtype: Dtype, shape: &[u64], path: &PathBuf, tensor: &str) -> Result<Data> {
+    let header = crate::header::read_header(path)?;
+    let entry = header
+        .tensors
+        .iter()
+        .find(|e| e.name == tensor)
+        .ok_or_else(|| Error::plan(name, format!("{} has no tensor '{tensor}'", path.display())))?;
+    if entry.dtype != dtype || entry.shape != shape {
+        return Err(Error::plan(
+            name,
+            format!(
+                "tensor '{tensor}' of {} is {} {:?}, the output needs {dtype} {shape:?}",
+                path.display(),
+                entry.dtype,
+                entry.shape
+            ),
+        ));
+    }
+    Ok(Data::External { path: Arc::new(path.clone()), offset: header.data_start + entry.begin })
 }
 
 /// Puts each added tensor right after the last stored output tensor of its module (the name up to
@@ -420,6 +465,10 @@ mod tests {
         assert_eq!(added.values, Values::Each(Arc::new(vec![0.5, -1.0, 2e-3])));
         assert_eq!(p.tensors["b.bias"].add.as_ref().unwrap().values, Values::Fill(0.0));
         assert_eq!(p.tensors["c.bias"].replace, Some(Values::Each(Arc::new(vec![1.25]))));
+        let from_file = plan(r#"{"format":"structprune.cut-plan","version":1,"tensors":{
+            "w":{"keep":{"1":[0]},"replace":{"file":"/tmp/r.safetensors","tensor":"w"}}}}"#)
+        .unwrap();
+        assert_eq!(from_file.tensors["w"].replace, Some(Values::File { path: "/tmp/r.safetensors".into(), tensor: "w".into() }));
     }
 
     #[test]
@@ -442,6 +491,8 @@ mod tests {
         rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"rename":"y"}"#, "cannot be combined");
         rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"drop":true}"#, "cannot be combined");
         rejected(r#"{"replace":{}}"#, "'replace' needs exactly one");
+        rejected(r#"{"replace":{"file":"a.safetensors"}}"#, "needs both 'file' and 'tensor'");
+        rejected(r#"{"replace":{"file":"a.safetensors","tensor":"t","fill":0}}"#, "'replace' needs exactly one");
         rejected(r#"{"replace":{"values":[1],"dtype":"F32"}}"#, "unknown field `dtype`");
     }
 

@@ -1,0 +1,341 @@
+"""Reconstruction after removal: the kept input columns of every linear layer that loses inputs are
+refitted so that the layer's output on calibration data changes least.
+
+For a linear layer ``y = W x`` whose input channels ``R`` are removed (o_proj loses the channels of
+removed heads, down_proj those of removed MLP channels), with ``X`` its calibration inputs and
+``K`` the kept channels, the kept weights become
+
+    W_K' = W X X_Kᵀ (X_K X_Kᵀ + λI)⁻¹ = W G[:, K] (G[K, K] + λI)⁻¹,    G = X Xᵀ,
+
+the least-squares fit of the dense output ``W X`` from the kept inputs alone: the optimal brain
+surgeon update for whole columns (SlimGPT, ZipLM). FLAP's bias compensation is the special case
+where only a constant stands in for the removed inputs. ``λ = damping · mean(diag G[K, K])``
+keeps the solve well conditioned when kept inputs are nearly collinear (SparseGPT's choice of a
+relative damping, default 1%).
+
+The blocks are reconstructed one after another on the inputs that the already pruned and
+reconstructed blocks produce (sequentially, as SparseGPT does), so block ``l`` corrects the error
+of blocks ``0 … l−1`` instead of compounding it, and only one block is in memory at a time (the
+streaming engine's shell). Inside a block the layers are taken in the order the block runs them:
+o_proj's fit changes the MLP's inputs, so down_proj's Gram matrix is measured after it. The
+pruned model is run exactly by zeroing removed input columns in the loaded dense block (a removed
+head's or channel's contribution is then nothing, which is what removing it does); removed blocks
+pass their input through. A fit that would not lower the layer's calibration error (possible only
+through the damping) is discarded for the plain cut.
+
+The new weights are written block by block into safetensors files in a work directory; the plan
+takes those tensors from there (``replace`` with ``file`` + ``tensor``, see docs/plan-format.md),
+so the output is still a stock checkpoint and memory stays one block's worth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from structprune.cuts import Selection, removed_indices
+from structprune.distributed import SINGLE, Workers
+from structprune.errors import PlanError
+from structprune.graph import StructureGraph
+from structprune.plan import CutPlan, TensorCut, Values
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING
+from structprune.streaming import ActivationStore, StreamedModel
+
+HIDDEN_REFUSAL = (
+    "reconstruction refits the layers that consume removed heads and MLP channels; removed hidden "
+    "channels also pass through normalisations, which a refit of the next layer cannot undo: leave "
+    "'hidden' out of the structures"
+)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The outcome of refitting one layer."""
+
+    weight: torch.Tensor
+    """The new kept columns, ``[out, |K|]`` in the layer's ``[out, in]`` orientation, float64."""
+    error_before: float
+    """‖W X − W_K X_K‖² over the calibration inputs: the plain cut's output error."""
+    error_after: float
+    """The same for the fitted columns (equal to ``error_before`` when the fit was discarded)."""
+
+
+def fit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Fit:
+    """``W G[:, K] (G[K, K] + λI)⁻¹`` with ``λ = damping · mean(diag G[K, K])`` (float64): the kept
+    columns that best reproduce ``W x`` from the kept inputs, for inputs whose Gram matrix is
+    ``gram``. ``weight`` is ``[out, in]``; ``kept`` the kept input indices. Falls back to the plain
+    cut ``W[:, K]`` when the fit does not lower the output error."""
+    w = weight.double()
+    g = gram.double()
+    kept = kept.to(device=w.device, dtype=torch.long)
+    g_kk = g[kept][:, kept]
+    target = w @ g[:, kept]  # W G[:, K]: [out, |K|]
+    damped = g_kk.clone()
+    scale = float(torch.diagonal(g_kk).mean()) if kept.numel() else 0.0
+    damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:  # not positive definite even damped: least squares through the pseudo-inverse
+        fitted = torch.linalg.lstsq(damped, target.T).solution.T
+    else:
+        fitted = torch.cholesky_solve(target.T, factor).T
+    plain = w[:, kept]
+    total = float(torch.einsum("oi,ij,oj->", w, g, w))
+
+    def error(columns: torch.Tensor) -> float:
+        # ‖W X − V X_K‖² = tr(W G Wᵀ) − 2 tr(V G[K, :] Wᵀ) + tr(V G[K, K] Vᵀ)
+        return total - 2 * float((columns * target).sum()) + float(torch.einsum("oi,ij,oj->", columns, g_kk, columns))
+
+    before, after = error(plain), error(fitted)
+    if not after < before:
+        return Fit(plain, before, before)
+    return Fit(fitted, before, after)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A linear layer of a kept block whose input channels the selection removes."""
+
+    module: str
+    """Module path inside the block (``self_attn.o_proj``)."""
+    weight: str
+    """Model name of its weight in the full model."""
+    input_dim: int
+    """The weight dimension that indexes inputs (1 for nn.Linear, 0 for GPT-2's Conv1D)."""
+    kept: torch.Tensor
+    removed: torch.Tensor
+
+
+def _input_dim(module: nn.Module) -> Optional[int]:
+    if isinstance(module, nn.Linear):
+        return 1
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        return 0
+    return None
+
+
+def block_consumers(model: StreamedModel, index: int, removed: Mapping[str, Mapping[int, set]]) -> List[Consumer]:
+    """The loaded block's linear layers that lose input channels, in module order."""
+    out = []
+    for path, module in model.block.named_modules():
+        input_dim = _input_dim(module)
+        if input_dim is None:
+            continue
+        name = f"{model.prefix}.{index}.{path}.weight"
+        gone = removed.get(name, {}).get(input_dim)
+        if not gone:
+            continue
+        width = module.weight.shape[input_dim]
+        gone_t = torch.tensor(sorted(gone), dtype=torch.long)
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[gone_t] = False
+        out.append(Consumer(path, name, input_dim, torch.nonzero(keep).flatten(), gone_t))
+    return out
+
+
+@dataclass
+class LayerReport:
+    weight: str
+    error_before: float
+    error_after: float
+
+
+@dataclass
+class Reconstruction:
+    """What ``reconstruct`` wrote: for every refitted weight (model name), the file and tensor
+    name holding its new kept columns in the stored orientation, and the per-layer errors."""
+
+    files: Dict[str, Tuple[Path, str]]
+    layers: List[LayerReport]
+
+    @property
+    def error_ratio(self) -> float:
+        """Summed output error after the fits over the plain cuts' (both on the pruned inputs)."""
+        before = sum(r.error_before for r in self.layers)
+        return sum(r.error_after for r in self.layers) / before if before else 1.0
+
+
+class _GramRecorder:
+    """Sums ``X Xᵀ`` of the inputs of one module (all tokens of every micro-batch), in float64."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.gram: Optional[torch.Tensor] = None
+        self.tokens = 0
+        self._handle = module.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        # float64: the kept inputs of a layer are often nearly collinear (condition numbers of 10⁵
+        # and more), where a float32 sum alone moves the fitted weights by percents.
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        part = x.T @ x
+        self.gram = part if self.gram is None else self.gram.add_(part)
+        self.tokens += x.shape[0]
+
+    def close(self) -> torch.Tensor:
+        self._handle.remove()
+        if self.gram is None:
+            raise PlanError("reconstruction: a layer that loses inputs never ran on the calibration data")
+        return self.gram
+
+
+def reconstruct(
+    model: StreamedModel,
+    graph: StructureGraph,
+    selection: Selection,
+    input_ids: torch.Tensor,
+    work_dir: Path,
+    *,
+    stored_names: Mapping[str, str],
+    stored_dtypes: Mapping[str, torch.dtype],
+    damping: float = DEFAULT_DAMPING,
+    micro_batch: int = 4,
+    activation_memory: int = DEFAULT_ACTIVATION_MEMORY,
+    workers: Workers = SINGLE,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> Reconstruction:
+    """Refits, block by block on the pruned model's own activations, every linear layer that loses
+    input channels under ``selection``, and writes the new weights (cut to their kept columns, in
+    the stored dtype and orientation) under ``work_dir`` (``block-NNNNN.safetensors``, tensors
+    named as in the checkpoint). ``stored_names``: model name → checkpoint name; ``stored_dtypes``:
+    checkpoint name → stored dtype. ``input_ids`` is this process's share of the calibration batch;
+    with several ``workers`` the Gram matrices are summed over processes and only the main one writes."""
+    from safetensors.torch import save_file
+
+    if any(selection.units.get(s.id) for s in graph.by_kind("hidden")):
+        raise PlanError(HIDDEN_REFUSAL)
+    if damping < 0:
+        raise PlanError(f"reconstruction damping must be at least 0, got {damping}")
+    removed = removed_indices(graph, selection)
+    dropped = set(selection.blocks)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store = ActivationStore(activation_memory)
+    result = Reconstruction(files={}, layers=[])
+    try:
+        batches = list(input_ids.split(micro_batch))
+        block_args = []
+        with torch.no_grad():
+            for m, batch in enumerate(batches):
+                hidden, args, kwargs = model.embed(batch)
+                store.put((0, m), hidden)
+                block_args.append((args, kwargs))
+            model.unload_outside()
+            for index in range(model.num_blocks):
+                if index in dropped:
+                    for m in range(len(batches)):
+                        store.put((index + 1, m), store.get((index, m), model.device))
+                        store.release((index, m))
+                else:
+                    tensors = _reconstruct_block(model, index, removed, store, block_args, damping, workers, result, stored_names, stored_dtypes)
+                    if tensors and workers.is_main:
+                        path = work_dir / f"block-{index:05d}.safetensors"
+                        save_file(tensors, str(path))
+                        result.files.update({model_name: (path, stored_names[model_name]) for model_name in _model_names(tensors, stored_names)})
+                if progress:
+                    progress("reconstruct", index + 1, model.num_blocks)
+    finally:
+        store.close()
+    return result
+
+
+def _model_names(tensors: Mapping[str, torch.Tensor], stored_names: Mapping[str, str]) -> List[str]:
+    by_stored = {stored: model for model, stored in stored_names.items()}
+    return [by_stored[name] for name in tensors]
+
+
+def _run(model: StreamedModel, index: int, store: ActivationStore, block_args: Sequence[tuple], *, keep_outputs: bool) -> None:
+    for m, (args, kwargs) in enumerate(block_args):
+        out = model.run_block(store.get((index, m), model.device), args, kwargs)
+        if keep_outputs:
+            store.put((index + 1, m), out)
+            store.release((index, m))
+
+
+def _reconstruct_block(
+    model: StreamedModel,
+    index: int,
+    removed: Mapping[str, Mapping[int, set]],
+    store: ActivationStore,
+    block_args: Sequence[tuple],
+    damping: float,
+    workers: Workers,
+    result: Reconstruction,
+    stored_names: Mapping[str, str],
+    stored_dtypes: Mapping[str, torch.dtype],
+) -> Dict[str, torch.Tensor]:
+    """Refits block ``index``'s consumers in the order the block runs them, then runs the pruned
+    block to give the next block its inputs. Returns the new weights by checkpoint name."""
+    model.load_block(index)
+    consumers = block_consumers(model, index, removed)
+    order = _execution_order(model, index, store, block_args, consumers)
+    tensors: Dict[str, torch.Tensor] = {}
+    for consumer in order:
+        module = model.block.get_submodule(consumer.module)
+        recorder = _GramRecorder(module)
+        try:
+            _run(model, index, store, block_args, keep_outputs=False)
+        finally:
+            gram = recorder.close()
+        workers.sum_([gram])
+        weight = module.weight.detach()
+        oriented = weight if consumer.input_dim == 1 else weight.T
+        fit = fit_kept_columns(oriented, gram, consumer.kept, damping)
+        result.layers.append(LayerReport(consumer.weight, fit.error_before, fit.error_after))
+        # The pruned layer, run exactly inside the dense block: removed inputs contribute nothing.
+        new = torch.zeros_like(oriented)
+        new[:, consumer.kept.to(new.device)] = fit.weight.to(new)
+        weight.copy_(new if consumer.input_dim == 1 else new.T)
+        stored = stored_names.get(consumer.weight)
+        if stored is None:
+            raise PlanError(f"reconstruction: the checkpoint has no tensor for the weight '{consumer.weight}'")
+        kept_columns = fit.weight if consumer.input_dim == 1 else fit.weight.T
+        tensors[stored] = kept_columns.to(device="cpu", dtype=stored_dtypes[stored]).contiguous()
+    _run(model, index, store, block_args, keep_outputs=True)
+    return tensors
+
+
+def _execution_order(model: StreamedModel, index: int, store: ActivationStore, block_args: Sequence[tuple], consumers: List[Consumer]) -> List[Consumer]:
+    """``consumers`` in the order the block calls them (seen on the first micro-batch)."""
+    if len(consumers) < 2:
+        return consumers
+    seen: List[str] = []
+
+    def hook(path: str) -> Callable[..., None]:
+        def record(*_: object) -> None:
+            if path not in seen:
+                seen.append(path)
+
+        return record
+
+    handles = [model.block.get_submodule(c.module).register_forward_hook(hook(c.module)) for c in consumers]
+    try:
+        args, kwargs = block_args[0]
+        model.run_block(store.get((index, 0), model.device), args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_path = {c.module: c for c in consumers}
+    return [by_path[p] for p in seen] + [c for c in consumers if c.module not in seen]
+
+
+def apply_to_plan(plan: CutPlan, reconstruction: Reconstruction) -> None:
+    """Points every refitted tensor of ``plan`` at its new contents (``replace`` from the file)."""
+    for path, tensor in reconstruction.files.values():
+        cut = plan.tensors.setdefault(tensor, TensorCut())
+        if cut.drop:
+            raise PlanError(f"reconstruction refitted '{tensor}', which the plan drops")
+        cut.replace = Values.from_file(path.resolve(), tensor)
+    plan.metadata["reconstruction"] = {
+        "layers": len(reconstruction.layers),
+        "output_error_ratio": round(reconstruction.error_ratio, 6),
+    }
+
+
+def stored_dtype_map(model_dir: Path) -> Dict[str, torch.dtype]:
+    """Checkpoint tensor name → its stored dtype, as torch dtypes."""
+    from structprune.checkpoint import read_checkpoint
+    from structprune.streaming import STORED_DTYPES
+
+    return {name: STORED_DTYPES.get(info.dtype, torch.float32) for name, info in read_checkpoint(model_dir).tensors.items()}

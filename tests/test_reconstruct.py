@@ -1,0 +1,233 @@
+"""Reconstruction after removal (``--reconstruct``): the refit is the closed-form least-squares
+solution, computed sequentially on the pruned model's own activations, never worse than the plain
+cut, and the output stays a stock checkpoint.
+
+The references are built here, independently of the streaming engine: a plain transformers model
+whose o_proj/down_proj weights are the pruned checkpoint's, scattered back to full width with zeros
+in the removed columns (it computes exactly what the pruned model computes, and also the inputs the
+removed columns would have seen), hooks collecting each layer's inputs, and torch.linalg.lstsq."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from torch import nn  # noqa: E402
+
+from structprune import PlanError  # noqa: E402
+from structprune.calibration import calibration_batch, load_texts  # noqa: E402
+from structprune.loading import load_tokenizer  # noqa: E402
+from structprune.plan import CutPlan  # noqa: E402
+from structprune.prune import PruneOptions, PruneResult, make_plan, prune  # noqa: E402
+from structprune.reconstruct import fit_kept_columns  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo" / "model"
+CALIB = ROOT / "demo" / "text" / "calib.txt"
+SAMPLES, SEQ_LEN = 8, 64
+CONSUMERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+# ------------------------------------------------------------------------------------------------
+# the closed form
+
+
+def test_undamped_fit_is_the_least_squares_solution() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 12, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(12, 300, generator=generator, dtype=torch.float64)  # features × tokens
+    # Removed features correlated with kept ones (1 with 0, 3 with 2 and 5): the fit has something to do.
+    inputs[1] = inputs[0] + 0.1 * inputs[1]
+    inputs[3] = 0.7 * inputs[2] + 0.3 * inputs[5]
+    kept = torch.tensor([0, 2, 4, 5, 8, 9, 11])
+    fit = fit_kept_columns(weight, inputs @ inputs.T, kept, damping=0.0)
+    reference = torch.linalg.lstsq(inputs[kept].T, (weight @ inputs).T).solution.T
+    torch.testing.assert_close(fit.weight, reference, rtol=1e-5, atol=1e-8)
+    residual = lambda columns: float(((weight @ inputs - columns @ inputs[kept]) ** 2).sum())  # noqa: E731
+    assert fit.error_after == pytest.approx(residual(reference), rel=1e-6)
+    assert fit.error_before == pytest.approx(residual(weight[:, kept]), rel=1e-6)
+    assert fit.error_after < 0.8 * fit.error_before
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 1.0, 100.0])
+def test_a_fit_never_increases_the_output_error(damping: float) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        weight = torch.randn(5, 9, generator=generator, dtype=torch.float64)
+        inputs = torch.randn(9, 40, generator=generator, dtype=torch.float64) * torch.rand(9, 1, generator=generator, dtype=torch.float64) * 3
+        kept = torch.randperm(9, generator=generator)[: 1 + trial % 8].sort().values
+        fit = fit_kept_columns(weight, inputs @ inputs.T, kept, damping=damping)
+        residual = float(((weight @ inputs - fit.weight @ inputs[kept]) ** 2).sum())
+        plain = float(((weight @ inputs - weight[:, kept] @ inputs[kept]) ** 2).sum())
+        assert residual <= plain * (1 + 1e-9) + 1e-9
+        assert fit.error_after <= fit.error_before
+
+
+def test_a_singular_gram_matrix_still_gives_a_fit() -> None:
+    weight = torch.ones(3, 4, dtype=torch.float64)
+    inputs = torch.zeros(4, 10, dtype=torch.float64)  # a layer whose inputs are all zero
+    fit = fit_kept_columns(weight, inputs @ inputs.T, torch.tensor([0, 1]), damping=0.0)
+    assert torch.isfinite(fit.weight).all()
+    assert fit.error_after == fit.error_before == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo model (Llama, GQA) through prune
+
+
+def calibration() -> torch.Tensor:
+    return calibration_batch(load_texts(CALIB), load_tokenizer(DEMO), samples=SAMPLES, seq_len=SEQ_LEN, seed=0)
+
+
+def options(**overrides: object) -> PruneOptions:
+    base = dict(ratio=0.3, importance="l2", calib=CALIB, samples=SAMPLES, seq_len=SEQ_LEN, micro_batch=4, reconstruct=True, damping=0.0)
+    base.update(overrides)
+    return PruneOptions(**base)  # type: ignore[arg-type]
+
+
+def load_checked(path: Path) -> nn.Module:
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set(), info
+    return model.eval()
+
+
+def kept_columns(plan: CutPlan, weight: str) -> torch.Tensor:
+    indices = plan.tensors[weight].keep[1]
+    return torch.tensor(plan.index_sets[indices] if isinstance(indices, str) else indices)
+
+
+def scattered(dense: nn.Module, pruned: nn.Module, plan: CutPlan) -> nn.Module:
+    """The dense model with every consumer's weight replaced by the pruned one at its kept columns
+    and zeros at the removed ones: it computes what the pruned model computes."""
+    masked = dense
+    for i, layer in enumerate(pruned.model.layers):
+        for path in CONSUMERS:
+            name = f"model.layers.{i}.{path}.weight"
+            full = masked.get_submodule(f"model.layers.{i}.{path}").weight
+            new = torch.zeros_like(full)
+            new[:, kept_columns(plan, name)] = layer.get_submodule(path).weight.detach()
+            full.data.copy_(new)
+    return masked
+
+
+def layer_inputs(model: nn.Module, modules: List[str], ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every token's input of each named module, as [features, tokens] in float64."""
+    seen: Dict[str, List[torch.Tensor]] = {name: [] for name in modules}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach().double().reshape(-1, args[0].shape[-1])))
+        for name in modules
+    ]
+    try:
+        with torch.no_grad():
+            for batch in ids.split(4):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts).T for name, parts in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def reconstructed(tmp_path_factory: pytest.TempPathFactory) -> Tuple[PruneResult, Path]:
+    out = tmp_path_factory.mktemp("reconstruct") / "pruned"
+    return prune(DEMO, out, options()), out
+
+
+def test_every_layer_is_the_least_squares_fit_on_the_pruned_models_own_inputs(reconstructed: Tuple[PruneResult, Path]) -> None:
+    result, out = reconstructed
+    pruned = load_checked(out)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    original = {name: p.detach().double().clone() for name, p in dense.named_parameters()}
+    masked = scattered(dense, pruned, result.plan)
+    modules = [f"model.layers.{i}.{path}" for i in range(len(pruned.model.layers)) for path in CONSUMERS]
+    inputs = layer_inputs(masked, modules, calibration())
+    refitted = 0
+    for name in modules:
+        weight = original[f"{name}.weight"]
+        kept = kept_columns(result.plan, f"{name}.weight")
+        if len(kept) == weight.shape[1]:
+            continue
+        x = inputs[name]
+        reference = torch.linalg.lstsq(x[kept].T, (weight @ x).T).solution.T
+        got = pruned.get_submodule(name).weight.detach().double()
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5, msg=name)
+        plain_error = float(((weight @ x - weight[:, kept] @ x[kept]) ** 2).sum())
+        fitted_error = float(((weight @ x - got @ x[kept]) ** 2).sum())
+        assert fitted_error <= plain_error
+        refitted += 1
+    assert refitted == 2 * len(pruned.model.layers), "both heads and MLP channels are removed in every layer"
+    report = result.plan.metadata["reconstruction"]
+    assert report["layers"] == refitted and 0 < report["output_error_ratio"] < 1
+
+
+def test_reconstruction_moves_the_pruned_model_towards_the_dense_one(reconstructed: Tuple[PruneResult, Path], tmp_path: Path) -> None:
+    _, out = reconstructed
+    plain_out = tmp_path / "plain"
+    prune(DEMO, plain_out, options(reconstruct=False))
+    ids = calibration()
+    with torch.no_grad():
+        dense = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()(input_ids=ids).logits
+        fitted = load_checked(out)(input_ids=ids).logits
+        plain = load_checked(plain_out)(input_ids=ids).logits
+    assert float(((fitted - dense) ** 2).mean()) < 0.8 * float(((plain - dense) ** 2).mean())
+    # Only o_proj/down_proj values change: every other tensor is the plain cut's, byte for byte.
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "model.safetensors"), load_file(plain_out / "model.safetensors")
+    assert a.keys() == b.keys()
+    changed = {name for name in a if not torch.equal(a[name], b[name])}
+    assert changed and all(name.endswith(("o_proj.weight", "down_proj.weight")) for name in changed)
+
+
+def test_cli_reconstruct_is_byte_reproducible_and_keeps_its_weights_beside_the_plan(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from structprune.cli import main
+
+    common = ["prune", str(DEMO), "--ratio", "0.2", "--importance", "l2", "--calib", str(CALIB), "--samples", "4", "--seq-len", "32", "--reconstruct"]
+    for run in ("a", "b"):
+        outcome = CliRunner().invoke(main, [*common, "-o", str(tmp_path / run), "--plan-out", str(tmp_path / f"{run}.json")])
+        assert outcome.exit_code == 0, outcome.output
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "a" / "model.safetensors") == digest(tmp_path / "b" / "model.safetensors")
+    plan = CutPlan.load(tmp_path / "a.json")
+    sources = {cut.replace.file for cut in plan.tensors.values() if cut.replace is not None and cut.replace.file}
+    assert sources and all(Path(s).parent == (tmp_path / "a.reconstructed").resolve() for s in sources)
+    # The saved plan still applies: its weights stayed beside it.
+    outcome = CliRunner().invoke(main, ["apply", str(DEMO), str(tmp_path / "a.json"), "-o", str(tmp_path / "again")])
+    assert outcome.exit_code == 0, outcome.output
+    assert digest(tmp_path / "again" / "model.safetensors") == digest(tmp_path / "a" / "model.safetensors")
+    load_checked(tmp_path / "a")
+    # Without --plan-out nothing is left beside the output.
+    outcome = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "c")])
+    assert outcome.exit_code == 0, outcome.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_reconstruction_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(PlanError, match="hidden"):
+        make_plan(DEMO, options(structures=("heads", "mlp", "hidden")), reconstruction_dir=Path("/nonexistent"))
+    with pytest.raises(PlanError, match="bias compensation"):
+        make_plan(DEMO, options(bias_compensation=True), reconstruction_dir=Path("/nonexistent"))
+    with pytest.raises(PlanError, match="reconstruction_dir"):
+        make_plan(DEMO, options())
+
+
+def test_a_plan_naming_a_missing_reconstruction_file_is_refused_before_writing(tmp_path: Path) -> None:
+    from structprune import TensorCut, apply_plan
+    from structprune.errors import StructpruneError
+    from structprune.plan import Values
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    plan = CutPlan(tensors={name: TensorCut(replace=Values.from_file(tmp_path / "gone.safetensors", name))})
+    with pytest.raises(StructpruneError, match="gone.safetensors"):
+        apply_plan(DEMO, plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), [])
