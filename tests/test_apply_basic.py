@@ -240,9 +240,13 @@ def test_memory_budget_strings(budget: Any, make_checkpoint: CheckpointFactory, 
 
 
 def test_overwrite_replaces_output(make_checkpoint: CheckpointFactory, small_tensors: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """--overwrite replaces an earlier output (it holds the marker every output gets) or an empty
+    directory."""
     model_dir = make_checkpoint(small_tensors)
     out = tmp_path / "out"
     out.mkdir()
+    structprune.apply_plan(model_dir, plan_dict(), out, overwrite=True)
+    assert (out / ".structprune-output").is_file()
     (out / "stale.txt").write_text("old")
     structprune.apply_plan(model_dir, example_plan(), out, overwrite=True)
     assert not (out / "stale.txt").exists()

@@ -1,10 +1,12 @@
-"""Crash safety: SIGKILL an apply at random moments. The input must stay untouched, the output
-must be absent or complete, and a later apply to the same path must succeed."""
+"""Crash safety: kill an apply at random moments. The input must stay untouched, the output must be
+absent or complete, and a later apply to the same path must succeed. SIGTERM and SIGINT must also
+take the staged directory with them; after SIGKILL the next run removes it, and says so."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,18 +21,19 @@ from ckpt import plan_dict, read_checkpoint_raw, tree_bytes, tree_hashes, write_
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
 SEED = 20240611
-TRIALS = 10
-LAYERS = 6
-ROWS, COLS = 1024, 1024  # 4 MiB of F32 per tensor; 2 tensors per layer = 48 MiB in all
+TRIALS = 20  # random moments per signal
+LAYERS = 20
+ROWS, COLS = 1024, 1024  # 4 MiB of F32 per tensor; 2 tensors per layer = 160 MiB in all
 
-# A tiny memory budget and several output shards make the run long enough (~0.2 s here), and
-# full of distinct write/sync/rename points, to be interrupted mid-way.
-CHILD = """
+# A tiny memory budget and many output shards make the run take about a second here, and fill it
+# with distinct write/sync/rename points to be interrupted.
+API_CHILD = """
 import sys
 import structprune
 structprune.apply_plan(sys.argv[1], sys.argv[2], sys.argv[3], threads=2,
                        memory_budget="4KiB", max_shard_size="8MB", overwrite=sys.argv[4] == "1")
 """
+CLI_CHILD = [sys.executable, "-m", "structprune", "apply", "-q", "--threads", "2", "--memory-budget", "4KiB", "--max-shard-size", "8MB"]
 
 
 def build_input(root: Path) -> tuple[Path, Path]:
@@ -56,12 +59,12 @@ def build_input(root: Path) -> tuple[Path, Path]:
     return model_dir, write_plan(root / "plan.json", plan)
 
 
-def spawn(model_dir: Path, plan: Path, out: Path, overwrite: bool = False) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(model_dir), str(plan), str(out), str(int(overwrite))],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def spawn(model_dir: Path, plan: Path, out: Path, overwrite: bool = False, cli: bool = False) -> subprocess.Popen[bytes]:
+    if cli:
+        command = CLI_CHILD + [str(model_dir), str(plan), "-o", str(out)] + (["--overwrite"] if overwrite else [])
+    else:
+        command = [sys.executable, "-c", API_CHILD, str(model_dir), str(plan), str(out), str(int(overwrite))]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def timed_child_run(model_dir: Path, plan: Path, out: Path) -> float:
@@ -84,60 +87,110 @@ def check_complete_or_absent(out: Path, reference: dict[str, bytes]) -> bool:
     return True
 
 
-def test_sigkill_leaves_input_intact_and_output_absent_or_complete(tmp_path: Path) -> None:
+def stats(model_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """Size, modification time and inode of every input file: a cheap per-trial check that nothing
+    touched the input (the test hashes it in full at the end)."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(model_dir.iterdir())}
+
+
+def kill_at_random_moment(child: subprocess.Popen[bytes], signum: int, delay: float) -> tuple[bool, int]:
+    """Sends ``signum`` after ``delay`` seconds unless the child has finished; returns whether it
+    was still running and its exit status."""
+    time.sleep(delay)
+    running = child.poll() is None
+    if running:
+        os.kill(child.pid, signum)
+    child.communicate(timeout=60)
+    return running, child.returncode
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float, dict[str, bytes]]:
+    """(input, plan, duration of one run, the reference output's files), shared by the tests."""
+    tmp_path = tmp_path_factory.mktemp("kill")
     model_dir, plan = build_input(tmp_path)
-    input_hashes = tree_hashes(model_dir)
-    work = tmp_path / "work"
-    work.mkdir()
     # Two timed runs: the first one also warms the page cache, the faster one sets the scale.
     duration = min(timed_child_run(model_dir, plan, tmp_path / f"reference{i}") for i in range(2))
     reference = tree_bytes(tmp_path / "reference0")
     assert tree_bytes(tmp_path / "reference1") == reference
+    shutil.rmtree(tmp_path / "reference1")
+    return model_dir, plan, duration, reference
 
+
+def test_sigkill_leaves_input_intact_and_output_absent_or_complete(tmp_path: Path, prepared: tuple[Path, Path, float, dict[str, bytes]], capfd: pytest.CaptureFixture[str]) -> None:
+    model_dir, plan, duration, reference = prepared
+    input_hashes, input_stats = tree_hashes(model_dir), stats(model_dir)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
     rng = random.Random(SEED)
-    killed_mid_run = 0
+    killed_mid_run = leftovers_removed = 0
     for trial in range(TRIALS):
-        out = work / f"out{trial}"
         # Spread the kill moments over the whole run (interpreter start-up included).
-        delay = duration * (trial + rng.random()) / TRIALS
-        child = spawn(model_dir, plan, out)
-        time.sleep(delay)
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            killed_mid_run += 1
-        child.communicate(timeout=60)
-
-        assert tree_hashes(model_dir) == input_hashes, f"trial {trial}: input modified"
+        running, _ = kill_at_random_moment(spawn(model_dir, plan, out), signal.SIGKILL, duration * (trial + rng.random()) / TRIALS)
+        killed_mid_run += running
+        assert stats(model_dir) == input_stats, f"trial {trial}: input modified"
         complete = check_complete_or_absent(out, reference)
+        left_behind = [p.name for p in work.iterdir() if p.name.startswith(".out.structprune-")]
+        capfd.readouterr()
         # A stale temp dir from the killed run must not block the next apply to the same path.
         structprune.apply_plan(model_dir, plan, out, max_shard_size="8MB", threads=2, overwrite=complete)
         assert tree_bytes(out) == reference, f"trial {trial}: re-run differs from reference"
-        assert tree_hashes(model_dir) == input_hashes
-        # The next run for a target removes the hidden leftovers of dead runs for that target.
-        assert sorted(p.name for p in work.iterdir()) == sorted(f"out{t}" for t in range(trial + 1))
-    assert killed_mid_run >= 3, f"only {killed_mid_run} of {TRIALS} kills hit a running apply"
+        # The next run for a target removes the hidden leftovers of dead runs for that target, and says so.
+        assert [p.name for p in work.iterdir()] == ["out"]
+        message = capfd.readouterr().err
+        for name in left_behind:
+            assert f"removed {work / name}, left behind by an interrupted run" in message, message
+        leftovers_removed += len(left_behind)
+        shutil.rmtree(out)
+    assert tree_hashes(model_dir) == input_hashes
+    assert killed_mid_run >= TRIALS // 3, f"only {killed_mid_run} of {TRIALS} kills hit a running apply"
+    assert leftovers_removed >= 1, "no kill left a staged directory to clean up"
 
 
-def test_sigkill_during_overwrite_keeps_old_or_new(tmp_path: Path) -> None:
-    """Killing an --overwrite run leaves the previous output or the new one, never a mix."""
-    model_dir, plan = build_input(tmp_path)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_remove_the_staged_output(tmp_path: Path, prepared: tuple[Path, Path, float, dict[str, bytes]], signum: int) -> None:
+    """The process ends (by the signal, or finishes first) and leaves nothing but a complete
+    output: the staged directory goes with it. Every other trial runs the CLI."""
+    model_dir, plan, duration, reference = prepared
+    input_hashes, input_stats = tree_hashes(model_dir), stats(model_dir)
     work = tmp_path / "work"
     work.mkdir()
-    duration = timed_child_run(model_dir, plan, tmp_path / "new")
-    new = tree_bytes(tmp_path / "new")
+    out = work / "out"
+    rng = random.Random(SEED + signum)
+    trials = TRIALS if signum == signal.SIGTERM else TRIALS // 4
+    interrupted = 0
+    for trial in range(trials):
+        child = spawn(model_dir, plan, out, cli=trial % 2 == 1)
+        running, status = kill_at_random_moment(child, signum, duration * (trial + rng.random()) / trials)
+        # The API re-raises SIGTERM (and Python SIGINT) after cleaning up; the CLI exits 130 on
+        # Ctrl-C, and Python 1 when it comes during its own start-up.
+        assert status in ((0, -signum) if signum == signal.SIGTERM else (0, -signum, 1, 130)), f"trial {trial}: exit status {status}"
+        interrupted += running and status != 0
+        assert stats(model_dir) == input_stats, f"trial {trial}: input modified"
+        complete = check_complete_or_absent(out, reference)
+        assert [p.name for p in work.iterdir()] == (["out"] if complete else []), f"trial {trial}: staged data left behind"
+        if complete:
+            shutil.rmtree(out)
+    assert tree_hashes(model_dir) == input_hashes
+    assert interrupted >= trials // 4, f"only {interrupted} of {trials} signals interrupted a running apply"
+
+
+def test_sigkill_during_overwrite_keeps_old_or_new(tmp_path: Path, prepared: tuple[Path, Path, float, dict[str, bytes]]) -> None:
+    """Killing an --overwrite run leaves the previous output or the new one, never a mix."""
+    model_dir, plan, duration, new = prepared
+    work = tmp_path / "work"
+    work.mkdir()
     # The "old" output: the identity plan, so old and new differ in every shard.
     structprune.apply_plan(model_dir, plan_dict(), tmp_path / "old", max_shard_size="8MB")
     old = tree_bytes(tmp_path / "old")
     rng = random.Random(SEED + 1)
     outcomes = {"old": 0, "new": 0, "absent": 0}
-    for trial in range(TRIALS // 2):
+    trials = 5
+    for trial in range(trials):
         out = work / "out"
         structprune.apply_plan(model_dir, plan_dict(), out, max_shard_size="8MB", overwrite=True)
-        child = spawn(model_dir, plan, out, overwrite=True)
-        time.sleep(duration * (trial + rng.random()) / (TRIALS // 2))
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-        child.communicate(timeout=60)
+        kill_at_random_moment(spawn(model_dir, plan, out, overwrite=True), signal.SIGKILL, duration * (trial + rng.random()) / trials)
         if not out.exists():
             # Only possible between moving the old output aside and moving the new one in.
             outcomes["absent"] += 1

@@ -176,7 +176,7 @@ def check_output(case: Case, out: Path, report: Any, max_shard_size: int) -> Non
     # Non-checkpoint files: config.json untouched by an empty patch, tokenizer.json copied.
     assert json.loads((out / "config.json").read_text()) == CONFIG
     assert (out / "tokenizer.json").read_bytes() == TOKENIZER
-    expected_files = set(ckpt.shards) | {"config.json", "tokenizer.json"}
+    expected_files = set(ckpt.shards) | {"config.json", "tokenizer.json", ".structprune-output"}
     if len(ckpt.shards) > 1:
         expected_files.add(INDEX_FILE)
     assert set(tree_bytes(out)) == expected_files

@@ -277,7 +277,7 @@ def test_sweep_writes_table_and_plot(tmp_path: Path, heldout: Path) -> None:
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no staging, checkpoint or leftover
-    expected_files = {"sweep.csv", "sweep.json", "sweep.md"}
+    expected_files = {".structprune-output", "sweep.csv", "sweep.json", "sweep.md"}
     try:
         import matplotlib  # noqa: F401
 
@@ -304,7 +304,11 @@ def test_sweep_writes_table_and_plot(tmp_path: Path, heldout: Path) -> None:
     assert result.stdout.splitlines()[0].startswith("| importance | target | removed |")
 
     again = invoke(*args)
-    assert again.exit_code == 1 and "exists; pass --overwrite" in again.stderr
+    assert again.exit_code == 1 and "already exists (pass --overwrite" in again.stderr
+    # An earlier sweep's directory may be replaced (a smaller sweep, to keep the test short).
+    overwritten = invoke("sweep", DEMO_MODEL, "--ratios", "0.1", "--importance", "l2", "--ppl", heldout, "-o", output, "--overwrite")
+    assert overwritten.exit_code == 0, overwritten.output
+    assert len(read_csv(output / "sweep.csv")) == 2
     inside = invoke("sweep", DEMO_MODEL, "--ratios", "0.1", "--importance", "l2", "--ppl", heldout, "-o", DEMO_MODEL / "sweep")
     assert inside.exit_code == 1 and "outside the model directory" in inside.stderr
     bad = invoke("sweep", DEMO_MODEL, "--ratios", "0.1,1.5", "--importance", "l2", "--ppl", heldout, "-o", tmp_path / "bad")

@@ -7,7 +7,7 @@ in a few megabytes of Python.
 from typing import Any
 
 from structprune._core import __version__
-from structprune.apply import ApplyReport, PlannedOutput, apply_plan, plan_output
+from structprune.apply import ApplyReport, PlannedOutput, apply_plan, check_output, plan_output
 from structprune.checkpoint import Checkpoint, TensorInfo, read_checkpoint
 from structprune.errors import (
     CheckpointError,
@@ -54,6 +54,7 @@ __all__ = [
     "TensorCut",
     "TensorInfo",
     "apply_plan",
+    "check_output",
     "load_pruned",
     "plan_output",
     "read_checkpoint",

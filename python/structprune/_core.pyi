@@ -1,6 +1,7 @@
 """Native core of structprune (Rust, PyO3). Errors are raised as ``structprune.errors`` classes."""
 
 from os import PathLike
+from pathlib import Path
 from typing import Callable, Optional, TypedDict, Union
 
 _Path = Union[str, PathLike[str]]
@@ -69,3 +70,21 @@ def write_checkpoint(
     (``config.json`` too, unless ``config_json`` is given). ``includes``: ``(file or directory,
     path inside the output)`` copied as well. ``progress(done_bytes, total_bytes)`` is called after
     every tensor. Any error or Ctrl-C leaves no output."""
+
+def check_output(model_dir: Optional[_Path], output_dir: _Path, overwrite: bool) -> Path:
+    """Refuses an output that is, contains or lies inside ``model_dir`` (device and inode of the
+    resolved paths), an existing one without ``overwrite``, and with it one that is neither an
+    earlier structprune output (holding ``.structprune-output``) nor empty. Returns the resolved
+    output path."""
+
+class Staging:
+    """A hidden sibling of ``output_dir`` to fill, moved onto it by ``commit`` (after
+    ``check_output``; leftovers of dead runs for the same output are removed first)."""
+
+    def __init__(self, output_dir: _Path, model_dir: Optional[_Path], overwrite: bool) -> None: ...
+    @property
+    def path(self) -> Path: ...
+    def commit(self) -> None:
+        """Writes the output marker, syncs, and renames the staged directory onto the output."""
+    def discard(self) -> None:
+        """Removes the staged directory."""

@@ -12,6 +12,7 @@ from structprune import _core
 from structprune.checkpoint import TensorInfo
 from structprune.plan import PlanLike, as_plan_json
 from structprune.sizes import parse_size
+from structprune.termination import cleanup_on_sigterm
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_MEMORY_BUDGET = "64MiB"
@@ -49,6 +50,18 @@ def plan_output(model_dir: _PathLike, plan: PlanLike, *, max_shard_size: Union[i
     return PlannedOutput(tensors=tensors, shards=list(raw["shards"]), total_size=raw["total_size"])
 
 
+def check_output(model_dir: Optional[_PathLike], output_dir: _PathLike, *, overwrite: bool) -> Path:
+    """The checks every writer (apply, prune, recover, sweep) makes before any work, so that hours
+    of scoring or training do not end in a refusal: ``output_dir`` must not be, contain or lie
+    inside ``model_dir`` however either is spelled (``..``, directories still to be made, symbolic
+    links, bind mounts); an existing ``output_dir`` is refused without ``overwrite``, and with it
+    unless it is an earlier structprune output (it holds ``.structprune-output``) or an empty
+    directory. Returns the resolved output path. Raises :class:`~structprune.errors.OutputError`
+    (:class:`~structprune.errors.OutputExistsError` for an existing output without ``overwrite``).
+    """
+    return _core.check_output(None if model_dir is None else str(model_dir), str(output_dir), overwrite)
+
+
 def apply_plan(
     model_dir: _PathLike,
     plan: PlanLike,
@@ -63,8 +76,10 @@ def apply_plan(
     """Writes the checkpoint ``model_dir`` cut by ``plan`` to ``output_dir``.
 
     Memory stays within ``memory_budget`` whatever the checkpoint's size. The output appears only
-    when complete (an error or Ctrl-C leaves nothing); the input is never modified; the same input
-    and plan give byte-identical output. ``progress`` is ``True`` for a progress bar on stderr or a
+    when complete (an error, Ctrl-C or SIGTERM leaves nothing; see :func:`check_output` for what
+    may be replaced); the input is never modified; the same input and plan give byte-identical
+    output. Only the checkpoint's own files are copied besides the weights (``skipped_files``
+    lists what was left out). ``progress`` is ``True`` for a progress bar on stderr or a
     callable receiving ``(done_bytes, total_bytes)``.
     """
     thread_count = DEFAULT_THREADS if threads is None else threads
@@ -79,10 +94,11 @@ def apply_plan(
         thread_count,
         overwrite,
     )
-    if progress is True:
-        raw = _apply_with_bar(arguments)
-    else:
-        raw = _core.apply_plan(*arguments, progress=progress or None)
+    with cleanup_on_sigterm():
+        if progress is True:
+            raw = _apply_with_bar(arguments)
+        else:
+            raw = _core.apply_plan(*arguments, progress=progress or None)
     return ApplyReport(
         output_dir=Path(raw["output_dir"]),
         tensors=raw["tensors"],

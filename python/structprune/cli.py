@@ -13,12 +13,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import click
 
-from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, plan_output
+from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, check_output, plan_output
 from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import StructpruneError
 from structprune.formats import FORMATS
 from structprune.planner import NORMALIZATIONS
 from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, format_size, parse_size
+from structprune.termination import Terminated, cleanup_on_sigterm
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
@@ -41,18 +42,23 @@ class SizeParam(click.ParamType):
 
 
 def reports_errors(command: F) -> F:
-    """Turns structprune's errors into one ``error:`` line and exit status 1, Ctrl-C into 130."""
+    """Turns structprune's errors into one ``error:`` line and exit status 1, Ctrl-C into 130;
+    SIGTERM unwinds like Ctrl-C (staged output removed) and then terminates the process."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StructpruneError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
+        with cleanup_on_sigterm():
+            try:
+                return command(*args, **kwargs)
+            except StructpruneError as err:
+                click.echo(f"error: {err}", err=True)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                click.echo("interrupted: no output was written", err=True)
+                sys.exit(130)
+            except Terminated:
+                click.echo("terminated: no output was written", err=True)
+                raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -170,7 +176,7 @@ def apply(
     if report.copied_files:
         click.echo(f"copied      {', '.join(report.copied_files)}")
     if report.skipped_files:
-        click.echo(f"not copied  {', '.join(report.skipped_files)} (other weight formats would be stale)")
+        click.echo(f"not copied  {', '.join(report.skipped_files)} (only the checkpoint's own files are copied: configs, tokenizer, code, model card; no other weight formats, which would be stale, and no directories)")
 
 
 def _removed(before: int, after: int) -> str:
@@ -298,6 +304,8 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
 
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output, or --dry-run")
+    if output is not None and not dry_run:
+        check_output(model, output, overwrite=overwrite)  # before scoring, not after it
     options = PruneOptions(
         ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from structprune import _core
-from structprune.apply import DEFAULT_MAX_SHARD_SIZE
+from structprune.apply import DEFAULT_MAX_SHARD_SIZE, check_output
 from structprune.calibration import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,
@@ -62,7 +62,7 @@ from structprune.calibration import (
     token_stream,
 )
 from structprune.checkpoint import Checkpoint, read_checkpoint
-from structprune.errors import CalibrationError, MissingDependencyError, OutputExistsError, RecoveryError
+from structprune.errors import CalibrationError, MissingDependencyError, RecoveryError
 from structprune.evaluate import DEFAULT_WINDOW, perplexity
 from structprune.loading import load_model, load_tokenizer
 from structprune.sizes import parse_size
@@ -419,10 +419,7 @@ def recover(
     started = time.perf_counter()
     pruned, output = Path(pruned_dir), Path(output_dir)
     check_options(options)
-    if output.exists() and not overwrite:
-        error = OutputExistsError(f"{output}: output already exists (pass --overwrite, or overwrite=True, to replace it)")
-        error.path = str(output)
-        raise error
+    check_output(pruned, output, overwrite=overwrite)  # before training, not after it
     accelerator = _accelerator(options)
     tokenizer = load_tokenizer(pruned)
     data = load_training_data(options.data, tokenizer, seq_len=options.seq_len, text_field=options.text_field)

@@ -16,7 +16,6 @@ import csv
 import gc
 import itertools
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -27,18 +26,19 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from structprune import _core
 from structprune.apply import apply_plan
 from structprune.calibration import load_texts, token_stream
 from structprune.costs import count_parameters, macs_per_token
-from structprune.errors import OutputError, OutputExistsError, PlanError
+from structprune.errors import PlanError
 from structprune.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, perplexity
 from structprune.importance import ESTIMATORS
 from structprune.loading import load_model, load_tokenizer
 from structprune.prune import PruneOptions, make_plan
+from structprune.termination import cleanup_on_sigterm
 
 DENSE = "dense"
 """The ``importance`` of the unpruned model's row."""
-_staging_counter = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def run_sweep(model_dir: Path, output_dir: Path, options: SweepOptions, *, overw
     """Prunes ``model_dir`` at every ratio with every estimator, writes the table and plot to
     ``output_dir`` (atomically) and returns the rows, dense first."""
     _check_options(options)
-    stream = token_stream(load_texts(options.ppl, text_field=options.text_field), load_tokenizer(model_dir))
-    with _staged_directory(output_dir, model_dir, overwrite=overwrite) as staging:
+    with cleanup_on_sigterm(), _staged_directory(output_dir, model_dir, overwrite=overwrite) as staging:
+        stream = token_stream(load_texts(options.ppl, text_field=options.text_field), load_tokenizer(model_dir))
         started = time.perf_counter()
         dense = _measure(model_dir, stream, options)
         rows = [SweepRow(DENSE, 0.0, 0.0, dense[0], dense[1], dense[2], time.perf_counter() - started)]
@@ -196,62 +196,16 @@ def _write_csv(path: Path, rows: Sequence[SweepRow], windows: Sequence[int]) -> 
 
 @contextmanager
 def _staged_directory(target: Path, model_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A fresh hidden sibling of ``target`` to fill; renamed onto ``target`` if the block succeeds
-    (an existing ``target`` replaced only then, and only with ``overwrite``), removed if it fails."""
-    target, source = target.absolute(), model_dir.resolve()
-    resolved = target.resolve()
-    if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise OutputError(f"{target}: the sweep output must be outside the model directory {model_dir} and must not contain it")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"{target}: exists and is not a directory")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target}: exists; pass --overwrite to replace it once the sweep is complete")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers_of_dead_processes(target)
-    staging = _fresh_sibling(target, "tmp")
+    """The engine's staging (:class:`structprune._core.Staging`: the output checks every writer
+    makes, leftovers of dead runs removed): a hidden sibling of ``target`` to fill, moved onto
+    ``target`` if the block succeeds, removed if it fails."""
+    staging = _core.Staging(str(target), str(model_dir), overwrite)
     try:
-        yield staging
+        yield staging.path
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()
         raise
-    if target.exists():
-        previous = _fresh_sibling(target, "old")
-        previous.rmdir()
-        os.rename(target, previous)
-        os.rename(staging, target)
-        shutil.rmtree(previous)
-    else:
-        os.rename(staging, target)
-
-
-def _remove_leftovers_of_dead_processes(target: Path) -> None:
-    """Staging directories of earlier sweeps into ``target`` whose process is gone (killed before
-    it could clean up); those of live processes are left alone."""
-    prefix = f".{target.name}.structprune-tmp-"
-    for leftover in target.parent.glob(f"{prefix}*-*"):
-        pid = leftover.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def _fresh_sibling(target: Path, kind: str) -> Path:
-    while True:
-        candidate = target.parent / f".{target.name}.structprune-{kind}-{os.getpid()}-{next(_staging_counter)}"
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
+    staging.commit()
 
 
 def _rows_json(rows: Sequence[SweepRow]) -> List[Dict[str, Any]]:

@@ -49,9 +49,9 @@ impl Checkpoint {
         }
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
-        let (shards, index_path) = if index_path.is_file() {
+        let (shards, index_path) = if regular_file(&index_path)? {
             (open_sharded(dir, &index_path)?, Some(index_path))
-        } else if single_path.is_file() {
+        } else if regular_file(&single_path)? {
             let header = read_header(&single_path)?;
             let shard = Shard { file_name: SINGLE_FILE.into(), path: single_path, header };
             (vec![shard], None)
@@ -114,6 +114,62 @@ impl Checkpoint {
     }
 }
 
+/// What a directory entry is, a symbolic link followed to its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File { len: u64 },
+    /// `linked`: the entry is a symbolic link to the directory.
+    Directory { linked: bool },
+    /// A FIFO, socket or device: reading it could block forever or never end.
+    Special(&'static str),
+}
+
+/// The kind of `path`, `None` when nothing is there (or a link points nowhere). A link to a file is
+/// that file: a Hugging Face cache snapshot links every file of a checkpoint to its blob store.
+pub fn entry_kind(path: &Path) -> Result<Option<EntryKind>> {
+    use std::os::unix::fs::FileTypeExt;
+    let linked = match path.symlink_metadata() {
+        Ok(meta) => meta.file_type().is_symlink(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(Error::io(path)(err)),
+    };
+    let meta = match path.metadata() {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(Error::io(path)(err)),
+    };
+    let kind = meta.file_type();
+    Ok(Some(if kind.is_file() {
+        EntryKind::File { len: meta.len() }
+    } else if kind.is_dir() {
+        EntryKind::Directory { linked }
+    } else if kind.is_fifo() {
+        EntryKind::Special("FIFO")
+    } else if kind.is_socket() {
+        EntryKind::Special("socket")
+    } else if kind.is_block_device() {
+        EntryKind::Special("block device")
+    } else {
+        EntryKind::Special("character device")
+    }))
+}
+
+/// Whether `path` is a regular file; a directory, FIFO, socket or device there is an error, so
+/// that nothing opens (and blocks on) a FIFO named like a shard.
+fn regular_file(path: &Path) -> Result<bool> {
+    match entry_kind(path)? {
+        None => Ok(false),
+        Some(EntryKind::File { .. }) => Ok(true),
+        Some(other) => {
+            let what = match other {
+                EntryKind::Special(kind) => kind,
+                _ => "directory",
+            };
+            Err(Error::ShardIndex { path: path.to_owned(), reason: format!("a {what}, not a regular file") })
+        }
+    }
+}
+
 fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Shard>> {
     let invalid = |reason: String| Error::ShardIndex { path: index_path.to_owned(), reason };
     let text = std::fs::read_to_string(index_path).map_err(Error::io(index_path))?;
@@ -136,7 +192,7 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Shard>> {
     let mut shards = Vec::with_capacity(by_file.len());
     for (file_name, listed) in by_file {
         let path = dir.join(&file_name);
-        if !path.is_file() {
+        if !regular_file(&path)? {
             let example = listed.iter().next().map(String::as_str).unwrap_or_default();
             return Err(invalid(format!(
                 "shard {file_name} (holding tensor '{example}' and {} more) does not exist",

@@ -15,6 +15,7 @@ use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::plan::CutPlan;
 use crate::rewrite::{self, ApplyOptions, ApplyReport, Progress};
+use crate::staging::{self, Staging};
 use crate::write::{CheckpointWriter, Extras, Include, TensorSpec, WriteOptions};
 
 /// How often a long call wakes up to report progress and notice Ctrl-C.
@@ -203,6 +204,53 @@ fn report_dict<'py>(py: Python<'py>, report: &ApplyReport) -> PyResult<Bound<'py
     Ok(result)
 }
 
+/// The output-path rules every writer applies before it starts (`staging::check_output`); returns
+/// the resolved output path.
+#[pyfunction]
+#[pyo3(signature = (model_dir, output_dir, overwrite))]
+fn check_output(model_dir: Option<PathBuf>, output_dir: PathBuf, overwrite: bool) -> PyResult<PathBuf> {
+    staging::check_output(model_dir.as_deref(), &output_dir, overwrite).map_err(to_pyerr)
+}
+
+/// An all-or-nothing output directory filled by Python code (a sweep's tables and plot).
+#[pyclass(name = "Staging", module = "structprune._core")]
+struct PyStaging {
+    inner: Option<Staging>,
+}
+
+#[pymethods]
+impl PyStaging {
+    #[new]
+    #[pyo3(signature = (output_dir, model_dir, overwrite))]
+    fn new(output_dir: PathBuf, model_dir: Option<PathBuf>, overwrite: bool) -> PyResult<PyStaging> {
+        let inner = Staging::create(&output_dir, model_dir.as_deref(), overwrite).map_err(to_pyerr)?;
+        Ok(PyStaging { inner: Some(inner) })
+    }
+
+    #[getter]
+    fn path(&self) -> PyResult<PathBuf> {
+        Ok(self.staged()?.path().to_owned())
+    }
+
+    /// Moves the staged directory onto the output.
+    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.staged()?;
+        let staging = self.inner.take().expect("checked above");
+        py.detach(|| staging.commit()).map_err(to_pyerr)
+    }
+
+    /// Removes the staged directory.
+    fn discard(&mut self) {
+        self.inner = None;
+    }
+}
+
+impl PyStaging {
+    fn staged(&self) -> PyResult<&Staging> {
+        self.inner.as_ref().ok_or_else(|| PyRuntimeError::new_err("the staged output was already committed or discarded"))
+    }
+}
+
 /// Traced-graph JSON in, prunable structures as JSON out (see docs/traced-graph.md).
 #[pyfunction]
 fn build_structures(py: Python<'_>, ir_json: &str) -> PyResult<String> {
@@ -219,5 +267,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_plan, m)?)?;
     m.add_function(wrap_pyfunction!(write_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(build_structures, m)?)?;
+    m.add_function(wrap_pyfunction!(check_output, m)?)?;
+    m.add_class::<PyStaging>()?;
     Ok(())
 }

@@ -15,13 +15,13 @@ use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 
-use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{entry_kind, Checkpoint, EntryKind, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gather::{Segment, SegmentIter};
 use crate::header::{serialize_header, TensorEntry};
 use crate::plan::{output_tensors, CutPlan, Data, OutputTensor};
-use crate::staging::{sync_dir, Staging};
+use crate::staging::{sync_dir, Staging, MARKER};
 
 /// Reading a gap between two wanted ranges is cheaper than another system call when it is this small.
 const MAX_READ_GAP: u64 = 16 * 1024;
@@ -35,6 +35,18 @@ const DIRECT_COPY_MIN: u64 = 1 << 20;
 const MIN_BUFFER: u64 = 4 * 1024;
 /// Weight formats that would be stale after pruning; they are reported and not copied.
 const WEIGHT_EXTENSIONS: [&str; 8] = ["bin", "safetensors", "h5", "msgpack", "gguf", "pt", "pth", "ckpt"];
+/// Files of a checkpoint directory, besides its weights, that belong to the model and are copied:
+/// configs and tokenizer data (JSON, text vocabularies, sentencepiece and tiktoken models, chat
+/// templates), remote code, the model card and licences. A model directory is often a working
+/// directory too; anything else in it is left out, and reported.
+const COPIED_EXTENSIONS: [&str; 6] = ["json", "txt", "model", "tiktoken", "jinja", "py"];
+const COPIED_PREFIXES: [&str; 5] = ["README", "LICENSE", "NOTICE", "USE_POLICY", ".GITATTRIBUTES"];
+/// Opening a FIFO for reading blocks until a writer appears; opened non-blocking, it returns at
+/// once and the type check after it refuses the FIFO.
+#[cfg(target_os = "linux")]
+const OPEN_NONBLOCK: i32 = libc::O_NONBLOCK;
+#[cfg(not(target_os = "linux"))]
+const OPEN_NONBLOCK: i32 = 0;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -184,7 +196,6 @@ pub fn apply_plan(
     options: &ApplyOptions,
     progress: &Progress,
 ) -> Result<ApplyReport> {
-    check_paths(input, output)?;
     let checkpoint = Checkpoint::open(input)?;
     let layout = layout(&checkpoint, plan, options.max_shard_size)?;
     let config = patched_config(input, plan)?;
@@ -192,7 +203,7 @@ pub fn apply_plan(
     to_copy.retain(|file| !plan.files.contains_key(file.to.to_string_lossy().as_ref()));
     progress.total.store(layout.total_size + copied_bytes(&to_copy), Ordering::Relaxed);
 
-    let staging = Staging::create(output, options.overwrite)?;
+    let staging = Staging::create(output, Some(input), options.overwrite)?;
     let files = create_shards(staging.path(), &layout)?;
     copy_tensors(&checkpoint, &layout, &files, options, progress)?;
     for (name, text) in &plan.files {
@@ -260,27 +271,6 @@ pub(crate) fn report<T: Placed>(output: &Path, layout: &Layout<T>, copied_files:
         copied_files,
         skipped_files,
     }
-}
-
-/// Refuses outputs that would modify or delete the input.
-pub(crate) fn check_paths(input: &Path, output: &Path) -> Result<()> {
-    let input = input.canonicalize().map_err(Error::io(input))?;
-    let parent = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let Ok(parent) = parent.canonicalize() else {
-        return Ok(());
-    };
-    let output_abs = parent.join(output.file_name().unwrap_or_default());
-    let output_abs = output_abs.canonicalize().unwrap_or(output_abs);
-    if output_abs.starts_with(&input) || input.starts_with(&output_abs) {
-        return Err(Error::Output {
-            path: output.to_owned(),
-            reason: format!("output must be outside the input checkpoint {} and must not contain it", input.display()),
-        });
-    }
-    Ok(())
 }
 
 pub(crate) fn create_shards<T>(dir: &Path, layout: &Layout<T>) -> Result<Vec<(PathBuf, File)>> {
@@ -611,48 +601,72 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// Files of `input` to copy unchanged, and files left out because they hold weights (those in
-/// `weights`, which are rewritten, are left out silently).
+/// The checkpoint's own files in the top level of `input`, to copy unchanged, and the entries left
+/// out: weights in other formats (stale after pruning), files that are not the model's, and
+/// directories (never entered, so a link to a directory outside the checkpoint is not followed;
+/// reported with a trailing `/`). `weights`, which are rewritten, and the output marker, which is
+/// written anew, are left out silently. A FIFO, socket or device is refused: it is no checkpoint
+/// data, and reading it could block forever.
 pub(crate) fn other_files(input: &Path, weights: &BTreeSet<String>, config_rewritten: bool) -> Result<(Vec<CopiedFile>, Vec<String>)> {
     let mut copy = Vec::new();
-    let mut skipped = BTreeSet::new();
-    for file in files_under(input, Path::new(""))? {
-        let name = file.to.to_string_lossy().into_owned();
-        if weights.contains(&name) || (config_rewritten && name == CONFIG_FILE) {
+    let mut skipped = Vec::new();
+    for file_name in sorted_entries(input)? {
+        let name = file_name.to_string_lossy().into_owned();
+        if weights.contains(&name) || name == MARKER || (config_rewritten && name == CONFIG_FILE) {
             continue;
-        } else if is_weight_file(&name) {
-            skipped.insert(name);
-        } else {
-            copy.push(file);
+        }
+        let path = input.join(&file_name);
+        match entry_kind(&path)? {
+            Some(EntryKind::File { len }) if is_checkpoint_file(&name) => copy.push(CopiedFile { from: path, to: file_name.into(), len }),
+            Some(EntryKind::File { .. }) | None => skipped.push(name),
+            Some(EntryKind::Directory { .. }) => skipped.push(format!("{name}/")),
+            Some(EntryKind::Special(kind)) => {
+                let reason = format!("a {kind}, not a regular file: only regular files are copied (move it out of the model directory)");
+                return Err(Error::ShardIndex { path, reason });
+            }
         }
     }
-    Ok((copy, skipped.into_iter().collect()))
+    Ok((copy, skipped))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(Error::io(dir))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .map_err(Error::io(dir))?;
+    names.sort();
+    Ok(names)
+}
+
+fn is_checkpoint_file(name: &str) -> bool {
+    let extension = Path::new(name).extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let upper = name.to_ascii_uppercase();
+    !is_weight_file(name) && (COPIED_EXTENSIONS.contains(&extension) || COPIED_PREFIXES.iter().any(|p| upper.starts_with(p)))
 }
 
 /// Every file under the directory `root` (or `root` itself when it is a file), to be copied to
-/// `to` (relative to the output), sorted by destination.
+/// `to` (relative to the output), sorted by destination. Links to files are followed; links to
+/// directories below `root`, FIFOs, sockets and devices are refused (an included directory is the
+/// caller's own output, an adapter say, so anything of the kind there is a mistake).
 pub(crate) fn files_under(root: &Path, to: &Path) -> Result<Vec<CopiedFile>> {
-    let metadata = fs::metadata(root).map_err(Error::io(root))?;
-    if !metadata.is_dir() {
-        return Ok(vec![CopiedFile { from: root.to_owned(), to: to.to_owned(), len: metadata.len() }]);
-    }
     let mut files = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
-        let dir = root.join(&relative);
-        let entries: Vec<_> = fs::read_dir(&dir)
-            .map_err(Error::io(&dir))?
-            .collect::<std::io::Result<_>>()
-            .map_err(Error::io(&dir))?;
-        for entry in entries {
-            let path = relative.join(entry.file_name());
-            let full = root.join(&path);
-            let metadata = fs::metadata(&full).map_err(Error::io(&full))?;
-            if metadata.is_dir() {
-                pending.push(path);
-            } else {
-                files.push(CopiedFile { from: full, to: to.join(&path), len: metadata.len() });
+        // `join("")` would add a trailing separator, which a file does not take.
+        let (full, dest) = match relative.as_os_str().is_empty() {
+            true => (root.to_owned(), to.to_owned()),
+            false => (root.join(&relative), to.join(&relative)),
+        };
+        let refuse = |what: &str| Error::Output { path: full.clone(), reason: format!("{what}: included directories hold only files and directories") };
+        match entry_kind(&full)? {
+            Some(EntryKind::File { len }) => files.push(CopiedFile { from: full, to: dest, len }),
+            Some(EntryKind::Directory { linked }) if !linked || relative.as_os_str().is_empty() => {
+                pending.extend(sorted_entries(&full)?.into_iter().map(|name| relative.join(name)));
             }
+            Some(EntryKind::Directory { .. }) => return Err(refuse("a symbolic link to a directory, which is not followed")),
+            Some(EntryKind::Special(kind)) => return Err(refuse(&format!("a {kind}, not a regular file"))),
+            None => return Err(Error::io(&full)(std::io::ErrorKind::NotFound.into())),
         }
     }
     files.sort_by(|a, b| a.to.cmp(&b.to));
@@ -667,12 +681,20 @@ fn is_weight_file(name: &str) -> bool {
             .is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e))
 }
 
+/// Copies the regular file `from` to `to`, refusing anything else: the file may have been replaced
+/// by a FIFO since the directory was listed.
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent).map_err(Error::io(parent))?;
     }
-    fs::copy(from, to).map_err(Error::io(from))?;
-    File::open(to).and_then(|f| f.sync_all()).map_err(Error::io(to))
+    let mut source = File::options().read(true).custom_flags(OPEN_NONBLOCK).open(from).map_err(Error::io(from))?;
+    if !source.metadata().map_err(Error::io(from))?.is_file() {
+        return Err(Error::Output { path: from.to_owned(), reason: "not a regular file any more (it changed while the output was written)".into() });
+    }
+    let mut target = File::create(to).map_err(Error::io(to))?;
+    std::io::copy(&mut source, &mut target).map_err(Error::io(from))?;
+    target.sync_all().map_err(Error::io(to))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -1,69 +1,78 @@
 //! All-or-nothing output directories: everything is written into a hidden sibling of the target,
 //! synced, and renamed onto the target only when complete. Dropping a `Staging` without committing
 //! removes the partial output, so an error leaves nothing behind; a SIGKILL leaves only a hidden
-//! sibling named after a dead process, which the next run for the same target removes.
+//! sibling named after a dead process, which the next run for the same target removes (and says so).
+//!
+//! Every writer (apply, prune, recover, sweep) goes through [`check_output`] before it writes: the
+//! output must not be, contain or lie inside the input however the paths are spelled, and an
+//! existing output is replaced only when it is an earlier output of structprune (it holds
+//! [`MARKER`], which every committed output gets) or an empty directory.
 
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
 const TEMP_TAG: &str = ".structprune-tmp-";
 const OLD_TAG: &str = ".structprune-old-";
+/// Written into every output directory; `--overwrite` replaces only directories that hold it.
+pub const MARKER: &str = ".structprune-output";
+const MARKER_TEXT: &str = concat!(
+    "Written by structprune ",
+    env!("CARGO_PKG_VERSION"),
+    ". structprune --overwrite replaces only directories holding this file (or empty ones).\n"
+);
 
 #[derive(Debug)]
 pub struct Staging {
     temp: PathBuf,
+    /// The resolved target (see [`resolve`]).
     target: PathBuf,
+    /// The target as the caller spelled it, for messages.
+    shown: PathBuf,
     overwrite: bool,
     committed: bool,
 }
 
 impl Staging {
-    /// Prepares a staging directory for `target`. Fails if `target` exists and `overwrite` is false.
-    pub fn create(target: &Path, overwrite: bool) -> Result<Staging> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::Output { path: target.to_owned(), reason: "output path has no directory name".into() })?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        if target.symlink_metadata().is_ok() && !overwrite {
-            return Err(Error::OutputExists { path: target.to_owned() });
-        }
+    /// Prepares a staging directory for `output` after [`check_output`] (against `input` when the
+    /// output is derived from a checkpoint directory), removing leftovers of dead earlier runs.
+    pub fn create(output: &Path, input: Option<&Path>, overwrite: bool) -> Result<Staging> {
+        let target = check_output(input, output, overwrite)?;
+        let (parent, name) = split(&target, output)?;
         fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
         remove_stale_siblings(&parent, &name);
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
         let temp = parent.join(format!(".{name}{TEMP_TAG}{}-{unique}", std::process::id()));
         fs::create_dir(&temp).map_err(Error::io(&temp))?;
-        Ok(Staging { temp, target: target.to_owned(), overwrite, committed: false })
+        Ok(Staging { temp, target, shown: output.to_owned(), overwrite, committed: false })
     }
 
     pub fn path(&self) -> &Path {
         &self.temp
     }
 
-    /// Syncs the staged directory and moves it onto the target.
+    /// Marks and syncs the staged directory and moves it onto the target.
     pub fn commit(mut self) -> Result<()> {
+        let marker = self.temp.join(MARKER);
+        File::create(&marker)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, MARKER_TEXT.as_bytes()).and_then(|_| f.sync_all()))
+            .map_err(Error::io(&marker))?;
         sync_dir(&self.temp)?;
         let parent = self.temp.parent().expect("staging dirs have a parent").to_owned();
+        // Checked again: the target may have appeared, or been filled, while the output was written.
+        check_replaceable(&self.target, &self.shown, self.overwrite)?;
         let existing = self.target.symlink_metadata().is_ok();
-        if existing && !self.overwrite {
-            return Err(Error::OutputExists { path: self.target.clone() });
-        }
         if existing && exchange(&self.temp, &self.target).is_ok() {
             // The staging path now holds the old output: the swap itself was the atomic step.
             self.committed = true;
-            let removed = if self.temp.is_dir() { fs::remove_dir_all(&self.temp) } else { fs::remove_file(&self.temp) };
-            removed.map_err(Error::io(&self.temp))?;
+            fs::remove_dir_all(&self.temp).map_err(Error::io(&self.temp))?;
             return sync_dir(&parent);
         }
-        let name = self.target.file_name().expect("checked in create").to_string_lossy().into_owned();
+        let name = self.target.file_name().expect("resolved targets have a name").to_string_lossy().into_owned();
         let old = parent.join(format!(".{name}{OLD_TAG}{}", std::process::id()));
         if existing {
             fs::rename(&self.target, &old).map_err(Error::io(&self.target))?;
@@ -71,8 +80,7 @@ impl Staging {
         fs::rename(&self.temp, &self.target).map_err(Error::io(&self.target))?;
         self.committed = true;
         if existing {
-            let removed = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
-            removed.map_err(Error::io(&old))?;
+            fs::remove_dir_all(&old).map_err(Error::io(&old))?;
         }
         sync_dir(&parent)
     }
@@ -83,6 +91,133 @@ impl Drop for Staging {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.temp);
         }
+    }
+}
+
+/// The rules every writer applies to its output path before writing anything: `output` must not
+/// be `input`, lie inside it or contain it (compared by device and inode, so `..`, missing
+/// directories, symbolic links and bind mounts cannot hide an overlap), and an existing `output`
+/// is refused without `overwrite` and, with it, unless it can be replaced ([`check_replaceable`]).
+/// Returns the resolved output path, which is where the writer then writes.
+pub fn check_output(input: Option<&Path>, output: &Path, overwrite: bool) -> Result<PathBuf> {
+    let target = resolve(output)?;
+    if let Some(input) = input {
+        check_separate(input, output, &target)?;
+    }
+    check_replaceable(&target, output, overwrite)?;
+    Ok(target)
+}
+
+/// `path` made absolute, the way the kernel resolves it once its missing directories exist: an
+/// existing component is resolved physically (a symbolic link to its target, so a later `..` goes
+/// to the target's parent), a missing one is a directory still to be made (so `missing/..`
+/// cancels). The last component is not followed when it is a link: the link is the output.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let absolute = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().map_err(Error::io(path))?.join(path)
+    };
+    let components: Vec<Component> = absolute.components().collect();
+    let mut resolved = PathBuf::from("/");
+    for (i, component) in components.iter().enumerate() {
+        match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(name) => {
+                let next = resolved.join(name);
+                let last = i + 1 == components.len();
+                resolved = match next.symlink_metadata() {
+                    Ok(meta) if meta.file_type().is_symlink() && !last => next.canonicalize().map_err(Error::io(&next))?,
+                    Ok(_) => next,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => next,
+                    Err(err) => return Err(Error::io(&next)(err)),
+                };
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// Refuses an output that is the input, lies inside it or contains it.
+fn check_separate(input: &Path, output: &Path, target: &Path) -> Result<()> {
+    let input_meta = fs::metadata(input).map_err(Error::io(input))?;
+    let input_id = (input_meta.dev(), input_meta.ino());
+    let real_input = input.canonicalize().map_err(Error::io(input))?;
+    let same_as = |path: &Path, id: (u64, u64)| fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id);
+    let refuse = |relation: &str| Error::Output {
+        path: output.to_owned(),
+        reason: format!(
+            "the output ({}) {relation} the input checkpoint {}: writing it would modify or delete \
+             the input; choose an output directory outside the model directory",
+            target.display(),
+            real_input.display()
+        ),
+    };
+    if same_as(target, input_id) {
+        return Err(refuse("is"));
+    }
+    if target.ancestors().skip(1).any(|dir| same_as(dir, input_id)) {
+        return Err(refuse("lies inside"));
+    }
+    if let Ok(meta) = fs::metadata(target) {
+        if real_input.ancestors().any(|dir| same_as(dir, (meta.dev(), meta.ino()))) {
+            return Err(refuse("contains"));
+        }
+    }
+    Ok(())
+}
+
+/// An existing `target` (shown to the user as `shown`) may be replaced only with `overwrite`, and
+/// only when it is a directory structprune wrote (it holds [`MARKER`]) or an empty directory:
+/// anything else may hold the user's files.
+pub fn check_replaceable(target: &Path, shown: &Path, overwrite: bool) -> Result<()> {
+    let meta = match target.symlink_metadata() {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(Error::io(target)(err)),
+    };
+    if !overwrite {
+        return Err(Error::OutputExists { path: shown.to_owned() });
+    }
+    let refuse = |what: String| Error::Output {
+        path: shown.to_owned(),
+        reason: format!(
+            "{what}, so --overwrite does not replace it: it replaces only an earlier structprune output \
+             (a directory holding {MARKER}) or an empty directory. Move it away or choose another output path"
+        ),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(refuse("is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("exists and is not a directory".into()));
+    }
+    if target.join(MARKER).symlink_metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let entries: Vec<_> = fs::read_dir(target)
+        .map_err(Error::io(target))?
+        .take(2)
+        .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .map_err(Error::io(target))?;
+    match entries.as_slice() {
+        [] => Ok(()),
+        [first, rest @ ..] => Err(refuse(format!(
+            "is a directory that structprune did not write (no {MARKER} in it; it holds '{first}'{})",
+            if rest.is_empty() { "" } else { " and more" }
+        ))),
+    }
+}
+
+/// A resolved target's parent directory and name.
+fn split(target: &Path, shown: &Path) -> Result<(PathBuf, String)> {
+    match (target.parent(), target.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent.to_owned(), name.to_string_lossy().into_owned())),
+        _ => Err(Error::Output { path: shown.to_owned(), reason: "the output path names no directory".into() }),
     }
 }
 
@@ -113,8 +248,9 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
 }
 
-/// Removes staging leftovers of `name` whose owning process no longer runs (Linux only: elsewhere
-/// liveness cannot be told without extra dependencies, so leftovers stay).
+/// Removes staging leftovers of `name` whose owning process no longer runs, and says so on stderr
+/// (the user may wonder where disk space went, or came back from). Linux only: elsewhere liveness
+/// cannot be told without extra dependencies, so leftovers stay.
 fn remove_stale_siblings(parent: &Path, name: &str) {
     if !Path::new("/proc/self").exists() {
         return;
@@ -126,8 +262,11 @@ fn remove_stale_siblings(parent: &Path, name: &str) {
         let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
         let Some(tail) = rest.strip_prefix(TEMP_TAG).or_else(|| rest.strip_prefix(OLD_TAG)) else { continue };
         let Some(pid) = tail.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_dir_all(entry.path());
+        if !Path::new(&format!("/proc/{pid}")).exists() && fs::remove_dir_all(entry.path()).is_ok() {
+            eprintln!(
+                "structprune: removed {}, left behind by an interrupted run (process {pid}, which no longer runs)",
+                entry.path().display()
+            );
         }
     }
 }
@@ -140,20 +279,21 @@ mod tests {
     fn commit_moves_and_drop_cleans() {
         let root = tempfile::tempdir().unwrap();
         let target = root.path().join("out");
-        let staging = Staging::create(&target, false).unwrap();
+        let staging = Staging::create(&target, None, false).unwrap();
         fs::write(staging.path().join("f"), b"x").unwrap();
         let temp = staging.path().to_owned();
         drop(staging);
         assert!(!temp.exists());
         assert!(!target.exists());
 
-        let staging = Staging::create(&target, false).unwrap();
+        let staging = Staging::create(&target, None, false).unwrap();
         fs::write(staging.path().join("f"), b"y").unwrap();
         staging.commit().unwrap();
         assert_eq!(fs::read(target.join("f")).unwrap(), b"y");
-        assert!(matches!(Staging::create(&target, false), Err(Error::OutputExists { .. })));
+        assert!(target.join(MARKER).is_file());
+        assert!(matches!(Staging::create(&target, None, false), Err(Error::OutputExists { .. })));
 
-        let staging = Staging::create(&target, true).unwrap();
+        let staging = Staging::create(&target, None, true).unwrap();
         fs::write(staging.path().join("g"), b"z").unwrap();
         staging.commit().unwrap();
         assert!(!target.join("f").exists());
@@ -167,9 +307,61 @@ mod tests {
         let alive = root.path().join(format!(".out{TEMP_TAG}{}-99", std::process::id()));
         fs::create_dir(&dead).unwrap();
         fs::create_dir(&alive).unwrap();
-        let staging = Staging::create(&root.path().join("out"), false).unwrap();
+        let staging = Staging::create(&root.path().join("out"), None, false).unwrap();
         assert!(!dead.exists());
         assert!(alive.exists());
         drop(staging);
+    }
+
+    #[test]
+    fn resolve_follows_links_and_cancels_missing_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().canonicalize().unwrap();
+        fs::create_dir_all(root.join("real/deep")).unwrap();
+        std::os::unix::fs::symlink(root.join("real/deep"), root.join("link")).unwrap();
+        assert_eq!(resolve(&root.join("missing/../model")).unwrap(), root.join("model"));
+        assert_eq!(resolve(&root.join("a/b/../../model")).unwrap(), root.join("model"));
+        // `link/..` is the parent of the link's target, as the kernel sees it.
+        assert_eq!(resolve(&root.join("link/../x")).unwrap(), root.join("real/x"));
+        // The last component is the output itself, link or not.
+        assert_eq!(resolve(&root.join("link")).unwrap(), root.join("link"));
+        assert_eq!(resolve(&root.join("real/./deep/")).unwrap(), root.join("real/deep"));
+    }
+
+    #[test]
+    fn outputs_overlapping_the_input_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let model = root.join("model");
+        fs::create_dir_all(model.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&model, root.join("alias")).unwrap();
+        for output in ["newdir/../model", "a/b/../../model", "model/sub", "model/new", "alias", "alias/x", "."] {
+            let err = check_output(Some(&model), &root.join(output), true).unwrap_err();
+            assert!(matches!(err, Error::Output { .. }), "{output}: {err}");
+            assert!(err.to_string().contains("outside the model directory"), "{output}: {err}");
+        }
+        assert!(check_output(Some(&model), &root.join("elsewhere"), true).is_ok());
+        assert!(check_output(Some(&model), &root.join("newdir/../other"), true).is_ok());
+    }
+
+    #[test]
+    fn overwrite_replaces_only_earlier_outputs_and_empty_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let user = root.join("user");
+        fs::create_dir(&user).unwrap();
+        fs::write(user.join("notes.txt"), b"mine").unwrap();
+        let file = root.join("file");
+        fs::write(&file, b"mine").unwrap();
+        let empty = root.join("empty");
+        fs::create_dir(&empty).unwrap();
+        for (path, expected) in [(&user, "did not write"), (&file, "not a directory")] {
+            let err = check_output(None, path, true).unwrap_err().to_string();
+            assert!(err.contains(expected) && err.contains(MARKER), "{err}");
+        }
+        assert!(check_output(None, &empty, true).is_ok());
+        fs::write(user.join(MARKER), b"").unwrap();
+        assert!(check_output(None, &user, true).is_ok());
+        assert!(matches!(check_output(None, &user, false), Err(Error::OutputExists { .. })));
     }
 }

@@ -16,7 +16,7 @@ use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::rewrite::{
-    check_paths, copied_bytes, create_shards, files_under, finish, other_files, place, report, ApplyReport, CopiedFile,
+    copied_bytes, create_shards, files_under, finish, other_files, place, report, ApplyReport, CopiedFile,
     placed_from_fields, Layout, Progress,
 };
 use crate::staging::Staging;
@@ -97,7 +97,6 @@ impl CheckpointWriter {
         check_unique_names(&tensors)?;
         let (mut to_copy, skipped) = match &extras.source {
             Some(source) => {
-                check_paths(source, output)?;
                 let weights = Checkpoint::open(source)?.weight_files();
                 other_files(source, &weights, extras.config.is_some())?
             }
@@ -111,7 +110,7 @@ impl CheckpointWriter {
         check_no_clashes(output, &layout, &to_copy, extras.config.is_some())?;
         progress.total.store(layout.total_size + copied_bytes(&to_copy), Ordering::Relaxed);
 
-        let staging = Staging::create(output, options.overwrite)?;
+        let staging = Staging::create(output, extras.source.as_deref(), options.overwrite)?;
         let shards = create_shards(staging.path(), &layout)?;
         Ok(CheckpointWriter {
             output: output.to_owned(),

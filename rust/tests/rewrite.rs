@@ -187,6 +187,33 @@ fn refuses_outputs_that_would_touch_the_input() {
     }
 }
 
+/// Only the checkpoint's own regular files are copied: a directory (a link to one outside above all)
+/// is not entered, unknown files are left out, both reported; a FIFO is refused, never opened.
+#[test]
+fn copies_only_the_checkpoints_own_files() {
+    let root = tempfile::tempdir().unwrap();
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
+    let outside = root.path().join("credentials");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("token.json"), "secret").unwrap();
+    std::os::unix::fs::symlink(&outside, input.join("linked")).unwrap();
+    fs::create_dir(input.join("sub")).unwrap();
+    fs::write(input.join("sub/notes.json"), "{}").unwrap();
+    fs::write(input.join("scratch.bak"), "x").unwrap();
+    std::os::unix::fs::symlink(input.join("tokenizer.json"), input.join("vocab.json")).unwrap();
+    let output = root.path().join("out");
+    let report = apply_plan(&input, &plan(), &output, &options(1, 1 << 20, 1 << 30), &Progress::default()).unwrap();
+    assert_eq!(report.copied_files, ["tokenizer.json", "vocab.json"]);
+    assert_eq!(report.skipped_files, ["linked/", "pytorch_model.bin", "scratch.bak", "sub/"]);
+    assert!(!output.join("linked").exists() && !output.join("sub").exists());
+
+    let status = std::process::Command::new("mkfifo").arg(input.join("pipe")).status().unwrap();
+    assert!(status.success());
+    let err = apply_plan(&input, &plan(), &root.path().join("out2"), &options(1, 1 << 20, 1 << 30), &Progress::default()).unwrap_err();
+    assert!(matches!(err, Error::ShardIndex { .. }) && err.to_string().contains("pipe") && err.to_string().contains("FIFO"), "{err}");
+    assert!(!root.path().join("out2").exists());
+}
+
 /// Ranges of a megabyte and more go file to file in the kernel; the bytes must be the same.
 #[test]
 fn large_ranges_copied_in_the_kernel_are_exact() {

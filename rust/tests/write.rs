@@ -100,6 +100,7 @@ fn writes_shards_index_and_copies_byte_identically_in_any_order() {
     assert_eq!(
         names,
         [
+            ".structprune-output",
             "adapter/adapter_config.json",
             "adapter/nested/note.txt",
             "config.json",
