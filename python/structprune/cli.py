@@ -489,6 +489,12 @@ def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optio
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype of the frozen base during training (the output keeps the input's dtypes).")
 @click.option("--load-in", type=click.Choice(["4bit", "8bit"]), help="Quantize the frozen base with bitsandbytes (QLoRA): CUDA, or the CPU with bitsandbytes >= 0.48 (its CPU kernels).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="cpu, or cuda (each process of a launcher takes its own GPU).")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Distil from this dense checkpoint (same tokenizer): the loss becomes the KL between the teacher's and the student's next-token distributions.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="With --teacher: softmax temperature T of both distributions (the KL is scaled by T²).")
+@click.option("--distill-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="With --teacher: alpha of alpha·KL + (1 − alpha)·LM loss (1: distillation only).")
+@click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="With --teacher: dtype the teacher runs in, never more precise than the student [default: the student's compute dtype].")
+@click.option("--teacher-logits", type=click.Path(file_okay=False, path_type=Path), help="With --teacher: compute the teacher's top-k logits of every example once into this directory (reused by later runs), free the teacher, then train from them.")
+@click.option("--teacher-topk", type=click.IntRange(min=1), default=64, show_default=True, help="With --teacher-logits: logits kept per token (the KL is over this support).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the LoRA initialisation, example order and dropout.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate --eval-data every N steps.")
 @click.option("--eval-window", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per perplexity window.")
@@ -498,9 +504,10 @@ def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optio
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @reports_errors
-def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], text_field: str, seq_len: int, epochs: float, max_steps: Optional[int], batch_size: int, grad_accum: int, lr: float, scheduler: str, warmup_steps: Optional[int], warmup_ratio: float, weight_decay: float, max_grad_norm: float, lora_rank: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool, mixed_precision: str, dtype: str, load_in: Optional[str], device: str, seed: int, eval_every: Optional[int], eval_window: int, save_every: Optional[int], resume: bool, max_shard_size: int, overwrite: bool, quiet: bool) -> None:
+def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], text_field: str, seq_len: int, epochs: float, max_steps: Optional[int], batch_size: int, grad_accum: int, lr: float, scheduler: str, warmup_steps: Optional[int], warmup_ratio: float, weight_decay: float, max_grad_norm: float, lora_rank: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool, mixed_precision: str, dtype: str, load_in: Optional[str], device: str, teacher: Optional[Path], temperature: float, distill_weight: float, teacher_dtype: Optional[str], teacher_logits: Optional[Path], teacher_topk: int, seed: int, eval_every: Optional[int], eval_window: int, save_every: Optional[int], resume: bool, max_shard_size: int, overwrite: bool, quiet: bool) -> None:
     """Recover a pruned checkpoint PRUNED with a short LoRA fine-tune on --data, and write the
-    merged weights as a stock checkpoint (same config, names and dtypes) to OUTPUT.
+    merged weights as a stock checkpoint (same config, names and dtypes) to OUTPUT. With
+    --teacher DENSE the adapter learns the dense model's next-token distributions (distillation).
 
     \b
     Several processes train together (DDP, the same global batch as one process):
@@ -516,8 +523,9 @@ def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], t
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, rank=lora_rank, alpha=alpha,
         dropout=dropout, target_modules=_comma_separated(target_modules, "--target-modules"),
         gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, dtype=dtype, load_in=load_in,
-        device=device, seed=seed, eval_every=eval_every, eval_window=eval_window, save_every=save_every,
-        max_shard_size=max_shard_size,
+        device=device, teacher=teacher, teacher_logits=teacher_logits, teacher_topk=teacher_topk, teacher_dtype=teacher_dtype,
+        temperature=temperature, distill_weight=distill_weight, seed=seed, eval_every=eval_every, eval_window=eval_window,
+        save_every=save_every, max_shard_size=max_shard_size,
     )
     result = run_recovery(pruned, output, options, overwrite=overwrite, resume=resume, progress=not quiet)
     if quiet or not result.main_process:
@@ -526,6 +534,9 @@ def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], t
         click.echo(f"resumed     from step {result.resumed_from}")
     click.echo(f"wrote {output} in {result.seconds:.1f} s (adapter in {output / 'adapter'})")
     click.echo(f"training    {result.steps} steps of {result.global_batch} examples ({result.examples} examples, {result.trainable_params:,} LoRA parameters)")
+    if teacher is not None:
+        source = f"top-{teacher_topk} logits in {teacher_logits}" if teacher_logits is not None else "live"
+        click.echo(f"distilled   from {teacher} ({source}), temperature {temperature:g}, weight {distill_weight:g} (1 - weight on the LM loss)")
     click.echo(f"loss        {result.losses[0]:.4f} -> {result.losses[-1]:.4f} (first and last step)")
     if result.evals:
         first, last = result.evals[0], result.evals[-1]

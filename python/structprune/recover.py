@@ -21,7 +21,9 @@ Pipeline:
 3. **Training** runs under an ``accelerate.Accelerator``: one process, or several under
    ``torchrun``/``accelerate launch`` (DDP; FSDP through an accelerate config, see
    ``docs/architecture.md``). LoRA adapters come from peft; the optimizer is AdamW with a
-   transformers scheduler, gradients are clipped.
+   transformers scheduler, gradients are clipped. With a teacher (``RecoverOptions.teacher``) the
+   loss is the distillation objective of :mod:`structprune.distill`, optionally mixed with the LM
+   loss, over the same target positions and normalised the same way.
 4. **Checkpoints** for ``resume`` (adapter weights, optimizer, scheduler, every process's RNG,
    step, losses) are written every ``save_every`` steps into a hidden work area beside the output,
    ``.OUT.structprune-recover/``, which is removed once the output is complete.
@@ -62,9 +64,21 @@ from structprune.calibration import (
     token_stream,
 )
 from structprune.checkpoint import Checkpoint, read_checkpoint
+from structprune.distill import (
+    DEFAULT_TOPK,
+    CacheKey,
+    Distillation,
+    LiveTeacher,
+    Teacher,
+    TeacherLogitsCache,
+    check_distillation_options,
+    distillation_loss,
+    prepare_cache,
+    resolve_distillation,
+)
 from structprune.errors import CalibrationError, MissingDependencyError, RecoveryError
 from structprune.evaluate import DEFAULT_WINDOW, perplexity
-from structprune.loading import load_model, load_tokenizer
+from structprune.loading import DTYPE_NAMES, load_model, load_tokenizer
 from structprune.sizes import parse_size
 
 if TYPE_CHECKING:  # heavy imports, done when training starts
@@ -139,6 +153,22 @@ class RecoverOptions:
     bitsandbytes that has CPU kernels."""
     device: str = "cpu"
     """``cpu`` or ``cuda`` (under a launcher each process takes its own GPU)."""
+    teacher: Optional[Path] = None
+    """Dense checkpoint to distil from (same vocabulary as the pruned one): the loss becomes
+    ``distill_weight`` × the teacher-student KL + (1 − ``distill_weight``) × the LM loss
+    (``structprune.distill``)."""
+    teacher_logits: Optional[Path] = None
+    """Directory for the teacher's top-``teacher_topk`` logits of every example, computed once
+    before training (the teacher is then freed) and reused by later runs; ``None``: the teacher
+    runs beside the student."""
+    teacher_topk: int = DEFAULT_TOPK
+    teacher_dtype: Optional[str] = None
+    """Dtype the teacher computes in; ``None``: the student's compute dtype. Never more precise
+    than the student's."""
+    temperature: float = 1.0
+    distill_weight: float = 1.0
+    """alpha of alpha · KL + (1 − alpha) · LM loss. 1 (distillation only) recovered the most on
+    the demo model (``docs/architecture.md``)."""
     seed: int = 0
     eval_every: Optional[int] = None
     eval_window: int = DEFAULT_WINDOW
@@ -335,8 +365,13 @@ def check_options(options: RecoverOptions) -> None:
     _check_choice("mixed_precision", options.mixed_precision, MIXED_PRECISION)
     if options.load_in is not None:
         _check_choice("load_in", options.load_in, LOAD_IN)
+    _check_choice("dtype", options.dtype, tuple(DTYPE_NAMES))
     if not options.target_modules:
         raise RecoveryError("target_modules is empty: name the modules to adapt, or all-linear")
+    check_distillation_options(
+        options.teacher, options.teacher_logits, options.teacher_topk, options.temperature, options.distill_weight,
+        options.teacher_dtype, compute_dtype(options),
+    )
     on_cpu = not options.device.startswith("cuda")
     if on_cpu and options.mixed_precision != "no":
         raise RecoveryError(f"mixed precision {options.mixed_precision} needs a CUDA device (--device cuda); on the CPU train with --mixed-precision no (float32)")
@@ -347,9 +382,19 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise RecoveryError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def fingerprint(options: RecoverOptions, pruned: Checkpoint, data: TrainingData, processes: int) -> str:
+def compute_dtype(options: RecoverOptions) -> str:
+    """The dtype the student computes in: the autocast dtype, else the frozen base's (float32
+    for a quantized base, whose bitsandbytes layers compute in float32 without autocast)."""
+    if options.mixed_precision != "no":
+        return {"bf16": "bfloat16", "fp16": "float16"}[options.mixed_precision]
+    return "float32" if options.load_in else options.dtype
+
+
+def fingerprint(options: RecoverOptions, pruned: Checkpoint, data: TrainingData, processes: int, distillation: Optional[Distillation] = None) -> str:
     """Identifies a training run, so a resume continues only the run it was saved from."""
     described = {name: getattr(options, name) for name in _TRAJECTORY_OPTIONS}
+    if distillation is not None:
+        described["distillation"] = distillation.trajectory()
     described["target_modules"] = list(options.target_modules)
     described["data"] = data.sha256()
     described["processes"] = processes
@@ -420,6 +465,7 @@ def recover(
     pruned, output = Path(pruned_dir), Path(output_dir)
     check_options(options)
     check_output(pruned, output, overwrite=overwrite)  # before training, not after it
+    distillation = _distillation(pruned, options)
     accelerator = _accelerator(options)
     tokenizer = load_tokenizer(pruned)
     data = load_training_data(options.data, tokenizer, seq_len=options.seq_len, text_field=options.text_field)
@@ -428,10 +474,12 @@ def recover(
     if len(data) < schedule.global_batch:
         raise RecoveryError(f"{options.data}: {len(data)} training examples, fewer than one global batch of {schedule.global_batch} (batch size × grad accum × processes)")
     steps = total_steps(options, len(data), schedule.global_batch)
-    run_id = fingerprint(options, read_checkpoint(pruned), data, accelerator.num_processes)
+    run_id = fingerprint(options, read_checkpoint(pruned), data, accelerator.num_processes, distillation)
     work = WorkArea(output)
 
-    trainer = _Trainer(accelerator, pruned, options, data, schedule, steps)
+    # Before the student is loaded: a cached teacher is freed before the student needs the memory.
+    teacher = None if distillation is None else _teacher(distillation, options, data, accelerator, progress=progress and accelerator.is_main_process)
+    trainer = _Trainer(accelerator, pruned, options, data, schedule, steps, teacher, distillation)
     history, resumed_from = _starting_point(trainer, work, run_id, resume)
     if eval_stream is not None and not history.evals:
         history.evals.append(EvalPoint(0, trainer.evaluate(eval_stream)))
@@ -439,7 +487,7 @@ def recover(
 
     adapter_state = trainer.adapter_state_dict()
     if accelerator.is_main_process:
-        report = _report(options, pruned, data, schedule, steps, trainer.trainable_params, history, _parallelism(accelerator))
+        report = _report(options, pruned, data, schedule, steps, trainer.trainable_params, history, _parallelism(accelerator), distillation)
         _write_output(pruned, output, trainer.unwrapped(), adapter_state, work, report, options, overwrite, progress)
     accelerator.wait_for_everyone()
     return RecoverResult(
@@ -453,6 +501,28 @@ def recover(
         resumed_from=resumed_from,
         seconds=time.perf_counter() - started,
         main_process=accelerator.is_main_process,
+    )
+
+
+def _distillation(pruned: Path, options: RecoverOptions) -> Optional[Distillation]:
+    if options.teacher is None:
+        return None
+    return resolve_distillation(
+        pruned, Path(options.teacher), teacher_dtype=options.teacher_dtype or compute_dtype(options), temperature=options.temperature,
+        weight=options.distill_weight, logits_dir=None if options.teacher_logits is None else Path(options.teacher_logits), topk=options.teacher_topk,
+    )
+
+
+def _teacher(distillation: Distillation, options: RecoverOptions, data: TrainingData, accelerator: "Accelerator", *, progress: bool) -> Teacher:
+    """The live teacher on this process's device, or the reader of the top-k cache (computed
+    first, over all processes, if the directory lacks it)."""
+    if distillation.logits_dir is None or distillation.topk is None:
+        return LiveTeacher(distillation.teacher, distillation.teacher_dtype, accelerator.device)
+    key = CacheKey(distillation.teacher_sha256, distillation.teacher_dtype, data.sha256(), options.seq_len, distillation.topk)
+    cache = TeacherLogitsCache(distillation.logits_dir, key, len(data))
+    return prepare_cache(
+        cache, distillation.teacher, data.input_ids, data.attention_mask, device=accelerator.device, batch_size=options.batch_size,
+        process=accelerator.process_index, processes=accelerator.num_processes, wait=accelerator.wait_for_everyone, progress=progress,
     )
 
 
@@ -534,11 +604,12 @@ def _accelerator(options: RecoverOptions) -> "Accelerator":
 class _Trainer:
     """The LoRA model, optimizer and scheduler of one process, and one optimizer step."""
 
-    def __init__(self, accelerator: "Accelerator", pruned: Path, options: RecoverOptions, data: TrainingData, schedule: Schedule, steps: int) -> None:
+    def __init__(self, accelerator: "Accelerator", pruned: Path, options: RecoverOptions, data: TrainingData, schedule: Schedule, steps: int, teacher: Optional[Teacher], distillation: Optional[Distillation]) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import get_scheduler
 
         self.accelerator, self.options, self.data, self.schedule = accelerator, options, data, schedule
+        self.teacher, self.distillation = teacher, distillation
         base = _training_base(pruned, options, accelerator.device)
         lora = LoraConfig(
             r=options.rank,
@@ -590,8 +661,14 @@ class _Trainer:
         labels = self.data.labels[rows].to(device)
         mask = self.data.attention_mask[rows].to(device)
         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        predicted = logits[:, :-1].float()
-        return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        predicted, targets = logits[:, :-1].float(), labels[:, 1:]
+        if self.teacher is None or self.distillation is None:
+            return _lm_loss(predicted, targets)
+        weight = self.distillation.weight
+        # Summed over the same target positions as the LM loss, so train_step's normalisation
+        # makes either term a mean over the global batch's target tokens.
+        distilled = distillation_loss(predicted, self.teacher.targets(rows, input_ids, mask), targets != IGNORE_INDEX, self.distillation.temperature)
+        return distilled if weight == 1 else weight * distilled + (1 - weight) * _lm_loss(predicted, targets)
 
     def evaluate(self, stream: torch.Tensor) -> float:
         return perplexity(self.model, stream, window=self.options.eval_window).perplexity
@@ -645,6 +722,11 @@ class _Trainer:
             self.accelerator.scaler.load_state_dict(training["scaler"])
         _set_rng_state(torch.load(rng_file, weights_only=True))
         return _History(progress["step"], list(progress["losses"]), [EvalPoint(**e) for e in progress["evals"]])
+
+
+def _lm_loss(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over the target positions."""
+    return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _target_modules(names: Sequence[str]) -> Union[str, List[str]]:
@@ -728,7 +810,7 @@ def _parallelism(accelerator: "Accelerator") -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule: Schedule, steps: int, trainable: int, history: _History, parallelism: str) -> Dict[str, Any]:
+def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule: Schedule, steps: int, trainable: int, history: _History, parallelism: str, distillation: Optional[Distillation]) -> Dict[str, Any]:
     """recovery.json: what was trained on and how, and the losses; nothing machine-dependent."""
     settings = {name: getattr(options, name) for name in _TRAJECTORY_OPTIONS}
     settings["target_modules"] = list(options.target_modules)
@@ -737,6 +819,7 @@ def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule:
         "data": {"source": str(options.data), "kind": data.kind, "examples": len(data), "sha256": data.sha256()},
         "eval_data": None if options.eval_data is None else str(options.eval_data),
         "options": settings,
+        "distillation": None if distillation is None else distillation.report(),
         "processes": schedule.processes,
         "parallelism": parallelism,
         "global_batch": schedule.global_batch,
@@ -832,6 +915,7 @@ __all__ = [
     "StepReport",
     "TrainingData",
     "check_options",
+    "compute_dtype",
     "load_training_data",
     "merged_model",
     "recover",
