@@ -26,7 +26,7 @@ from structprune.calibration import calibration_batch, load_texts  # noqa: E402
 from structprune.loading import load_tokenizer  # noqa: E402
 from structprune.plan import CutPlan  # noqa: E402
 from structprune.prune import PruneOptions, PruneResult, make_plan, prune  # noqa: E402
-from structprune.reconstruct import fit_kept_columns  # noqa: E402
+from structprune.reconstruct import fit_kept_columns, obs_removals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -216,8 +216,8 @@ def test_reconstruction_refuses_what_it_cannot_do() -> None:
         make_plan(DEMO, options(structures=("heads", "mlp", "hidden")), reconstruction_dir=Path("/nonexistent"))
     with pytest.raises(PlanError, match="bias compensation"):
         make_plan(DEMO, options(bias_compensation=True), reconstruction_dir=Path("/nonexistent"))
-    with pytest.raises(PlanError, match="reconstruction_dir"):
-        make_plan(DEMO, options())
+    with pytest.raises(PlanError, match="without reconstruction"):
+        make_plan(DEMO, options(importance="obs", reconstruct=False))
 
 
 def test_a_plan_naming_a_missing_reconstruction_file_is_refused_before_writing(tmp_path: Path) -> None:
@@ -231,3 +231,66 @@ def test_a_plan_naming_a_missing_reconstruction_file_is_refused_before_writing(t
         apply_plan(DEMO, plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), [])
+
+
+# ------------------------------------------------------------------------------------------------
+# OBS selection (--importance obs)
+
+
+def test_greedy_obs_takes_the_cheapest_single_removal_first_and_respects_buckets() -> None:
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(8, 60, generator=generator, dtype=torch.float64)
+    inputs[2] = inputs[1] + 0.05 * inputs[2]  # 1 and 2 nearly duplicate: one of them is nearly free to remove
+    gram = inputs @ inputs.T
+
+    def error(removed: List[int]) -> float:
+        kept = torch.tensor([i for i in range(8) if i not in removed])
+        return fit_kept_columns(weight, gram, kept, damping=0.0).error_after
+
+    singles = [torch.tensor([i]) for i in range(8)]
+    order = obs_removals(weight, gram, singles, 3, damping=0.0)
+    assert order[0] == min(range(8), key=lambda i: error([i])) and order[0] in (1, 2)
+    # The batched single-column path and the general path agree when rounds are single removals.
+    assert obs_removals(weight, gram, singles, 3, damping=0.0, buckets=[0] * 8, per_bucket=8) == [order[0], *obs_removals_general_rest(weight, gram, order[0])]
+    pairs = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7])]
+    chosen = obs_removals(weight, gram, pairs, 2, damping=0.0, buckets=[0, 0, 1, 1], per_bucket=1)
+    assert sorted(g // 2 for g in chosen) == [0, 1], "one pair from each bucket"
+
+
+def obs_removals_general_rest(weight: torch.Tensor, gram: torch.Tensor, first: int) -> List[int]:
+    """The next two greedy choices after ``first``, recomputed from scratch by brute force over the
+    optimal fits (what greedy OBS with exact updates must pick)."""
+    chosen = [first]
+    for _ in range(2):
+        def error(extra: int) -> float:
+            kept = torch.tensor([i for i in range(8) if i not in chosen and i != extra])
+            return fit_kept_columns(weight, gram, kept, damping=0.0).error_after
+
+        chosen.append(min((i for i in range(8) if i not in chosen), key=error))
+    return chosen[1:]
+
+
+@pytest.mark.parametrize("structure", ["heads", "mlp"])
+def test_obs_chooses_layer_zeros_units_by_greedy_obs_on_its_inputs_then_fits_them(structure: str, tmp_path: Path) -> None:
+    result = prune(DEMO, tmp_path / "obs", options(importance="obs", structures=(structure,), ratio=0.15))
+    pruned = load_checked(tmp_path / "obs")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    # Block 0's o_proj sees the dense model's inputs; so does its down_proj when no head is removed.
+    name = "model.layers.0." + ("self_attn.o_proj" if structure == "heads" else "mlp.down_proj")
+    x = layer_inputs(dense, [name], calibration())[name]
+    weight = dense.get_submodule(name).weight.detach().double()
+    kept = kept_columns(result.plan, f"{name}.weight")
+    gone = sorted(set(range(weight.shape[1])) - set(kept.tolist()))
+    if structure == "heads":
+        head_dim, per_kv = 32, 3  # the demo model: 6 query heads in 2 KV groups
+        removed = sorted({c // head_dim for c in gone})
+        pieces = [torch.arange(h * head_dim, (h + 1) * head_dim) for h in range(weight.shape[1] // head_dim)]
+        expected = obs_removals(weight, x @ x.T, pieces, len(removed), damping=0.0, buckets=[h // per_kv for h in range(len(pieces))], per_bucket=len(removed) // 2)
+    else:
+        removed = gone
+        expected = obs_removals(weight, x @ x.T, [torch.tensor([c]) for c in range(weight.shape[1])], len(removed), damping=0.0)
+    assert removed and sorted(expected) == removed
+    reference = torch.linalg.lstsq(x[kept].T, (weight @ x).T).solution.T
+    torch.testing.assert_close(pruned.get_submodule(name).weight.detach().double(), reference, rtol=1e-4, atol=1e-5)
+    assert result.plan.metadata["method"]["importance"] == "obs"

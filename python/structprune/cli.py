@@ -6,10 +6,11 @@ import json
 import re
 import sys
 import time
+from contextlib import nullcontext
 from functools import wraps
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Tuple, TypeVar
 
 import click
 
@@ -18,8 +19,11 @@ from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import StructpruneError
 from structprune.formats import FORMATS
 from structprune.planner import NORMALIZATIONS
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, format_size, parse_size
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, format_size, parse_size
 from structprune.termination import Terminated, cleanup_on_sigterm
+
+if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it
+    from structprune.prune import PruneOptions, PruneResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
@@ -278,6 +282,8 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global].")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers.")
 @click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format).")
+@click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint.")
+@click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix.")
 @click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
@@ -286,7 +292,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Save the scoring state after every block and continue an interrupted run, in $XDG_CACHE_HOME/structprune/resume/<hash of model, calibration and scoring options> (~/.cache without XDG_CACHE_HOME).")
 @click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), help="As --resume, in this directory (refused if it holds another run's state).")
 @reports_errors
-def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, activation_memory: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, activation_memory: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, reconstruct: bool, damping: float, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
     """Prune MODEL: trace it, score every structure on calibration text block by block (one
     decoder block in memory at a time), remove the least important units so that RATIO of all
     parameters goes, and write the result to OUTPUT: a stock checkpoint with --uniform (every
@@ -311,7 +317,7 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
         seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, activation_memory=activation_memory,
         planning="uniform" if uniform else "global", protect=_protection(protect), normalize=normalize, layout=layout, blocks=block_count,
-        bias_compensation=bias_compensation,
+        bias_compensation=bias_compensation, reconstruct=reconstruct, damping=damping,
     )
     bars: Dict[str, Any] = {}
 
@@ -319,14 +325,36 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=f"{stage} blocks", unit="block", leave=False))
         bar.update(done - bar.n)
 
-    with joined(device) as workers:
+    with joined(device) as workers, _reconstruction_dir(options, output, plan_out) as work_dir:
         try:
-            result = make_plan(model, options, progress=progress if workers.is_main else None, resume=resume_dir or resume, workers=workers)
+            result = make_plan(
+                model, options, progress=progress if workers.is_main else None, resume=resume_dir or resume, workers=workers,
+                reconstruction_dir=work_dir,
+            )
         finally:
             for bar in bars.values():
                 bar.close()
-    if not workers.is_main:
-        return
+        if workers.is_main:
+            _finish_prune(model, output, result, ratio=ratio, plan_out=plan_out, dry_run=dry_run, overwrite=overwrite, eval_text=eval_text)
+
+
+def _reconstruction_dir(options: "PruneOptions", output: Optional[Path], plan_out: Optional[Path]) -> ContextManager[Optional[Path]]:
+    """Where the refitted weights go: beside ``--plan-out`` (the plan reads them, so they stay:
+    ``PLAN.reconstructed/``), else a hidden directory beside the output removed after writing."""
+    from structprune.prune import reconstructs, reconstruction_work_dir
+
+    if reconstructs(options) and plan_out is not None:
+        kept = plan_out.resolve().with_name(plan_out.stem + ".reconstructed")
+        return nullcontext(kept)
+    if output is None:
+        return nullcontext(None)  # a dry run without --plan-out: make_plan keeps them while needed
+    return reconstruction_work_dir(output, options)
+
+
+def _finish_prune(
+    model: Path, output: Optional[Path], result: "PruneResult", *, ratio: float, plan_out: Optional[Path], dry_run: bool, overwrite: bool,
+    eval_text: Optional[Path],
+) -> None:
     if plan_out is not None:
         result.plan.save(plan_out)
     click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * ratio:.1f}%)")

@@ -49,6 +49,9 @@ class Importance(ABC):
     needs_gradients: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
     needs_activations: ClassVar[bool] = False
+    reselects: ClassVar[bool] = False
+    """Whether the reconstruction pass chooses each layer's units itself (the scores then set only
+    how many each layer loses); such an estimator needs reconstruction."""
 
     @abstractmethod
     def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
@@ -162,6 +165,25 @@ class Fluctuation(Importance):
         return activation.variance.to(column_norms) * column_norms
 
 
+class ObsSaliency(Importance):
+    """OBS selection (SlimGPT-style), in two parts. For planning (how many units each layer loses):
+    the diagonal OBS cost of removing input channel j of a consuming layer, ‖W[:, j]‖²·Σx_j² (the
+    output error with nothing updated; only the consuming side scores). For choosing which units:
+    ``reselects`` — the reconstruction pass picks each layer's units by greedy OBS with the inverse
+    Gram matrix of its pruned inputs (``structprune.reconstruct.obs_removals``), then refits."""
+
+    name = "obs"
+    needs_activations = True
+    reselects = True
+
+    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
+        size = stats.weight.shape[dim]
+        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
+            return torch.zeros(size, device=stats.weight.device, dtype=torch.float64)
+        column_norms = _sum_except(stats.weight.double().square(), dim)
+        return activation.squares.to(column_norms) * column_norms
+
+
 def _grad(stats: ParamStats) -> torch.Tensor:
     if stats.grad is None:
         raise ValueError(f"{stats.name}: no gradient reached this parameter")
@@ -170,7 +192,7 @@ def _grad(stats: ParamStats) -> torch.Tensor:
 
 ESTIMATORS: Dict[str, Type[Importance]] = {
     cls.name: cls
-    for cls in (TaylorElementFirst, TaylorVector, TaylorElementSecond, MagnitudeL1, MagnitudeL2, RandomImportance, WandaStructured, Fluctuation)
+    for cls in (TaylorElementFirst, TaylorVector, TaylorElementSecond, MagnitudeL1, MagnitudeL2, RandomImportance, WandaStructured, Fluctuation, ObsSaliency)
 }
 
 

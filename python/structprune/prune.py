@@ -26,7 +26,7 @@ from structprune.graph import KINDS, StructureGraph, trace
 from structprune.importance import Importance, estimator
 from structprune.plan import CutPlan
 from structprune.planner import PLANNINGS, Target, default_protection, layer_widths, plan_global, plan_uniform
-from structprune.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, apply_to_plan, reconstruct, stored_dtype_map
+from structprune.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, Reconstruction, apply_to_plan, reconstruct, stored_dtype_map
 from structprune.resume import Journal, default_directory, run_key
 from structprune.scoring import Scores, score
 from structprune.sizes import DEFAULT_ACTIVATION_MEMORY
@@ -71,10 +71,11 @@ class PruneOptions:
     """FLAP's bias compensation (``structprune.compensation``): the removed input channels of
     o_proj/down_proj (and their equivalents) are replaced by their calibration means, folded into the
     layers' biases. Needs calibration data, whatever the estimator."""
-    reconstruct: bool = False
+    reconstruct: Optional[bool] = None
     """Refit the kept input columns of every layer that loses inputs (least squares on the pruned
     model's calibration activations, block by block: ``structprune.reconstruct``). Needs
-    calibration data, whatever the estimator."""
+    calibration data, whatever the estimator. ``None``: on wherever it applies (not with hidden
+    channels, bias compensation, or blocks alone); see ``reconstructs``."""
     damping: float = DEFAULT_DAMPING
     """Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix."""
 
@@ -91,6 +92,9 @@ class PruneResult:
     peak_gpu_bytes: Optional[int]
     report: Optional[ApplyReport] = None
     scores: Optional[Scores] = field(default=None, repr=False)
+    work_dir: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)
+    """Holds the refitted weights the plan reads when ``make_plan`` was given no
+    ``reconstruction_dir``: removed when this result is garbage collected (or at exit)."""
 
     @property
     def removed_fraction(self) -> float:
@@ -127,10 +131,17 @@ def make_plan(
     importance = estimator(options.importance, seed=options.seed)
     if options.bias_compensation:
         check_request(tuple(options.structures), options.layout)
-    if options.reconstruct:
-        _check_reconstruction(options, reconstruction_dir)
+    reconstruct_ = reconstructs(options)
+    if importance.reselects and not reconstruct_:
+        raise PlanError(f"importance '{options.importance}' chooses the units while reconstructing: it cannot run without reconstruction")
+    owned_dir = None
+    if reconstruct_:
+        _check_reconstruction(options)
+        if reconstruction_dir is None:
+            owned_dir = tempfile.TemporaryDirectory(prefix="structprune-reconstruct-")
+            reconstruction_dir = Path(owned_dir.name)
     needs_data = (
-        importance.needs_gradients or importance.needs_activations or "blocks" in options.structures or options.bias_compensation or options.reconstruct
+        importance.needs_gradients or importance.needs_activations or "blocks" in options.structures or options.bias_compensation or reconstruct_
     )
     input_ids, calibration = _calibration(model_dir, options) if needs_data else (None, None)
     workers = workers or current()
@@ -145,7 +156,7 @@ def make_plan(
         "method": {
             "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
             "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize, "blocks": options.blocks,
-            "reconstruct": options.reconstruct,
+            "reconstruct": reconstructs(options),
         },
         "seed": options.seed,
         "target_ratio": options.ratio,
@@ -157,9 +168,15 @@ def make_plan(
         if plan.metadata["format"] == "decilm":  # chosen by auto; the layers format holds biases
             plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout="layers")
         compensate_biases(model_dir, graph, selection, plan, scores.input_means)
-    if options.reconstruct:
+    if reconstruct_:
         assert input_ids is not None and reconstruction_dir is not None
-        _reconstruct(model, graph, selection, plan, input_ids[workers.share(input_ids.shape[0])], options, reconstruction_dir, workers, progress)
+        share = input_ids[workers.share(input_ids.shape[0])]
+        reconstruction = _reconstruct(model, graph, selection, share, options, reconstruction_dir, workers, progress, reselect=importance.reselects)
+        if importance.reselects:
+            selection = reconstruction.selection
+            plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout=options.layout)
+        apply_to_plan(plan, reconstruction)
+        plan.metadata["reconstruction"]["damping"] = options.damping
     before = read_checkpoint(model_dir).parameters
     after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
     plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -173,6 +190,7 @@ def make_plan(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
         scores=scores,
+        work_dir=owned_dir,
     )
 
 
@@ -196,28 +214,37 @@ def plan_selection(model_dir: Union[str, Path], graph: StructureGraph, scores: S
     return plan_uniform(graph, scores, target, heads, hidden), target
 
 
-def _check_reconstruction(options: PruneOptions, reconstruction_dir: Optional[Path]) -> None:
+def reconstructs(options: PruneOptions) -> bool:
+    """Whether ``options`` reconstruct: as asked, else wherever reconstruction applies (measured to
+    win on SmolLM2 at every ratio tried: docs/benchmarks.md)."""
+    if options.reconstruct is not None:
+        return options.reconstruct
+    if options.importance == "obs":
+        return True
+    return not ("hidden" in options.structures or options.bias_compensation or tuple(options.structures) == ("blocks",))
+
+
+def _check_reconstruction(options: PruneOptions) -> None:
     if "hidden" in options.structures:
         raise PlanError(HIDDEN_REFUSAL)
     if options.bias_compensation:
         raise PlanError("reconstruction refits the kept weights, which subsumes bias compensation: choose one of them")
     if options.damping < 0:
         raise PlanError(f"reconstruction damping must be at least 0, got {options.damping}")
-    if reconstruction_dir is None:
-        raise PlanError("reconstruction writes the refitted weights to files the plan reads: pass reconstruction_dir")
 
 
 def _reconstruct(
     model: StreamedModel,
     graph: StructureGraph,
     selection: Selection,
-    plan: CutPlan,
     share: torch.Tensor,
     options: PruneOptions,
     directory: Path,
     workers: Workers,
     progress: Optional[Progress],
-) -> None:
+    *,
+    reselect: bool,
+) -> Reconstruction:
     from structprune.tracing import checkpoint_name_map
 
     names = list(read_checkpoint(model.model_dir).tensors)
@@ -225,10 +252,9 @@ def _reconstruct(
     result = reconstruct(
         model, graph, selection, share, directory, stored_names=stored_names, stored_dtypes=stored_dtype_map(model.model_dir),
         damping=options.damping, micro_batch=options.micro_batch, activation_memory=options.activation_memory, workers=workers,
-        progress=progress,
+        progress=progress, reselect=reselect,
     )
-    apply_to_plan(plan, result)
-    plan.metadata["reconstruction"]["damping"] = options.damping
+    return result
 
 
 def default_multiple(graph: StructureGraph) -> int:
@@ -263,7 +289,7 @@ def prune(
 def reconstruction_work_dir(output_dir: Union[str, Path], options: PruneOptions) -> Iterator[Optional[Path]]:
     """A hidden directory beside the output for the refitted weights while the plan is applied,
     removed afterwards whatever happens (``None`` without reconstruction)."""
-    if not options.reconstruct:
+    if not reconstructs(options):
         yield None
         return
     output_dir = Path(output_dir)

@@ -30,10 +30,12 @@ so the output is still a stock checkpoint and memory stays one block's worth.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +46,9 @@ from structprune.graph import StructureGraph
 from structprune.plan import CutPlan, TensorCut, Values
 from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING
 from structprune.streaming import ActivationStore, StreamedModel
+
+OBS_ROUNDS = 32
+"""Rounds in which OBS selection removes single columns (MLP channels), the cheapest of each round together."""
 
 HIDDEN_REFUSAL = (
     "reconstruction refits the layers that consume removed heads and MLP channels; removed hidden "
@@ -150,6 +155,9 @@ class Reconstruction:
 
     files: Dict[str, Tuple[Path, str]]
     layers: List[LayerReport]
+    selection: Selection
+    """The selection the fits were made for: the one given, or, with OBS re-selection, the units
+    each layer chose on its own pruned inputs (same counts)."""
 
     @property
     def error_ratio(self) -> float:
@@ -195,24 +203,31 @@ def reconstruct(
     activation_memory: int = DEFAULT_ACTIVATION_MEMORY,
     workers: Workers = SINGLE,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    reselect: bool = False,
 ) -> Reconstruction:
     """Refits, block by block on the pruned model's own activations, every linear layer that loses
     input channels under ``selection``, and writes the new weights (cut to their kept columns, in
     the stored dtype and orientation) under ``work_dir`` (``block-NNNNN.safetensors``, tensors
     named as in the checkpoint). ``stored_names``: model name → checkpoint name; ``stored_dtypes``:
     checkpoint name → stored dtype. ``input_ids`` is this process's share of the calibration batch;
-    with several ``workers`` the Gram matrices are summed over processes and only the main one writes."""
+    with several ``workers`` the Gram matrices are summed over processes and only the main one writes.
+
+    With ``reselect`` (``--importance obs``), each layer first chooses which of its units to remove,
+    as many as ``selection`` removes there, by greedy OBS on the Gram matrix of its pruned inputs
+    (``obs_removals``), and is then fitted for that choice; ``Reconstruction.selection`` holds the
+    choices."""
     from safetensors.torch import save_file
 
     if any(selection.units.get(s.id) for s in graph.by_kind("hidden")):
         raise PlanError(HIDDEN_REFUSAL)
     if damping < 0:
         raise PlanError(f"reconstruction damping must be at least 0, got {damping}")
-    removed = removed_indices(graph, selection)
+    selection = copy.deepcopy(selection)
     dropped = set(selection.blocks)
     work_dir.mkdir(parents=True, exist_ok=True)
     store = ActivationStore(activation_memory)
-    result = Reconstruction(files={}, layers=[])
+    result = Reconstruction(files={}, layers=[], selection=selection)
+    context = _BlockContext(graph, selection, damping, workers, reselect)
     try:
         batches = list(input_ids.split(micro_batch))
         block_args = []
@@ -228,7 +243,7 @@ def reconstruct(
                         store.put((index + 1, m), store.get((index, m), model.device))
                         store.release((index, m))
                 else:
-                    tensors = _reconstruct_block(model, index, removed, store, block_args, damping, workers, result, stored_names, stored_dtypes)
+                    tensors = _reconstruct_block(model, index, context, store, block_args, result, stored_names, stored_dtypes)
                     if tensors and workers.is_main:
                         path = work_dir / f"block-{index:05d}.safetensors"
                         save_file(tensors, str(path))
@@ -253,35 +268,49 @@ def _run(model: StreamedModel, index: int, store: ActivationStore, block_args: S
             store.release((index, m))
 
 
+@dataclass
+class _BlockContext:
+    graph: StructureGraph
+    selection: Selection
+    damping: float
+    workers: Workers
+    reselect: bool
+
+    def consumers(self, model: StreamedModel, index: int) -> List[Consumer]:
+        return block_consumers(model, index, removed_indices(self.graph, self.selection))
+
+
 def _reconstruct_block(
     model: StreamedModel,
     index: int,
-    removed: Mapping[str, Mapping[int, set]],
+    context: _BlockContext,
     store: ActivationStore,
     block_args: Sequence[tuple],
-    damping: float,
-    workers: Workers,
     result: Reconstruction,
     stored_names: Mapping[str, str],
     stored_dtypes: Mapping[str, torch.dtype],
 ) -> Dict[str, torch.Tensor]:
-    """Refits block ``index``'s consumers in the order the block runs them, then runs the pruned
-    block to give the next block its inputs. Returns the new weights by checkpoint name."""
+    """Refits block ``index``'s consumers in the order the block runs them (re-selecting their
+    units first when asked), then runs the pruned block to give the next block its inputs.
+    Returns the new weights by checkpoint name."""
     model.load_block(index)
-    consumers = block_consumers(model, index, removed)
-    order = _execution_order(model, index, store, block_args, consumers)
+    order = _execution_order(model, index, store, block_args, context.consumers(model, index))
     tensors: Dict[str, torch.Tensor] = {}
-    for consumer in order:
-        module = model.block.get_submodule(consumer.module)
+    for planned in order:
+        module = model.block.get_submodule(planned.module)
         recorder = _GramRecorder(module)
         try:
             _run(model, index, store, block_args, keep_outputs=False)
         finally:
             gram = recorder.close()
-        workers.sum_([gram])
+        context.workers.sum_([gram])
         weight = module.weight.detach()
-        oriented = weight if consumer.input_dim == 1 else weight.T
-        fit = fit_kept_columns(oriented, gram, consumer.kept, damping)
+        oriented = weight if planned.input_dim == 1 else weight.T
+        consumer = planned
+        if context.reselect:
+            _reselect(context, planned, oriented, gram)
+            consumer = next(c for c in context.consumers(model, index) if c.module == planned.module)
+        fit = fit_kept_columns(oriented, gram, consumer.kept, context.damping)
         result.layers.append(LayerReport(consumer.weight, fit.error_before, fit.error_after))
         # The pruned layer, run exactly inside the dense block: removed inputs contribute nothing.
         new = torch.zeros_like(oriented)
@@ -294,6 +323,37 @@ def _reconstruct_block(
         tensors[stored] = kept_columns.to(device="cpu", dtype=stored_dtypes[stored]).contiguous()
     _run(model, index, store, block_args, keep_outputs=True)
     return tensors
+
+
+def _reselect(context: _BlockContext, consumer: Consumer, weight: torch.Tensor, gram: torch.Tensor) -> None:
+    """Replaces, in ``context.selection``, the units removed from the one structure whose units
+    this layer consumes by those greedy OBS removes for the same count. A layer fed by several
+    structures with removals (none in the models traced so far) keeps the planned units."""
+    graph, selection = context.graph, context.selection
+    owners = [
+        (s, m) for s in graph.structures for m in s.members
+        if (m.param, m.dim) == (consumer.weight, consumer.input_dim) and (selection.units.get(s.id) or s.id in selection.per_group)
+    ]
+    if len(owners) != 1:
+        return
+    structure, member = owners[0]
+    if structure.id in selection.per_group:
+        outer = graph.structures[structure.nested_in]  # type: ignore[index]
+        in_group = [m for m in outer.members if (m.param, m.dim) == (member.param, member.dim)]
+        slots = structure.units
+        pieces, buckets = [], []
+        for group in range(outer.units):
+            group_columns = np.concatenate([m.indices([group]) for m in in_group])
+            for slot in range(slots):
+                pieces.append(torch.from_numpy(np.intersect1d(member.indices([slot]), group_columns)))
+                buckets.append(group)
+        per_group = len(selection.per_group[structure.id][0])
+        chosen = obs_removals(weight, gram, pieces, per_group * outer.units, damping=context.damping, buckets=buckets, per_bucket=per_group)
+        selection.per_group[structure.id] = [sorted(p % slots for p in chosen if p // slots == group) for group in range(outer.units)]
+    else:
+        pieces = [torch.from_numpy(member.indices([unit])) for unit in range(structure.units)]
+        chosen = obs_removals(weight, gram, pieces, len(selection.units[structure.id]), damping=context.damping)
+        selection.units[structure.id] = sorted(chosen)
 
 
 def _execution_order(model: StreamedModel, index: int, store: ActivationStore, block_args: Sequence[tuple], consumers: List[Consumer]) -> List[Consumer]:
@@ -339,3 +399,79 @@ def stored_dtype_map(model_dir: Path) -> Dict[str, torch.dtype]:
     from structprune.streaming import STORED_DTYPES
 
     return {name: STORED_DTYPES.get(info.dtype, torch.float32) for name, info in read_checkpoint(model_dir).tensors.items()}
+
+
+def obs_removals(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    groups: Sequence[torch.Tensor],
+    count: int,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    buckets: Optional[Sequence[int]] = None,
+    per_bucket: Optional[int] = None,
+) -> List[int]:
+    """Which ``count`` of the column ``groups`` (a head's channels, one MLP channel…) of a layer
+    ``y = W x`` to remove so that the output error after the optimal update of the rest stays least,
+    chosen greedily as the optimal brain surgeon does (SlimGPT's structured OBS): with
+    ``H = G + λI`` and its inverse ``Hi``, removing group ``I`` costs ``tr(W_I Hi[I, I]⁻¹ W_Iᵀ)``
+    given the updates so far; the cheapest goes, then ``W -= W_I Hi[I, I]⁻¹ Hi[I, :]`` and
+    ``Hi -= Hi[:, I] Hi[I, I]⁻¹ Hi[I, :]``. ``buckets[g]`` with ``per_bucket``: at most that many
+    removals per bucket (GQA: the same number of query heads from every KV group). Returns the
+    removed group numbers in the order they were chosen."""
+    w = weight.double().clone()
+    h = gram.double().clone()
+    scale = float(torch.diagonal(h).mean()) if h.numel() else 0.0
+    h.diagonal().add_(damping * scale if scale > 0 else 1e-12)
+    factor, info = torch.linalg.cholesky_ex(h)
+    inverse = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.pinv(h, hermitian=True)
+    if buckets is None and all(len(columns) == 1 for columns in groups):
+        return _obs_single_columns(w, inverse, torch.cat(list(groups)) if groups else torch.zeros(0, dtype=torch.long), count)
+    taken: Dict[int, int] = {}
+    removed: List[int] = []
+    for _ in range(count):
+        best: Optional[Tuple[float, int]] = None
+        for g, columns in enumerate(groups):
+            if g in removed or (buckets is not None and per_bucket is not None and taken.get(buckets[g], 0) >= per_bucket):
+                continue
+            block = inverse[columns][:, columns]
+            w_g = w[:, columns]
+            cost = float((torch.linalg.solve(block, w_g.T).T * w_g).sum())
+            if best is None or cost < best[0]:
+                best = (cost, g)
+        if best is None:
+            raise PlanError(f"cannot remove {count} column groups: only {len(removed)} may go")
+        g = best[1]
+        columns = groups[g]
+        solve = torch.linalg.solve(inverse[columns][:, columns], inverse[columns])  # Hi[I, I]⁻¹ Hi[I, :]
+        w -= w[:, columns] @ solve
+        inverse -= inverse[:, columns] @ solve
+        removed.append(g)
+        if buckets is not None:
+            taken[buckets[g]] = taken.get(buckets[g], 0) + 1
+    return removed
+
+
+def _obs_single_columns(w: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor, count: int) -> List[int]:
+    """``obs_removals`` for groups of one column each (MLP channels), vectorised: the cost of
+    removing column j is ‖W[:, j]‖² / Hi[j, j]. Columns go in at most ``OBS_ROUNDS`` rounds of the
+    cheapest ones together, each round one joint update (one at a time would be a thousand
+    rank-one updates per layer: minutes per layer on a CPU)."""
+    if count > len(columns):
+        raise PlanError(f"cannot remove {count} column groups: there are {len(columns)}")
+    alive = torch.ones(len(columns), dtype=torch.bool)
+    removed: List[int] = []
+    rounds = min(count, OBS_ROUNDS)
+    for round_ in range(rounds):
+        take = (count - len(removed)) // (rounds - round_)
+        diagonal = torch.diagonal(inverse)[columns].clamp_min(1e-300)
+        cost = (w[:, columns] ** 2).sum(0) / diagonal
+        cost[~alive] = float("inf")
+        chosen = torch.argsort(cost, stable=True)[:take]
+        picked = columns[chosen]
+        solve = torch.linalg.solve(inverse[picked][:, picked], inverse[picked])
+        w -= w[:, picked] @ solve
+        inverse -= inverse[:, picked] @ solve
+        alive[chosen] = False
+        removed.extend(int(g) for g in chosen)
+    return removed
