@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 import dataclasses
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class AddedTensor:
         if not isinstance(data, Mapping) or not isinstance(data.get("dtype"), str) or not isinstance(data.get("shape"), list):
             raise PlanError(f"{where} must be an object with a 'dtype' name, a 'shape' list and 'values' or 'fill'")
         contents = Values.from_dict(where, {k: v for k, v in data.items() if k not in ("dtype", "shape")})
-        return cls(dtype=data["dtype"], shape=tuple(int(d) for d in data["shape"]), contents=contents)
+        return cls(dtype=data["dtype"], shape=tuple(_indices(f"{where}: 'shape'", data["shape"])), contents=contents)
 
 
 @dataclass
@@ -124,10 +125,13 @@ class TensorCut:
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "TensorCut":
+        where = f"invalid cut plan, tensor '{name}'"
+        _check_object(where, data)
         unknown = set(data) - {"keep", "drop", "rename", "add", "replace"}
         if unknown:
-            raise PlanError(f"invalid cut plan, tensor '{name}': unknown field(s) {sorted(unknown)}")
-        where = f"invalid cut plan, tensor '{name}'"
+            raise PlanError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
+        if not isinstance(data.get("drop", False), bool) or not isinstance(data.get("rename"), (str, type(None))):
+            raise PlanError(f"{where}: 'drop' must be true or false and 'rename' a tensor name")
         add = AddedTensor.from_dict(f"{where}: 'add'", data["add"]) if "add" in data else None
         replace = Values.from_dict(f"{where}: 'replace'", data["replace"]) if "replace" in data else None
         keep_raw = data.get("keep", {})
@@ -137,7 +141,7 @@ class TensorCut:
         for dim, indices in keep_raw.items():
             if not str(dim).isdigit():
                 raise PlanError(f"invalid cut plan, tensor '{name}': keep dimension {dim!r} is not a non-negative integer")
-            keep[int(dim)] = indices if isinstance(indices, str) else [int(i) for i in indices]
+            keep[int(dim)] = indices if isinstance(indices, str) else _indices(f"{where}: keep {dim}", indices)
         return cls(keep=keep, drop=bool(data.get("drop", False)), rename=data.get("rename"), add=add, replace=replace)
 
 
@@ -194,17 +198,23 @@ class CutPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CutPlan":
+        _check_object("invalid cut plan", data)
         if data.get("format") != PLAN_FORMAT:
             raise PlanError(f"invalid cut plan: format is {data.get('format')!r}, expected '{PLAN_FORMAT}'")
         if data.get("version") != PLAN_VERSION:
             raise PlanError(f"invalid cut plan: version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
-        tensors = {name: TensorCut.from_dict(name, cut) for name, cut in data.get("tensors", {}).items()}
-        index_sets = {name: [int(i) for i in ids] for name, ids in data.get("index_sets", {}).items()}
+        for key in ("tensors", "index_sets", "config", "files", "metadata"):
+            _check_object(f"invalid cut plan: '{key}'", data.get(key) or {})
+        tensors = {name: TensorCut.from_dict(name, cut) for name, cut in (data.get("tensors") or {}).items()}
+        index_sets = {name: _indices(f"invalid cut plan: index set '{name}'", ids) for name, ids in (data.get("index_sets") or {}).items()}
+        files = data.get("files") or {}
+        if not all(isinstance(text, str) for text in files.values()):
+            raise PlanError("invalid cut plan: 'files' must map file names to their text")
         return cls(
             tensors=tensors,
             index_sets=index_sets,
             config=dict(data.get("config") or {}),
-            files={str(name): str(text) for name, text in (data.get("files") or {}).items()},
+            files=dict(files),
             metadata=dict(data.get("metadata") or {}),
         )
 
@@ -251,6 +261,24 @@ def _relative_to(file: str, base: Path) -> str:
 
 def _plain(indices: Union[Indices, range]) -> Indices:
     return indices if isinstance(indices, str) else [int(i) for i in indices]
+
+
+def _check_object(where: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise PlanError(f"{where} must be a JSON object, not {type(value).__name__}")
+
+
+def _indices(where: str, values: Any) -> List[int]:
+    """A list of non-negative integers (JSON numbers without a fraction; numpy integers too)."""
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise PlanError(f"{where} must be a list of non-negative integers")
+    try:
+        indices = [operator.index(v) for v in values if not isinstance(v, bool)]
+    except TypeError:
+        indices = []
+    if len(indices) != len(values) or any(i < 0 for i in indices):
+        raise PlanError(f"{where} must be a list of non-negative integers")
+    return indices
 
 
 def _finite(value: Any) -> float:

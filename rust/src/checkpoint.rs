@@ -2,6 +2,7 @@
 //! shards listed by `model.safetensors.index.json`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -152,6 +153,25 @@ pub fn entry_kind(path: &Path) -> Result<Option<EntryKind>> {
     } else {
         EntryKind::Special("character device")
     }))
+}
+
+/// Opening a FIFO for reading blocks until a writer appears; opened non-blocking, it returns at
+/// once and the type check on the open file refuses it.
+#[cfg(target_os = "linux")]
+const OPEN_NONBLOCK: i32 = libc::O_NONBLOCK;
+#[cfg(not(target_os = "linux"))]
+const OPEN_NONBLOCK: i32 = 0;
+
+/// Opens `path` for reading if it is a regular file (checked on the open file, so a file swapped
+/// for a FIFO after a directory listing is refused too, without blocking).
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options().read(true).custom_flags(OPEN_NONBLOCK).open(path)?;
+    if file.metadata()?.is_file() {
+        Ok(file)
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"))
+    }
 }
 
 /// Whether `path` is a regular file; a directory, FIFO, socket or device there is an error, so

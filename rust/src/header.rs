@@ -6,12 +6,12 @@
 //! length bounds, UTF-8 JSON object, known dtypes, `shape × itemsize == end − begin`, offsets that
 //! tile the data exactly, and a file that ends at the last tensor.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::checkpoint::open_regular;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 
@@ -53,7 +53,8 @@ impl Header {
 
 /// Reads and validates the header of the safetensors file at `path`.
 pub fn read_header(path: &Path) -> Result<Header> {
-    let mut file = File::open(path).map_err(Error::io(path))?;
+    // Not `File::open`: a plan may name any path as a tensor's source, a FIFO included.
+    let mut file = open_regular(path).map_err(Error::io(path))?;
     let file_len = file.metadata().map_err(Error::io(path))?.len();
     let invalid = |reason: String| Error::Header {
         path: path.to_owned(),

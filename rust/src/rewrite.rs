@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 
-use crate::checkpoint::{entry_kind, Checkpoint, EntryKind, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{entry_kind, open_regular, Checkpoint, EntryKind, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gather::{Segment, SegmentIter};
@@ -41,12 +41,6 @@ const WEIGHT_EXTENSIONS: [&str; 8] = ["bin", "safetensors", "h5", "msgpack", "gg
 /// directory too; anything else in it is left out, and reported.
 const COPIED_EXTENSIONS: [&str; 6] = ["json", "txt", "model", "tiktoken", "jinja", "py"];
 const COPIED_PREFIXES: [&str; 5] = ["README", "LICENSE", "NOTICE", "USE_POLICY", ".GITATTRIBUTES"];
-/// Opening a FIFO for reading blocks until a writer appears; opened non-blocking, it returns at
-/// once and the type check after it refuses the FIFO.
-#[cfg(target_os = "linux")]
-const OPEN_NONBLOCK: i32 = libc::O_NONBLOCK;
-#[cfg(not(target_os = "linux"))]
-const OPEN_NONBLOCK: i32 = 0;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -684,14 +678,10 @@ fn is_weight_file(name: &str) -> bool {
 /// Copies the regular file `from` to `to`, refusing anything else: the file may have been replaced
 /// by a FIFO since the directory was listed.
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent).map_err(Error::io(parent))?;
     }
-    let mut source = File::options().read(true).custom_flags(OPEN_NONBLOCK).open(from).map_err(Error::io(from))?;
-    if !source.metadata().map_err(Error::io(from))?.is_file() {
-        return Err(Error::Output { path: from.to_owned(), reason: "not a regular file any more (it changed while the output was written)".into() });
-    }
+    let mut source = open_regular(from).map_err(Error::io(from))?;
     let mut target = File::create(to).map_err(Error::io(to))?;
     std::io::copy(&mut source, &mut target).map_err(Error::io(from))?;
     target.sync_all().map_err(Error::io(to))

@@ -85,7 +85,26 @@ impl Graph {
         if let Some(&bad) = graph.outputs.iter().find(|&&o| o >= graph.nodes.len()) {
             return Err(invalid(format!("output refers to node {bad}, past the last node")));
         }
+        graph.check_param_nodes()?;
         Ok(graph)
+    }
+
+    /// Every `param` node names a declared parameter, with its declared shape: the structures are
+    /// built from the nodes and their sizes read from the declarations.
+    fn check_param_nodes(&self) -> Result<()> {
+        let declared: std::collections::HashMap<&str, &[u64]> = self.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let (Some(name), "param") = (&node.name, node.base_op()) else { continue };
+            let reason = match (declared.get(name.as_str()), &node.shape) {
+                (None, _) => format!("param '{name}' is not among the graph's params"),
+                (Some(shape), Some(here)) if here.as_slice() != *shape => {
+                    format!("param '{name}' has shape {here:?} here but {shape:?} among the params")
+                }
+                _ => continue,
+            };
+            return Err(Error::Graph { node: Some(i), reason });
+        }
+        Ok(())
     }
 }
 
