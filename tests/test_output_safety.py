@@ -237,3 +237,17 @@ def test_files_linked_into_a_cache_are_copied(tmp_path: Path) -> None:
     assert report.copied_files == ["config.json", "tokenizer.json"]
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == b'{"t": 1}'
     assert not (tmp_path / "out" / "tokenizer.json").is_symlink()
+
+
+def test_a_plan_taking_a_tensor_from_a_fifo_is_refused(tmp_path: Path) -> None:
+    """A plan may name any file as a tensor's source; a FIFO there must not block the engine."""
+    model_dir = write_checkpoint(tmp_path / "model", TENSORS, config={"hidden_size": 3})
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    plan = write_plan(tmp_path / "plan.json", plan_dict({"w": {"replace": {"file": str(fifo), "tensor": "w"}}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "structprune", "apply", str(model_dir), str(plan), "-o", str(tmp_path / "out"), "-q"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and str(fifo) in result.stderr and "not a regular file" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
