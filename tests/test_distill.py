@@ -30,7 +30,8 @@ VOCABULARY = 4096  # the demo model's
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     """The demo model pruned by 30% of its parameters with l2 importance, and small texts."""
     root = tmp_path_factory.mktemp("distill")
-    plan = make_plan(DEMO_MODEL, PruneOptions(ratio=0.3, importance="l2")).plan
+    # Plain l2 selection (no reconstruction): the setting the figures in docs/architecture.md were measured on.
+    plan = make_plan(DEMO_MODEL, PruneOptions(ratio=0.3, importance="l2", reconstruct=False)).plan
     apply_plan(DEMO_MODEL, plan, root / "pruned")
     # Short prefixes keep a full-vocabulary cache small (examples × 31 positions × 4096 × 8 bytes).
     (root / "train.txt").write_text(DEMO_CALIB.read_text()[:4_000])
@@ -246,3 +247,6 @@ def test_a_teacher_with_another_vocabulary_is_refused_naming_both(workspace: Dic
     assert str(tmp_path / "teacher") in str(caught.value) and str(workspace["pruned"]) in str(caught.value)
     with pytest.raises(RecoveryError, match="not a model directory"):
         recover(workspace["pruned"], tmp_path / "out", distill_options(workspace, teacher=tmp_path))
+    with pytest.raises(RecoveryError, match="teacher_topk 5000 exceeds the vocabulary of teacher .* \\(4096 tokens\\)"):
+        recover(workspace["pruned"], tmp_path / "out", distill_options(workspace, teacher_logits=tmp_path / "logits", teacher_topk=5000))
+    assert not (tmp_path / "logits").exists()

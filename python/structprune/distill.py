@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from structprune.checkpoint import read_checkpoint
+from structprune.checkpoint import read_checkpoint, read_config
 from structprune.errors import RecoveryError
 from structprune.loading import load_model, load_tokenizer
 
@@ -117,18 +117,21 @@ def check_distillation_options(teacher: Optional[Path], teacher_logits: Optional
 
 def resolve_distillation(student: Path, teacher: Path, *, teacher_dtype: str, temperature: float, weight: float, logits_dir: Optional[Path], topk: int) -> Distillation:
     """Checks that ``teacher`` can teach ``student`` (same vocabulary) and hashes it."""
-    check_same_vocabulary(student, teacher)
+    vocabulary = check_same_vocabulary(student, teacher)
+    if logits_dir is not None and topk > vocabulary:
+        raise RecoveryError(f"teacher_topk {topk} exceeds the vocabulary of teacher {teacher} ({vocabulary} tokens)")
     return Distillation(
         teacher=teacher, teacher_sha256=teacher_sha256(teacher), teacher_dtype=teacher_dtype, temperature=temperature,
         weight=weight, logits_dir=logits_dir, topk=topk if logits_dir is not None else None,
     )
 
 
-def check_same_vocabulary(student: Path, teacher: Path) -> None:
-    """Refuses a teacher whose logits or tokenizer do not match the student's token for token."""
+def check_same_vocabulary(student: Path, teacher: Path) -> int:
+    """The vocabulary size both share; refuses a teacher whose logits or tokenizer do not match
+    the student's token for token."""
     if not (teacher / "config.json").is_file():
         raise RecoveryError(f"teacher {teacher}: not a model directory (config.json is missing)")
-    sizes = [(read_checkpoint(path).config or {}).get("vocab_size") for path in (student, teacher)]
+    sizes = [(read_config(path) or {}).get("vocab_size") for path in (student, teacher)]
     if None not in sizes and sizes[0] != sizes[1]:
         raise RecoveryError(f"teacher {teacher} has a vocabulary of {sizes[1]} tokens but the student {student} has {sizes[0]}: distillation needs the same vocabulary")
     student_tokens, teacher_tokens = load_tokenizer(student), load_tokenizer(teacher)
@@ -136,6 +139,7 @@ def check_same_vocabulary(student: Path, teacher: Path) -> None:
         raise RecoveryError(f"teacher {teacher}'s tokenizer has {len(teacher_tokens)} tokens but the student {student}'s has {len(student_tokens)}: distillation needs the same tokenizer")
     if student_tokens.get_vocab() != teacher_tokens.get_vocab():
         raise RecoveryError(f"teacher {teacher} and student {student} have tokenizers of the same size that map tokens to other ids: distillation needs the same tokenizer")
+    return int(sizes[1] or len(teacher_tokens))
 
 
 def teacher_sha256(teacher: Path) -> str:
@@ -159,13 +163,11 @@ def distillation_loss(student_logits: torch.Tensor, targets: "TeacherTargets", m
     ``student_logits``: ``[B, L, V]`` float32; ``mask``: ``[B, L]`` bool; ``targets`` for the same
     positions (full teacher logits, or top-k values and indices)."""
     student = F.log_softmax(student_logits[mask] / temperature, dim=-1)
-    if targets.indices is None:
-        if targets.values.shape[-1] != student.shape[-1]:
-            raise RecoveryError(f"teacher logits have {targets.values.shape[-1]} entries per token but the student's {student.shape[-1]}: distillation needs the same vocabulary")
-        teacher = F.log_softmax(targets.values[mask] / temperature, dim=-1)
-    else:
-        teacher = F.log_softmax(targets.values[mask] / temperature, dim=-1)
+    teacher = F.log_softmax(targets.values[mask] / temperature, dim=-1)
+    if targets.indices is not None:
         student = student.gather(-1, targets.indices[mask])
+    elif teacher.shape[-1] != student.shape[-1]:
+        raise RecoveryError(f"teacher logits have {teacher.shape[-1]} entries per token but the student's {student.shape[-1]}: distillation needs the same vocabulary")
     return F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
 
 
