@@ -14,8 +14,9 @@ Protocol (printed with the table):
   the dense model is measured in the same run;
 * every structprune configuration runs in a subprocess of its own (``prune.prune``: trace, score,
   plan, reconstruct when asked, apply into a temporary directory, then ``load_pruned`` and the
-  perplexity), and its wall time and peak RSS come from ``os.wait4`` of that process: what a
-  user's ``structprune prune`` costs, evaluation included in the time but reported apart;
+  perplexity); "prune s" and "prune peak RSS" are measured in that process before the evaluation
+  starts (what ``structprune prune`` costs), wall time and the process's peak RSS (evaluation
+  included: loading the model in float32) come from ``os.wait4``;
 * scores are cached per estimator in ``WORK/scores`` (structprune's resume directories), so the
   second ratio and the options that only change planning or reconstruction score nothing: their
   "prune" time is planning + reconstruction + writing;
@@ -39,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -120,9 +122,11 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
         started = time.perf_counter()
         result = prune(args.model, out, prune_options, resume=Path(args.work) / "scores" / key)
         prune_s = time.perf_counter() - started
+        prune_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the evaluation loads the model
         row = {
             "config": args.one, "ratio": args.ratio, "removed_all": result.removed_fraction,
             "removed_blocks": block_fraction(args.model, result.params_after, result.params_before), "prune_s": prune_s,
+            "prune_rss_MiB": prune_rss,
             "widths": {kind: sorted(set(w)) for kind, w in result.widths.items()}, "blocks_removed": result.blocks_removed,
             "reconstruction": result.plan.metadata.get("reconstruction"),
         }
@@ -174,19 +178,19 @@ def child(args: argparse.Namespace, extra: Sequence[str]) -> Dict[str, Any]:
 
 def render(rows: Sequence[Dict[str, Any]], dense: float) -> str:
     lines = [
-        "| config | ratio | removed (all / blocks) | ppl | × dense | prune s | eval s | wall s | peak RSS MiB | widths |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | ratio | removed (all / blocks) | ppl | × dense | prune s | prune peak RSS MiB | eval s | wall s | process peak RSS MiB | widths |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r.get('ratio', '')} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['config']} | {r.get('ratio', '')} | error: {r['error']} | | | | | | | | |")
             continue
         widths = ", ".join(f"{k} {v}" for k, v in r.get("widths", {}).items())
         if r.get("blocks_removed"):
             widths += f"; {len(r['blocks_removed'])} blocks"
         lines.append(
             f"| {r['config']} | {r['ratio']} | {100 * r['removed_all']:.1f}% / {100 * r['removed_blocks']:.1f}% | {r['ppl']:.2f} | "
-            f"{r['ppl'] / dense:.2f} | {r['prune_s']:.0f} | {r.get('eval_s', 0):.0f} | {r.get('wall_s', 0):.0f} | {r.get('peak_rss_MiB', 0):.0f} | {widths} |"
+            f"{r['ppl'] / dense:.2f} | {r['prune_s']:.0f} | {r.get('prune_rss_MiB', 0):.0f} | {r.get('eval_s', 0):.0f} | {r.get('wall_s', 0):.0f} | {r.get('peak_rss_MiB', 0):.0f} | {widths} |"
         )
     return "\n".join(lines)
 
@@ -242,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.torch_pruning:
             rows.append(child(args, ["--tp", "--ratio", str(ratio)]))
             print(json.dumps(rows[-1]), flush=True)
-        for config in args.configs.split(","):
+        for config in [c for c in args.configs.split(",") if c]:
             rows.append(child(args, ["--one", config, "--ratio", str(ratio)]))
             print(json.dumps(rows[-1]), flush=True)
     print(f"load average after: {os.getloadavg()}")
