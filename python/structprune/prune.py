@@ -343,6 +343,8 @@ def _calibration(model_dir: Path, options: PruneOptions) -> tuple:
 
     if options.calib is None:
         needing = f"importance '{options.importance}'" + (" with bias compensation" if options.bias_compensation else "")
+        if reconstructs(options) and not options.bias_compensation:
+            needing += " with reconstruction (on by default; --no-reconstruct turns it off)"
         raise PlanError(f"{needing} needs calibration text: pass --calib FILE")
     texts = load_texts(options.calib, text_field=options.text_field)
     tokenizer = load_tokenizer(model_dir)
