@@ -310,3 +310,18 @@ proptest! {
         check_config(&config, &patch)?;
     }
 }
+
+/// Crashes the fuzzing found, kept as plain regressions.
+#[test]
+fn crashes_found_by_fuzzing_are_graph_errors() {
+    let mut huge = demo_graph().clone();
+    huge["layers"]["total"] = json!(1u64 << 40); // was: an 8 TB allocation while expanding layers
+    let mut undeclared = demo_graph().clone();
+    undeclared["params"].as_array_mut().unwrap().remove(1); // was: a panic in unit_params
+    let mut overflowing = demo_graph().clone();
+    overflowing["params"][0]["shape"] = json!([u64::MAX, 2]);
+    for graph in [huge, undeclared, overflowing] {
+        let err = graph::build_structures(&graph.to_string()).unwrap_err();
+        assert!(matches!(err, Error::Graph { .. }), "{err:?}");
+    }
+}

@@ -6,6 +6,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 pub const FORMAT: &str = "structprune.traced-graph";
+/// More layers than any model has: the structure set holds every layer's parameters, so a
+/// `layers.total` past this is refused rather than expanded.
+pub const MAX_LAYERS: usize = 100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Graph {
@@ -85,8 +88,27 @@ impl Graph {
         if let Some(&bad) = graph.outputs.iter().find(|&&o| o >= graph.nodes.len()) {
             return Err(invalid(format!("output refers to node {bad}, past the last node")));
         }
+        graph.check_params()?;
         graph.check_param_nodes()?;
         Ok(graph)
+    }
+
+    /// Layer counts that can be expanded, parameter shapes whose element counts fit in 64 bits.
+    fn check_params(&self) -> Result<()> {
+        let invalid = |reason: String| Err(Error::Graph { node: None, reason });
+        if let Some(layers) = &self.layers {
+            let untraced = layers.traced == 0 && layers.total > 0;
+            if untraced || layers.traced > layers.total || layers.total > MAX_LAYERS {
+                return invalid(format!(
+                    "layers: {} traced of {} in all (traced must be at least 1 and at most total, total at most {MAX_LAYERS})",
+                    layers.traced, layers.total
+                ));
+            }
+        }
+        match self.params.iter().find(|p| p.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).is_none()) {
+            Some(param) => invalid(format!("param '{}' of shape {:?} has more than 2^64 elements", param.name, param.shape)),
+            None => Ok(()),
+        }
     }
 
     /// Every `param` node names a declared parameter, with its declared shape: the structures are
