@@ -171,7 +171,6 @@ class _GramRecorder:
 
     def __init__(self, module: nn.Module) -> None:
         self.gram: Optional[torch.Tensor] = None
-        self.tokens = 0
         self._handle = module.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -180,7 +179,6 @@ class _GramRecorder:
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         part = x.T @ x
         self.gram = part if self.gram is None else self.gram.add_(part)
-        self.tokens += x.shape[0]
 
     def close(self) -> torch.Tensor:
         self._handle.remove()
