@@ -380,6 +380,12 @@ impl Worker {
         let (out_path, output) = &outputs[out_shard];
         let source = match &t.data {
             Data::Stored(source) => *source,
+            Data::External { path, offset } => {
+                let len = if t.shape.is_empty() { t.nbytes } else { (item.rows.end - item.rows.start) * out_row_bytes };
+                let from = offset + (out_offset - tensor_offset);
+                self.copy_external(path, from, len, output, out_path, out_offset, progress)?;
+                return Ok(());
+            }
             given => {
                 // 0-d tensors have no rows: their one work item covers all of them.
                 let len = if t.shape.is_empty() { t.nbytes } else { (item.rows.end - item.rows.start) * out_row_bytes };
@@ -423,6 +429,43 @@ impl Worker {
         }
     }
 
+    /// Copies `len` bytes at `from` of another safetensors file (a tensor the plan takes from it) to
+    /// `to`, through the worker's buffer or file to file.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_external(
+        &mut self,
+        path: &Path,
+        mut from: u64,
+        mut len: u64,
+        output: &File,
+        out_path: &Path,
+        mut to: u64,
+        progress: &Progress,
+    ) -> Result<()> {
+        let input = File::open(path).map_err(Error::io(path))?;
+        if self.direct && len >= DIRECT_COPY_MIN {
+            match copy_range(&input, from, output, to, len) {
+                Ok(true) => {
+                    progress.done.fetch_add(len, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Ok(false) => self.direct = false,
+                Err(err) => return Err(Error::io(out_path)(err)),
+            }
+        }
+        while len > 0 {
+            if progress.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let n = len.min(self.out.len() as u64) as usize;
+            input.read_exact_at(&mut self.out[..n], from).map_err(Error::io(path))?;
+            output.write_all_at(&self.out[..n], to).map_err(Error::io(out_path))?;
+            progress.done.fetch_add(n as u64, Ordering::Relaxed);
+            (from, to, len) = (from + n as u64, to + n as u64, len - n as u64);
+        }
+        Ok(())
+    }
+
     /// Writes bytes `start..start + len` of a tensor whose data the plan gives, at `offset`.
     fn write_given(&mut self, data: &Data, start: u64, len: u64, output: &File, offset: u64) -> std::io::Result<()> {
         match data {
@@ -441,7 +484,7 @@ impl Worker {
                 }
                 Ok(())
             }
-            Data::Stored(_) => unreachable!("stored tensors are gathered from the input"),
+            Data::Stored(_) | Data::External { .. } => unreachable!("stored and external tensors are copied from their files"),
         }
     }
 
