@@ -330,7 +330,7 @@ def test_hidden_selections_are_refused(tiny: Any) -> None:
         ({"add": {"dtype": "F32", "shape": [2], "values": [1.0, float("nan")]}}, "finite number"),
         ({"add": {"dtype": "F32", "shape": [2], "values": [1, 2], "fill": 0}}, "exactly one of"),
         ({"add": {"dtype": "F32", "values": [1, 2]}}, "'shape' list"),
-        ({"replace": {"values": [1], "colour": 2}}, "'values' or 'fill'"),
+        ({"replace": {"values": [1], "colour": 2}}, "'values', 'fill' or 'file' \\+ 'tensor'"),
         ({"replace": {"fill": "0"}}, "finite number"),
     ],
 )
