@@ -121,7 +121,8 @@ def test_cli_prune_is_reproducible_and_matches_its_plan(tmp_path: Path) -> None:
     assert applied.exit_code == 0, applied.output
     assert digest(tmp_path / "a" / "model.safetensors") == digest(tmp_path / "c" / "model.safetensors")
     plan = json.loads((tmp_path / "a.json").read_text())
-    assert plan["metadata"]["method"]["importance"] == "taylor" and plan["metadata"]["calibration"]["samples"] == 4
+    assert plan["metadata"]["method"]["importance"] == "obs" and plan["metadata"]["calibration"]["samples"] == 4
+    assert plan["metadata"]["method"]["reconstruct"] is True and "reconstruction" in plan["metadata"]
 
 
 def test_cli_prune_dry_run_and_errors(tmp_path: Path) -> None:

@@ -199,7 +199,8 @@ def test_cli_reconstruct_is_byte_reproducible_and_keeps_its_weights_beside_the_p
     assert digest(tmp_path / "a" / "model.safetensors") == digest(tmp_path / "b" / "model.safetensors")
     plan = CutPlan.load(tmp_path / "a.json")
     sources = {cut.replace.file for cut in plan.tensors.values() if cut.replace is not None and cut.replace.file}
-    assert sources and all(Path(s).parent == (tmp_path / "a.reconstructed").resolve() for s in sources)
+    assert sources and all(Path(s).parent == (tmp_path / "structprune-reconstructed").resolve() for s in sources)
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     # The saved plan still applies: its weights stayed beside it.
     outcome = CliRunner().invoke(main, ["apply", str(DEMO), str(tmp_path / "a.json"), "-o", str(tmp_path / "again")])
     assert outcome.exit_code == 0, outcome.output
@@ -216,7 +217,7 @@ def test_reconstruction_refuses_what_it_cannot_do() -> None:
         make_plan(DEMO, options(structures=("heads", "mlp", "hidden")), reconstruction_dir=Path("/nonexistent"))
     with pytest.raises(PlanError, match="bias compensation"):
         make_plan(DEMO, options(bias_compensation=True), reconstruction_dir=Path("/nonexistent"))
-    with pytest.raises(PlanError, match="without reconstruction"):
+    with pytest.raises(PlanError, match="rules out --no-reconstruct"):
         make_plan(DEMO, options(importance="obs", reconstruct=False))
 
 

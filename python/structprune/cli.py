@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it
     from structprune.prune import PruneOptions, PruneResult
 
 F = TypeVar("F", bound=Callable[..., Any])
+RECONSTRUCTED_DIR = "structprune-reconstructed"
+"""Beside a saved plan: the refitted weights it reads (files named by their content's hash)."""
 # A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
 _BLOCK_TENSOR = re.compile(r"\.\d+\.")
 # " at node 117 (name)" in a note: where in the graph, which is noise once notes are grouped.
@@ -263,7 +265,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output checkpoint directory (not needed with --dry-run).")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True, help="Fraction of all parameters to remove.")
-@click.option("--importance", default="taylor", show_default=True, help="Estimator: taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap.")
+@click.option("--importance", default="obs", show_default=True, help="Estimator: obs (OBS: widths from ‖W[:, j]‖²·Σx_j², units chosen by greedy optimal brain surgeon on each layer's pruned inputs while reconstructing; forward passes only), taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap.")
 @click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
 @click.option("--blocks", "block_count", type=click.IntRange(min=0), default=None, help="With blocks and width structures together: remove this many whole blocks (lowest block influence), the rest of the ratio from widths. Depth speeds up every token step; width usually costs less quality.")
 @click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups.")
@@ -339,13 +341,13 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
 
 
 def _reconstruction_dir(options: "PruneOptions", output: Optional[Path], plan_out: Optional[Path]) -> ContextManager[Optional[Path]]:
-    """Where the refitted weights go: beside ``--plan-out`` (the plan reads them, so they stay:
-    ``PLAN.reconstructed/``), else a hidden directory beside the output removed after writing."""
+    """Where the refitted weights go: beside ``--plan-out`` (the plan reads them, so they stay, in
+    ``structprune-reconstructed/``, named by content), else a hidden directory beside the output
+    removed after writing."""
     from structprune.prune import reconstructs, reconstruction_work_dir
 
     if reconstructs(options) and plan_out is not None:
-        kept = plan_out.resolve().with_name(plan_out.stem + ".reconstructed")
-        return nullcontext(kept)
+        return nullcontext(plan_out.resolve().parent / RECONSTRUCTED_DIR)
     if output is None:
         return nullcontext(None)  # a dry run without --plan-out: make_plan keeps them while needed
     return reconstruction_work_dir(output, options)

@@ -31,6 +31,8 @@ so the output is still a stock checkpoint and memory stays one block's worth.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -205,7 +207,7 @@ def reconstruct(
 ) -> Reconstruction:
     """Refits, block by block on the pruned model's own activations, every linear layer that loses
     input channels under ``selection``, and writes the new weights (cut to their kept columns, in
-    the stored dtype and orientation) under ``work_dir`` (``block-NNNNN.safetensors``, tensors
+    the stored dtype and orientation) under ``work_dir`` (``block-NNNNN-<hash>.safetensors``, tensors
     named as in the checkpoint). ``stored_names``: model name → checkpoint name; ``stored_dtypes``:
     checkpoint name → stored dtype. ``input_ids`` is this process's share of the calibration batch;
     with several ``workers`` the Gram matrices are summed over processes and only the main one writes.
@@ -214,8 +216,6 @@ def reconstruct(
     as many as ``selection`` removes there, by greedy OBS on the Gram matrix of its pruned inputs
     (``obs_removals``), and is then fitted for that choice; ``Reconstruction.selection`` holds the
     choices."""
-    from safetensors.torch import save_file
-
     if any(selection.units.get(s.id) for s in graph.by_kind("hidden")):
         raise PlanError(HIDDEN_REFUSAL)
     if damping < 0:
@@ -243,14 +243,27 @@ def reconstruct(
                 else:
                     tensors = _reconstruct_block(model, index, context, store, block_args, result, stored_names, stored_dtypes)
                     if tensors and workers.is_main:
-                        path = work_dir / f"block-{index:05d}.safetensors"
-                        save_file(tensors, str(path))
+                        path = _save_by_content(tensors, work_dir, f"block-{index:05d}")
                         result.files.update({model_name: (path, stored_names[model_name]) for model_name in _model_names(tensors, stored_names)})
                 if progress:
                     progress("reconstruct", index + 1, model.num_blocks)
     finally:
         store.close()
     return result
+
+
+def _save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: str) -> Path:
+    """Writes ``tensors`` as ``STEM-<first 16 hex digits of the file's SHA-256>.safetensors``: the
+    name follows from the bytes, so the same refit gives the same plan text, and plans sharing a
+    directory never overwrite each other's weights."""
+    from safetensors.torch import save_file
+
+    staged = directory / f".{stem}.tmp-{os.getpid()}"
+    save_file(tensors, str(staged))
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:16]
+    path = directory / f"{stem}-{digest}.safetensors"
+    os.replace(staged, path)
+    return path
 
 
 def _model_names(tensors: Mapping[str, torch.Tensor], stored_names: Mapping[str, str]) -> List[str]:
