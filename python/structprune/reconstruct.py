@@ -46,6 +46,7 @@ from structprune.distributed import SINGLE, Workers
 from structprune.errors import PlanError
 from structprune.graph import StructureGraph
 from structprune.plan import CutPlan, TensorCut, Values
+from structprune.scoring import linear_input_dim
 from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING
 from structprune.streaming import ActivationStore, StreamedModel
 
@@ -116,19 +117,11 @@ class Consumer:
     removed: torch.Tensor
 
 
-def _input_dim(module: nn.Module) -> Optional[int]:
-    if isinstance(module, nn.Linear):
-        return 1
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-        return 0
-    return None
-
-
 def block_consumers(model: StreamedModel, index: int, removed: Mapping[str, Mapping[int, set]]) -> List[Consumer]:
     """The loaded block's linear layers that lose input channels, in module order."""
     out = []
     for path, module in model.block.named_modules():
-        input_dim = _input_dim(module)
+        input_dim = linear_input_dim(module)
         if input_dim is None:
             continue
         name = f"{model.prefix}.{index}.{path}.weight"

@@ -150,7 +150,7 @@ class _ActivationRecorder:
     def attach(self, index: int) -> None:
         self._index = index
         for name, module in self.model.block.named_modules():
-            input_dim = _input_dim(module)
+            input_dim = linear_input_dim(module)
             weight_name = f"{self.model.prefix}.{index}.{name}.weight"
             if input_dim is not None and (self.only is None or (weight_name, input_dim) in self.only):
                 self._handles.append(module.register_forward_hook(self._hook(weight_name, input_dim)))
@@ -174,7 +174,8 @@ class _ActivationRecorder:
         return record
 
 
-def _input_dim(module: nn.Module) -> Optional[int]:
+def linear_input_dim(module: nn.Module) -> Optional[int]:
+    """The weight dimension that indexes a linear layer's inputs; ``None`` for other modules."""
     if isinstance(module, nn.Linear):
         return 1
     if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
