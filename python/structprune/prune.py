@@ -135,16 +135,8 @@ def make_plan(
     if options.bias_compensation:
         check_request(tuple(options.structures), options.layout)
     reconstruct_ = reconstructs(options)
-    if importance.reselects and tuple(options.structures) != ("blocks",):
-        unsupported = [why for why, present in (
-            ("--no-reconstruct", not reconstruct_), ("hidden channels", "hidden" in options.structures),
-            ("bias compensation", options.bias_compensation),
-        ) if present]
-        if unsupported:
-            raise PlanError(
-                f"importance '{options.importance}' (the default) chooses the units while reconstructing, which rules out "
-                f"{' and '.join(unsupported)}: pass another --importance (taylor, wanda-sp, flap…)"
-            )
+    if importance.reselects:
+        _check_reselection(options, reconstruct_)
     owned_dir = None
     if reconstruct_:
         _check_reconstruction(options)
@@ -167,7 +159,7 @@ def make_plan(
         "method": {
             "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
             "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize, "blocks": options.blocks,
-            "reconstruct": reconstructs(options),
+            "reconstruct": reconstruct_,
         },
         "seed": options.seed,
         "target_ratio": options.ratio,
@@ -237,6 +229,21 @@ def reconstructs(options: PruneOptions) -> bool:
     if options.importance == "obs":
         return True
     return not ("hidden" in options.structures or options.bias_compensation)
+
+
+def _check_reselection(options: PruneOptions, reconstruct: bool) -> None:
+    """An estimator that chooses units while reconstructing (obs) needs what reconstruction needs."""
+    if tuple(options.structures) == ("blocks",):
+        return  # blocks are chosen by Block Influence, whatever the estimator
+    unsupported = [why for why, present in (
+        ("--no-reconstruct", not reconstruct), ("hidden channels", "hidden" in options.structures),
+        ("bias compensation", options.bias_compensation),
+    ) if present]
+    if unsupported:
+        raise PlanError(
+            f"importance '{options.importance}' (the default) chooses the units while reconstructing, which rules out "
+            f"{' and '.join(unsupported)}: pass another --importance (taylor, wanda-sp, flap…)"
+        )
 
 
 def _check_reconstruction(options: PruneOptions) -> None:
