@@ -375,7 +375,7 @@ fn given(name: String, dtype: Dtype, shape: Vec<u64>, values: &Values) -> Result
 }
 
 /// The bytes of `tensor` in the safetensors file `path`, which must have the output's dtype and shape.
-fn external(name: &str, dtype: Dtype, shape: &[u64], path: &PathBuf, tensor: &str) -> Result<Data> {
+fn external(name: &str, dtype: Dtype, shape: &[u64], path: &std::path::Path, tensor: &str) -> Result<Data> {
     let header = crate::header::read_header(path)?;
     let entry = header
         .tensors
@@ -393,7 +393,7 @@ fn external(name: &str, dtype: Dtype, shape: &[u64], path: &PathBuf, tensor: &st
             ),
         ));
     }
-    Ok(Data::External { path: Arc::new(path.clone()), offset: header.data_start + entry.begin })
+    Ok(Data::External { path: Arc::new(path.to_path_buf()), offset: header.data_start + entry.begin })
 }
 
 /// Puts each added tensor right after the last stored output tensor of its module (the name up to
