@@ -20,8 +20,8 @@ from structprune.distill import LiveTeacher, distillation_loss
 from structprune.errors import RecoveryError
 from structprune.evaluate import perplexity_of_text
 from structprune.prune import PruneOptions, make_plan
-from structprune.recover import IGNORE_INDEX, RecoverOptions, StepReport, load_training_data, recover
-from test_recover import DEMO_CALIB, DEMO_HELDOUT, DEMO_MODEL, _assert_same_training, _run_two_processes
+from structprune.recover import IGNORE_INDEX, RecoverOptions, load_training_data, recover
+from test_recover import DEMO_CALIB, DEMO_HELDOUT, DEMO_MODEL, _assert_same_training, _run_two_processes, recover_interrupted_at
 
 VOCABULARY = 4096  # the demo model's
 
@@ -176,15 +176,7 @@ def test_resume_with_distillation_matches_an_uninterrupted_run_and_refuses_other
     options = distill_options(workspace, max_steps=4, save_every=2, distill_weight=0.7)
     recover(workspace["pruned"], tmp_path / "straight", options)
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_at_three(report: StepReport) -> None:
-        if report.step == 3:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        recover(workspace["pruned"], tmp_path / "resumed", options, on_step=stop_at_three)
+    recover_interrupted_at(workspace["pruned"], tmp_path / "resumed", options, step=3)
     for other in (replace(options, temperature=2.0), replace(options, distill_weight=1.0), replace(options, teacher=workspace["pruned"])):
         with pytest.raises(RecoveryError, match="belongs to a run with other options"):
             recover(workspace["pruned"], tmp_path / "resumed", other, resume=True)

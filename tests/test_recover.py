@@ -110,21 +110,27 @@ def test_merged_checkpoint_loads_without_peft_and_equals_base_plus_adapter(works
     assert (merged - unadapted).abs().max() > 1e-2, "the adapter changed the model"
 
 
+def recover_interrupted_at(pruned: Path, output: Path, options: RecoverOptions, *, step: int) -> None:
+    """Runs ``recover`` and stops it with an exception once optimizer step ``step`` is reported."""
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(report: StepReport) -> None:
+        if report.step == step:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        recover(pruned, output, options, on_step=stop)
+
+
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace: Dict[str, Path]) -> None:
     root = workspace["root"]
     # Dropout on: the resumed run must also restore the random state.
     options = small_options(workspace, save_every=2, dropout=0.1)
     recover(workspace["pruned"], root / "straight", options)
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_at_three(report: StepReport) -> None:
-        if report.step == 3:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        recover(workspace["pruned"], root / "resumed", options, on_step=stop_at_three)
+    recover_interrupted_at(workspace["pruned"], root / "resumed", options, step=3)
     assert not (root / "resumed").exists()
     assert sorted(p.name for p in (root / ".resumed.structprune-recover").iterdir()) == ["step-00000002"]
     with pytest.raises(RecoveryError, match="belongs to a run with other options"):
