@@ -39,6 +39,8 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
     "C64": 8,
 }
+# Packed sub-byte dtypes: bits per element (a tensor's elements fill whole bytes).
+SUB_BYTE_BITS: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 # safetensors dtype string <-> numpy dtype, for the dtypes numpy can represent natively.
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -199,7 +201,9 @@ def parse_safetensors(blob: bytes) -> ParsedFile:
         begin, end = entry["data_offsets"]
         shape = tuple(int(d) for d in entry["shape"])
         assert begin == position, f"{name}: gap or overlap at {begin} (expected {position})"
-        assert end - begin == math.prod(shape) * DTYPE_SIZES[entry["dtype"]], f"{name}: bad byte span"
+        dtype = entry["dtype"]
+        bits = math.prod(shape) * (SUB_BYTE_BITS[dtype] if dtype in SUB_BYTE_BITS else 8 * DTYPE_SIZES[dtype])
+        assert bits % 8 == 0 and end - begin == bits // 8, f"{name}: bad byte span"
         tensors[name] = RawTensor(entry["dtype"], shape, data[begin:end])
         position = end
     assert position == len(data), "trailing bytes after the last tensor"

@@ -19,6 +19,7 @@ from ckpt import (
     encode_header,
     encode_safetensors,
     plan_dict,
+    read_checkpoint_raw,
     shard_name,
     tree_hashes,
     write_checkpoint,
@@ -30,6 +31,7 @@ from structprune.errors import (
     HeaderError,
     OutputExistsError,
     PlanError,
+    SettingError,
     ShardIndexError,
     StructpruneError,
     StructpruneIOError,
@@ -68,6 +70,12 @@ class Corruption:
     tensor: str | None
 
 
+def raw_header(text: str, data: bytes) -> bytes:
+    """A safetensors file whose header is exactly ``text`` (so it can hold what a dict cannot: a key twice)."""
+    encoded = text.encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
 def header_not_json() -> bytes:
     text = b"{this is not json}      "
     return struct.pack("<Q", len(text)) + text + DATA
@@ -88,6 +96,16 @@ CORRUPTIONS: dict[str, Corruption] = {
     "span_not_shape_times_itemsize": Corruption(encode_header(header((0, 48), (48, 64), (64, 80)), DATA[:80]), CheckpointError, B),
     "offsets_reversed": Corruption(encode_header(header((0, 48), (68, 48), (68, 84)), DATA), CheckpointError, B),
     "trailing_bytes": Corruption(VALID + b"\0" * 8, CheckpointError, None),
+    "duplicate_tensor_key": Corruption(
+        raw_header(
+            '{"%s":{"dtype":"F32","shape":[4,3],"data_offsets":[0,48]},"%s":{"dtype":"I32","shape":[5],"data_offsets":[48,68]},'
+            '"%s":{"dtype":"F16","shape":[2,2,2],"data_offsets":[68,84]},"%s":{"dtype":"F32","shape":[4,3],"data_offsets":[0,48]}}'
+            % (A, B, C, A),
+            DATA,
+        ),
+        HeaderError,
+        None,
+    ),
 }
 
 
@@ -129,6 +147,25 @@ def test_corrupted_file(kind: str, layout: tuple[Path, Path]) -> None:
     (model_dir / SINGLE_FILE).write_bytes(corruption.blob)
     names = [SINGLE_FILE] + ([corruption.tensor] if corruption.tensor else [])
     run_failing(model_dir, keep_a_rows(), out, corruption.error, *names)
+
+
+def test_duplicate_key_is_named(layout: tuple[Path, Path]) -> None:
+    """A tensor listed twice in a header means two things to two readers: refused, as the reference
+    parser refuses it, naming the key."""
+    model_dir, out = layout
+    write_checkpoint(model_dir, {}, shards=[])
+    (model_dir / SINGLE_FILE).write_bytes(CORRUPTIONS["duplicate_tensor_key"].blob)
+    run_failing(model_dir, keep_a_rows(), out, HeaderError, SINGLE_FILE, f"duplicate key '{A}'")
+
+
+def test_null_metadata_is_accepted(layout: tuple[Path, Path]) -> None:
+    """``"__metadata__": null`` is no metadata (the reference parser reads it so)."""
+    model_dir, out = layout
+    write_checkpoint(model_dir, {}, shards=[])
+    text = json.dumps({"__metadata__": None, **{k: v for k, v in header((0, 48), (48, 68), (68, 84)).items() if k != "__metadata__"}})
+    (model_dir / SINGLE_FILE).write_bytes(raw_header(text, DATA))
+    structprune.apply_plan(model_dir, keep_a_rows(), out)
+    assert read_checkpoint_raw(out).tensors[B] == read_checkpoint_raw(model_dir).tensors[B]
 
 
 def test_corrupted_file_is_a_value_error(layout: tuple[Path, Path]) -> None:
@@ -301,12 +338,31 @@ def test_plan_file_with_unknown_tensor(layout: tuple[Path, Path], tmp_path: Path
     run_failing(model_dir, str(plan_path), out, PlanError, "nope")
 
 
-def test_cut_on_sub_byte_dtype_is_a_plan_error(layout: tuple[Path, Path]) -> None:
-    """F4 elements are not byte-addressable (docs/plan-format.md): cutting them is a PlanError."""
+def test_cut_on_sub_byte_dtype_through_a_byte_is_a_plan_error(layout: tuple[Path, Path]) -> None:
+    """F4 elements are not byte-addressable (docs/plan-format.md): a cut whose slices are not whole
+    bytes is a PlanError naming the tensor and dimension; one along whole-byte slices is exact."""
     model_dir, out = layout
-    f4 = RawTensor("F4", (4, 2), bytes(range(4)))  # 8 four-bit elements = 4 bytes
+    f4 = RawTensor("F4", (4, 2), bytes([0x10, 0x32, 0x54, 0x76]))  # 8 four-bit elements, a row per byte
     write_checkpoint(model_dir, {"quant.f4": f4, A: TENSORS[A]}, use_library=False)
-    run_failing(model_dir, plan_dict({"quant.f4": {"keep": {"0": [0, 1]}}}), out, PlanError, "quant.f4")
+    run_failing(model_dir, plan_dict({"quant.f4": {"keep": {"1": [0]}}}), out, PlanError, "quant.f4", "dim 1")
+    structprune.apply_plan(model_dir, plan_dict({"quant.f4": {"keep": {"0": [1, 3]}}}), out)
+    assert read_checkpoint_raw(out).tensors["quant.f4"] == RawTensor("F4", (2, 2), bytes([0x32, 0x76]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "nbytes"),
+    [("F4", (1000, 3), 1500), ("F4", (4, 1), 2), ("F6_E2M3", (12, 1), 9), ("F6_E3M2", (1000, 5), 3750)],
+)
+def test_sub_byte_rows_are_copied_byte_for_byte(
+    dtype: str, shape: tuple[int, ...], nbytes: int, layout: tuple[Path, Path]
+) -> None:
+    """Rows that are not whole bytes (an F4 [1000, 3] row is 12 bits) are copied exactly, not with
+    a third of the tensor zeroed or a division by zero."""
+    model_dir, out = layout
+    tensor = RawTensor(dtype, shape, bytes((i * 131 + 7) % 251 + 1 for i in range(nbytes)))
+    write_checkpoint(model_dir, {"quant.packed": tensor, A: TENSORS[A]}, use_library=False)
+    structprune.apply_plan(model_dir, plan_dict(), out, memory_budget="8KiB", threads=3)
+    assert read_checkpoint_raw(out).tensors["quant.packed"] == tensor
 
 
 def test_config_patch_without_config_json(layout: tuple[Path, Path]) -> None:
@@ -339,6 +395,38 @@ def test_bad_size_strings(size: str, layout: tuple[Path, Path]) -> None:
     with pytest.raises(ValueError):
         structprune.apply_plan(model_dir, plan_dict(), out, memory_budget=size)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("budget", ["100TB", "2TiB", 2**40 + 1, "99999999999999999999999999TB", 10**40])
+def test_memory_budget_past_the_cap_is_a_setting_error(budget: Any, layout: tuple[Path, Path]) -> None:
+    """100 TB used to abort the process (allocation failure, staging left behind) and a huge number
+    to raise OverflowError: both are a SettingError naming the option and the 1 TiB cap, before
+    anything is written."""
+    model_dir, out = layout
+    write_checkpoint(model_dir, TENSORS)
+    error = run_failing(model_dir, plan_dict(), out, SettingError, "--memory-budget", "1.0 TiB", memory_budget=budget)
+    assert isinstance(error, ValueError)
+
+
+@pytest.mark.parametrize("threads", [0, 100_000, 10**30, True, 1.5])
+def test_thread_count_out_of_range_is_a_setting_error(threads: Any, layout: tuple[Path, Path]) -> None:
+    model_dir, out = layout
+    write_checkpoint(model_dir, TENSORS)
+    run_failing(model_dir, plan_dict(), out, SettingError, "--threads", threads=threads)
+
+
+def test_huge_shard_size_is_a_value_error_not_an_overflow(layout: tuple[Path, Path]) -> None:
+    model_dir, out = layout
+    write_checkpoint(model_dir, TENSORS)
+    run_failing(model_dir, plan_dict(), out, SettingError, "max_shard_size", max_shard_size=2**64)
+
+
+def test_memory_budget_at_the_cap_works_on_a_small_model(layout: tuple[Path, Path]) -> None:
+    """Buffers never exceed the largest tensor, so the cap itself costs a small model nothing."""
+    model_dir, out = layout
+    write_checkpoint(model_dir, TENSORS)
+    structprune.apply_plan(model_dir, plan_dict(), out, memory_budget="1TiB", threads=2)
+    assert read_checkpoint_raw(out).tensors[A] == read_checkpoint_raw(model_dir).tensors[A]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,39 @@ def test_info_json(model_dir: Path) -> None:
     assert Path(summary["path"]).resolve() == model_dir.resolve()
 
 
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (b'{"architectures": 5}', "'architectures' must be a list of class names"),
+        (b'{"architectures": ["A", 1]}', "'architectures' must be a list"),
+        (b'{"model_type": {"x": 1}}', "'model_type' must be a string"),
+        (b'{"model_type": "llama", "name": "\xff\xfe"}', "not UTF-8"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested 100001 levels deep"),
+        (b'{"hidden_size": 4, "hidden_size": 8}', "duplicate key 'hidden_size'"),
+        (b"[1, 2]", "not a JSON object"),
+    ],
+    ids=["architectures-number", "architectures-mixed", "model_type", "not-utf8", "deep", "duplicate", "not-object"],
+)
+def test_info_refuses_a_malformed_config_with_a_typed_error(config: bytes, expected: str, model_dir: Path) -> None:
+    """A config.json that is not UTF-8, nested too deep or of the wrong field types used to end in
+    UnicodeDecodeError, RecursionError or TypeError tracebacks."""
+    (model_dir / "config.json").write_bytes(config)
+    result = CliRunner().invoke(main, ["info", str(model_dir)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "config.json" in last_stderr_line(result) and expected in last_stderr_line(result), result.stderr
+
+
+def test_config_past_the_size_limit_is_refused(model_dir: Path) -> None:
+    from structprune.checkpoint import MAX_CONFIG_BYTES, read_config
+    from structprune.errors import ConfigError
+
+    with open(model_dir / "config.json", "r+b") as config:
+        config.truncate(MAX_CONFIG_BYTES + 1)
+    with pytest.raises(ConfigError, match="limit"):
+        read_config(model_dir)
+
+
 def test_info_json_matches_read_checkpoint(model_dir: Path) -> None:
     import structprune
 
@@ -89,6 +122,20 @@ def test_apply_happy_path(model_dir: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(tensors["model.layers.0.mlp.down_proj.weight"].to_numpy(), TENSORS["model.layers.0.mlp.down_proj.weight"][:, [0, 2, 5]])
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 3
     assert (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("budget", ["100TB", "9" * 40 + "TB"])
+def test_apply_memory_budget_past_the_cap_is_refused_naming_the_flag(budget: str, model_dir: Path, tmp_path: Path) -> None:
+    """100 TB used to abort the process in an allocation failure (SIGABRT, staging left behind), a
+    huge number to end in an OverflowError traceback: now a usage error naming the flag and the cap,
+    before any work."""
+    plan = write_plan(tmp_path / "plan.json", plan_dict())
+    out = tmp_path / "out"
+    result = invoke("apply", str(model_dir), str(plan), "-o", str(out), "--memory-budget", budget)
+    assert result.exit_code == 2, result.output
+    assert "--memory-budget" in result.stderr and "1.0 TiB" in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([model_dir.name, "plan.json"])
 
 
 def test_apply_sharded_output(model_dir: Path, tmp_path: Path) -> None:

@@ -11,6 +11,10 @@ _TensorRow = tuple[str, str, list[int], str, int]
 _StoredTensorRow = tuple[str, str, list[int], str, int, int]
 
 __version__: str
+MAX_MEMORY_BUDGET: int
+"""The largest ``memory_budget`` ``apply_plan`` accepts (1 TiB)."""
+MAX_THREADS: int
+"""The most ``threads`` ``apply_plan`` accepts."""
 
 class _CheckpointDict(TypedDict):
     shards: list[str]

@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Union
 
 from structprune import _core
 from structprune.checkpoint import TensorInfo
+from structprune.errors import SettingError
 from structprune.plan import PlanLike, as_plan_json
 from structprune.sizes import parse_size
 from structprune.termination import cleanup_on_sigterm
@@ -45,7 +46,7 @@ class PlannedOutput:
 
 def plan_output(model_dir: _PathLike, plan: PlanLike, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> PlannedOutput:
     """Validates ``plan`` against the checkpoint and describes the output, writing nothing."""
-    raw = _core.plan_layout(str(model_dir), as_plan_json(plan), parse_size(max_shard_size))
+    raw = _core.plan_layout(str(model_dir), as_plan_json(plan), parse_size(max_shard_size, what="max_shard_size"))
     tensors = [TensorInfo(n, d, tuple(s), f, b) for n, d, s, f, b in raw["tensors"]]
     return PlannedOutput(tensors=tensors, shards=list(raw["shards"]), total_size=raw["total_size"])
 
@@ -83,14 +84,14 @@ def apply_plan(
     callable receiving ``(done_bytes, total_bytes)``.
     """
     thread_count = DEFAULT_THREADS if threads is None else threads
-    if thread_count < 1:
-        raise ValueError(f"threads must be at least 1, got {thread_count}")
+    if isinstance(thread_count, bool) or not isinstance(thread_count, int) or not 1 <= thread_count <= _core.MAX_THREADS:
+        raise SettingError(f"threads (--threads): {thread_count!r} is not between 1 and {_core.MAX_THREADS}")
     arguments = (
         str(model_dir),
         as_plan_json(plan),
         str(output_dir),
-        parse_size(max_shard_size),
-        parse_size(memory_budget),
+        parse_size(max_shard_size, what="max_shard_size"),
+        parse_size(memory_budget, maximum=_core.MAX_MEMORY_BUDGET, what="memory_budget (--memory-budget)"),
         thread_count,
         overwrite,
     )

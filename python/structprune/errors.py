@@ -45,6 +45,11 @@ class OutputExistsError(OutputError, FileExistsError):
     """The output exists and overwriting was not asked for."""
 
 
+class SettingError(StructpruneError, ValueError):
+    """An option's value is out of its range (a memory budget past the cap, a thread count); the
+    message names the option as the API and the command line spell it."""
+
+
 class GraphError(StructpruneError, ValueError):
     """A traced graph is malformed, or a model cannot be traced."""
 
@@ -99,6 +104,7 @@ __all__ = [
     "OutputError",
     "OutputExistsError",
     "GraphError",
+    "SettingError",
     "StructpruneIOError",
     "CalibrationError",
     "ModelLoadError",

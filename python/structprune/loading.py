@@ -3,7 +3,6 @@ loads models the same way (and refuses the same broken ones)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from structprune import formats
+from structprune.checkpoint import read_config
 from structprune.errors import ModelLoadError
 
 if TYPE_CHECKING:  # transformers is imported only when a model is loaded
@@ -67,8 +67,10 @@ def load_model(path: PathLike, *, dtype: DtypeLike, device: Union[str, torch.dev
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir}: not a model directory: config.json is missing")
     try:
+        # trust_remote_code=False: a model directory's own code (`auto_map`) is never run, even
+        # where transformers would ask on stdin (a DeciLM output is built by structprune's classes).
         model, loading_info = _model_class(model_dir).from_pretrained(
-            model_dir, dtype=torch_dtype, local_files_only=True, output_loading_info=True
+            model_dir, dtype=torch_dtype, local_files_only=True, output_loading_info=True, trust_remote_code=False
         )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelLoadError(f"{model_dir}: transformers cannot load it as a causal LM: {err}") from err
@@ -110,14 +112,14 @@ def _model_class(model_dir: Path) -> Any:
     """The class whose ``from_pretrained`` reads the checkpoint in ``model_dir``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_config(model_dir)
     if not isinstance(config, dict) or not formats.is_pruned_layout(config):
         return AutoModelForCausalLM
     if config.get("model_type") == formats.DECILM_MODEL_TYPE:
         from structprune.decilm.modeling_decilm import DeciLMForCausalLM
 
         return DeciLMForCausalLM
-    stock_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    stock_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     try:
         stock_class = AutoModelForCausalLM._model_mapping[type(stock_config)]
     except KeyError as err:

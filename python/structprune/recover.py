@@ -757,7 +757,9 @@ def _quantized_base(pruned: Path, options: RecoverOptions, device: torch.device)
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(pruned, quantization_config=quantization, device_map={"": device}, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            pruned, quantization_config=quantization, device_map={"": device}, local_files_only=True, trust_remote_code=False
+        )
     except (RuntimeError, NotImplementedError) as err:
         if device.type != "cpu":
             raise

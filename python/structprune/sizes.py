@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Union
 
+from structprune.errors import SettingError
+
 DEFAULT_ACTIVATION_MEMORY = 4 << 30
 """Bytes of saved block inputs scoring keeps in memory before further ones go to disk (here, not in
 the streaming module, so that the CLI can show it without importing torch)."""
@@ -12,6 +14,9 @@ the streaming module, so that the CLI can show it without importing torch)."""
 DEFAULT_DAMPING = 0.01
 """Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix (SparseGPT's
 1%); here for the same reason as the activation budget."""
+
+RECONSTRUCTION_TARGETS = ("dense", "layer")
+"""What reconstruction fits refitted layers to (``structprune.reconstruct``); here for the same reason."""
 
 _UNITS = {
     "": 1,
@@ -28,23 +33,33 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(size: Union[int, str], *, allow_zero: bool = False) -> int:
-    """Returns ``size`` in bytes; raises ``ValueError`` naming the accepted units otherwise. Zero is
-    refused unless ``allow_zero`` (for a budget, where it means "nothing in memory")."""
-    if isinstance(size, bool):
-        raise ValueError(f"size must be bytes or a string like '5GB', got {size!r}")
+MAX_SIZE = 2**64 - 1
+"""The largest size any option takes (the engine counts bytes in 64 bits)."""
+
+
+def parse_size(size: Union[int, str], *, allow_zero: bool = False, maximum: int = MAX_SIZE, what: str = "size") -> int:
+    """Returns ``size`` in bytes; raises :class:`~structprune.errors.SettingError` (a ``ValueError``)
+    naming the accepted units otherwise. Zero is refused unless ``allow_zero`` (for a budget, where
+    it means "nothing in memory"); more than ``maximum`` (at most 2⁶⁴ − 1) is refused naming ``what``
+    and the cap."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise SettingError(f"{what} must be bytes or a string like '5GB', got {size!r}")
     smallest = 0 if allow_zero else 1
     if isinstance(size, int):
-        if size < smallest:
-            raise ValueError(f"size must be {'non-negative' if allow_zero else 'positive'}, got {size}")
-        return size
-    match = _PATTERN.match(size)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"cannot read size {size!r}: use bytes or a number with one of KB, MB, GB, TB, KiB, MiB, GiB, TiB")
-    value = int(float(match.group(1)) * _UNITS[unit])
+        value = size
+    else:
+        match = _PATTERN.match(size)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise SettingError(f"cannot read {what} {size!r}: use bytes or a number with one of KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+        number = match.group(1)
+        # Exact for whole numbers however long; a fraction goes through float, past which no size is exact anyway.
+        value = int(number) * _UNITS[unit] if "." not in number else int(float(number) * _UNITS[unit])
     if value < smallest:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise SettingError(f"{what} must be {'non-negative' if allow_zero else 'positive'}, got {size!r}")
+    limit = min(maximum, MAX_SIZE)
+    if value > limit:
+        raise SettingError(f"{what} {size!r} is above the cap of {limit:,} bytes ({format_size(limit)})")
     return value
 
 
@@ -53,8 +68,8 @@ def format_size(nbytes: int) -> str:
     if nbytes < 1024:
         return f"{nbytes} B"
     value = nbytes / 1024
-    for unit in ("KiB", "MiB", "GiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024:
             return f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} TiB"
+    return f"{value:.1f} EiB"

@@ -258,7 +258,7 @@ class StreamedModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.prefix = blocks_prefix
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.num_blocks = int(self.config.num_hidden_layers)
         self.block_returns_tuple = False
         """Whether the blocks return a tuple (older transformers) rather than a tensor: seen when a
@@ -426,10 +426,11 @@ class StreamedModel:
                 return captured.hidden, captured.args, captured.kwargs
         raise StreamingError(f"{type(self.shell).__name__} never called its first block")
 
-    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
-        """The loaded block's hidden-state output for ``hidden``."""
+    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any], block: Optional[nn.Module] = None) -> torch.Tensor:
+        """The loaded block's hidden-state output for ``hidden`` (or ``block``'s: a copy of the
+        loaded block, kept unchanged while the loaded one is being modified)."""
         with float32_linears(self.device, self.dtype, accumulate_weight_grads=True):
-            output = self.block(hidden, *args, **kwargs)
+            output = (self.block if block is None else block)(hidden, *args, **kwargs)
         self.block_returns_tuple = isinstance(output, (tuple, list))
         return _first(output)
 

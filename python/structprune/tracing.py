@@ -219,7 +219,9 @@ def _load_config(source: Any):
     if not (path / "config.json").is_file():
         raise TraceError(f"{path}: no config.json")
     try:
-        return AutoConfig.from_pretrained(str(path))
+        # Never the model directory's own code (`auto_map`): with trust_remote_code unset,
+        # transformers asks on stdin, and a piped "y" would run it.
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds
         raise TraceError(f"{path}: cannot read config.json: {err}") from err
 

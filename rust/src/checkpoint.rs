@@ -13,6 +13,29 @@ use crate::header::{read_header, Header, TensorEntry};
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
+/// Largest shard index read (a 405B-parameter model's is about 100 KB): memory stays a small
+/// multiple of the input however the file was made.
+pub const MAX_INDEX_BYTES: u64 = 100_000_000;
+/// Largest `config.json` read (real ones are a few KB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The bytes of the regular file `path`, refused as `too_large(len)` past `limit` bytes before any
+/// is read.
+pub(crate) fn read_limited(path: &Path, limit: u64, too_large: impl FnOnce(u64) -> Error) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular(path).map_err(Error::io(path))?;
+    let len = file.metadata().map_err(Error::io(path))?.len();
+    if len > limit {
+        return Err(too_large(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take`: a file that grows while it is read still stops at the limit.
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(Error::io(path))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
 
 #[derive(Debug)]
 pub struct Shard {
@@ -51,6 +74,17 @@ impl Checkpoint {
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
         let (shards, index_path) = if regular_file(&index_path)? {
+            if regular_file(&single_path)? {
+                // transformers loads model.safetensors when both are there, the index otherwise:
+                // which tensors are "the checkpoint" would depend on the reader.
+                return Err(Error::ShardIndex {
+                    path: dir.to_owned(),
+                    reason: format!(
+                        "holds both {SINGLE_FILE} and {INDEX_FILE}, so which is the checkpoint is ambiguous \
+                         (transformers reads {SINGLE_FILE}): move one of them away"
+                    ),
+                });
+            }
             (open_sharded(dir, &index_path)?, Some(index_path))
         } else if regular_file(&single_path)? {
             let header = read_header(&single_path)?;
@@ -190,15 +224,79 @@ fn regular_file(path: &Path) -> Result<bool> {
     }
 }
 
+/// `prefix-00002-of-00005.safetensors` → (`prefix`, 2, 5, digits of the number, digits of the total).
+fn shard_number(file: &str) -> Option<(&str, u64, u64, usize, usize)> {
+    let stem = file.strip_suffix(".safetensors")?;
+    let (left, total) = stem.rsplit_once("-of-")?;
+    let (prefix, number) = left.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(number) || !digits(total) {
+        return None;
+    }
+    Some((prefix, number.parse().ok()?, total.parse().ok()?, number.len(), total.len()))
+}
+
+/// A partial index is refused: a listed `P-i-of-N` shard implies shards 1 to N, and each must hold a
+/// listed tensor; a file of the directory named like a shard of a listed prefix must be listed.
+/// Either would otherwise leave weights out of the output without a word.
+fn check_every_shard_listed(
+    dir: &Path,
+    by_file: &BTreeMap<String, BTreeSet<String>>,
+    weight_map: &serde_json::Map<String, Value>,
+) -> std::result::Result<(), String> {
+    // What an unlisted shard file holds, for the message: a tensor the index maps elsewhere says
+    // more than "partial".
+    let holds = |name: &str| -> String {
+        let Ok(header) = read_header(&dir.join(name)) else { return String::new() };
+        let Some(first) = header.tensors.first() else { return String::new() };
+        match weight_map.get(&first.name).and_then(Value::as_str) {
+            Some(other) => format!(" (it stores tensor '{}', which the index maps to {other})", first.name),
+            None => format!(" (it stores tensor '{}', which the index does not list)", first.name),
+        }
+    };
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    let mut prefixes: BTreeSet<&str> = BTreeSet::new();
+    for file in by_file.keys() {
+        let Some((prefix, _, total, width, total_width)) = shard_number(file) else { continue };
+        prefixes.insert(prefix);
+        if total <= 100_000 {
+            expected.extend((1..=total).map(|i| format!("{prefix}-{i:0width$}-of-{total:0total_width$}.safetensors")));
+        }
+    }
+    if let Some(unlisted) = expected.iter().find(|name| !by_file.contains_key(*name)) {
+        let state = if dir.join(unlisted).exists() { "is in the directory but" } else { "is missing and" };
+        return Err(format!("shard {unlisted} {state} the index lists no tensor in it{}: the index is partial", holds(unlisted)));
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if by_file.contains_key(&name) {
+            continue;
+        }
+        if shard_number(&name).is_some_and(|(prefix, ..)| prefixes.contains(prefix)) {
+            return Err(format!("shard {name} is in the directory but the index lists no tensor in it{}: the index is partial", holds(&name)));
+        }
+    }
+    Ok(())
+}
+
 fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Shard>> {
     let invalid = |reason: String| Error::ShardIndex { path: index_path.to_owned(), reason };
-    let text = std::fs::read_to_string(index_path).map_err(Error::io(index_path))?;
-    let root: Value =
-        serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let bytes = read_limited(index_path, MAX_INDEX_BYTES, |len| {
+        invalid(format!("{len} bytes is past the {MAX_INDEX_BYTES}-byte limit for a shard index"))
+    })?;
+    let root = crate::json::from_slice(&bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    drop(bytes);
+    if !root.is_object() {
+        return Err(invalid("not a JSON object".into()));
+    }
     let weight_map = root
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| invalid("missing object 'weight_map'".into()))?;
+    if weight_map.is_empty() {
+        return Err(invalid("'weight_map' lists no tensors".into()));
+    }
     let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (tensor, file) in weight_map {
         let file = file
@@ -209,6 +307,7 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Shard>> {
         }
         by_file.entry(file.to_owned()).or_default().insert(tensor.clone());
     }
+    check_every_shard_listed(dir, &by_file, weight_map).map_err(invalid)?;
     let mut shards = Vec::with_capacity(by_file.len());
     for (file_name, listed) in by_file {
         let path = dir.join(&file_name);

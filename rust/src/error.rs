@@ -39,6 +39,11 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Output { path: PathBuf, reason: String },
 
+    /// An option of the engine (a memory budget, a thread count) out of its range; `setting` names
+    /// it as the API and the command line spell it.
+    #[error("{setting}: {reason}")]
+    Setting { setting: String, reason: String },
+
     #[error("traced graph{}: {reason}", node_clause(.node))]
     Graph { node: Option<usize>, reason: String },
 

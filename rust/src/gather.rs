@@ -68,21 +68,21 @@ impl SegmentIter {
     pub fn new(t: &OutputTensor, rows: Range<u64>) -> SegmentIter {
         let shape = &t.source_shape;
         let Some(last_cut) = t.keep.iter().rposition(Option::is_some) else {
-            let whole = Segment { offset: 0, len: t.nbytes };
-            let segment = match shape.first() {
-                Some(&rows_total) if rows_total > 0 => {
-                    let row_bytes = t.nbytes / rows_total;
-                    Segment { offset: rows.start * row_bytes, len: (rows.end - rows.start) * row_bytes }
-                }
-                _ => whole,
-            };
-            return SegmentIter::from_parts(Vec::new(), Vec::new(), vec![segment]);
+            // Uncut: the rows' bytes in one piece (computed in bits: a row of a packed sub-byte
+            // dtype need not be whole bytes, a range of rows the engine asks for always is).
+            let (offset, len) = t.row_span(&rows);
+            return SegmentIter::from_parts(Vec::new(), Vec::new(), vec![Segment { offset, len }]);
         };
-        let item_bytes = t.dtype.item_bytes().expect("plans never cut sub-byte dtypes");
-        let mut strides = vec![item_bytes; shape.len()];
+        // Strides in bits, then bytes: plans cut a packed sub-byte dtype only along dimensions whose
+        // slices are whole bytes, and the strides of the dimensions before a cut one are multiples
+        // of its slice, so every stride used here is whole bytes.
+        let bits = u128::from(t.dtype.bits());
+        let mut stride_bits = vec![bits; shape.len()];
         for d in (0..shape.len() - 1).rev() {
-            strides[d] = strides[d + 1] * shape[d + 1];
+            stride_bits[d] = stride_bits[d + 1].saturating_mul(u128::from(shape[d + 1]));
         }
+        debug_assert!(stride_bits[..=last_cut].iter().all(|b| b % 8 == 0), "a cut through a byte");
+        let strides: Vec<u64> = stride_bits.iter().map(|b| (b / 8).min(u128::from(u64::MAX)) as u64).collect();
         let axes: Vec<Axis> = (0..=last_cut)
             .map(|d| Axis::new(&t.keep[d], shape[d], (d == 0).then_some(&rows)))
             .collect();

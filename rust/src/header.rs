@@ -96,14 +96,20 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
     if !text.starts_with('{') {
         return Err(invalid(None, "header does not start with '{'".into()));
     }
-    let root: Map<String, Value> = serde_json::from_str(text)
-        .map_err(|e| invalid(None, format!("header is not a JSON object: {e}")))?;
+    // Duplicate keys are refused as the reference parser refuses them: a tensor listed twice
+    // would otherwise be whichever entry a reader happens to keep.
+    let root = match crate::json::from_str(text) {
+        Ok(Value::Object(root)) => root,
+        Ok(_) => return Err(invalid(None, "header is not a JSON object".into())),
+        Err(e) => return Err(invalid(None, format!("header is not a JSON object: {e}"))),
+    };
 
     let mut metadata = None;
     let mut tensors = Vec::with_capacity(root.len());
     for (name, value) in root {
         if name == METADATA_KEY {
-            metadata = Some(parse_metadata(value).map_err(|r| invalid(None, r))?);
+            // `"__metadata__": null` is no metadata, as the reference parser reads it.
+            metadata = parse_metadata(value).map_err(|r| invalid(None, r))?;
             continue;
         }
         let entry = parse_entry(&name, &value).map_err(|r| invalid(Some(&name), r))?;
@@ -141,14 +147,16 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
     Ok(Header { data_start, tensors, metadata })
 }
 
-fn parse_metadata(value: Value) -> std::result::Result<Map<String, Value>, String> {
-    let Value::Object(map) = value else {
-        return Err("__metadata__ is not an object".into());
+fn parse_metadata(value: Value) -> std::result::Result<Option<Map<String, Value>>, String> {
+    let map = match value {
+        Value::Null => return Ok(None),
+        Value::Object(map) => map,
+        _ => return Err("__metadata__ is not an object (or null)".into()),
     };
     if let Some((key, _)) = map.iter().find(|(_, v)| !v.is_string()) {
         return Err(format!("__metadata__ value of '{key}' is not a string"));
     }
-    Ok(map)
+    Ok(Some(map))
 }
 
 fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorEntry, String> {
@@ -264,6 +272,20 @@ mod tests {
         assert!(reason(parse(&file_with(dtype, 8))).contains("unknown dtype"));
         assert!(reason(parse(&file_with("[1, 2]", 0))).contains("start with"));
         assert!(reason(parse(&file_with("{\"a\": 1", 0))).contains("not a JSON object"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_and_null_metadata_accepted() {
+        let twice = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(reason(parse(&file_with(twice, 8))).contains("duplicate key 'a'"));
+        let nested = r#"{"a":{"dtype":"F32","dtype":"I32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert!(reason(parse(&file_with(nested, 4))).contains("duplicate key 'dtype'"));
+        let metadata_twice = r#"{"__metadata__":{"k":"v"},"__metadata__":{"k":"w"}}"#;
+        assert!(reason(parse(&file_with(metadata_twice, 0))).contains("duplicate key '__metadata__'"));
+        let null = r#"{"__metadata__":null,"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let header = parse(&file_with(null, 4)).unwrap();
+        assert_eq!((header.metadata, header.tensors.len()), (None, 1));
+        assert!(reason(parse(&file_with(r#"{"__metadata__":5}"#, 0))).contains("not an object"));
     }
 
     #[test]

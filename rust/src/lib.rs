@@ -8,6 +8,7 @@ pub mod error;
 pub mod gather;
 pub mod graph;
 pub mod header;
+pub mod json;
 pub mod plan;
 pub mod rewrite;
 pub mod staging;

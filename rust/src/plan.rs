@@ -159,7 +159,11 @@ fn resolve_cut(name: &str, raw: RawCut, sets: &HashMap<String, KeepList>) -> Res
     if raw.drop && (!raw.keep.is_empty() || raw.rename.is_some() || raw.replace.is_some()) {
         return Err(Error::plan(name, "'drop' cannot be combined with 'keep', 'rename' or 'replace'"));
     }
+    if let Some(new_name) = &raw.rename {
+        check_output_name(new_name).map_err(|r| Error::plan(name, format!("'rename': {r}")))?;
+    }
     if let Some(add) = raw.add {
+        check_output_name(name).map_err(|r| Error::plan(name, format!("'add': {r}")))?;
         if raw.drop || !raw.keep.is_empty() || raw.rename.is_some() || raw.replace.is_some() {
             return Err(Error::plan(name, "'add' creates a tensor and cannot be combined with another action"));
         }
@@ -222,10 +226,26 @@ fn one_of(name: &str, action: &str, raw: RawValues) -> Result<Values> {
     }
 }
 
+/// Output tensor names a safetensors header can hold: not empty, not the metadata key.
+fn check_output_name(name: &str) -> std::result::Result<(), String> {
+    match name {
+        "" => Err("an empty tensor name cannot be written".into()),
+        "__metadata__" => Err("'__metadata__' is the safetensors header's metadata key, not a tensor name".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Extensions of files that load by unpickling (running code): a plan never writes one.
+const PICKLE_EXTENSIONS: [&str; 9] = ["bin", "pt", "pth", "pkl", "pickle", "ckpt", "joblib", "npy", "npz"];
+
 /// A plan's extra file must be a plain file name the engine does not write itself.
 fn check_file_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
         return Err("must be a plain file name (no directories, not hidden)".into());
+    }
+    let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    if PICKLE_EXTENSIONS.contains(&extension.as_str()) {
+        return Err(format!("'.{extension}' files load by unpickling, which runs code: a plan does not write them"));
     }
     if name == crate::checkpoint::CONFIG_FILE || name == crate::checkpoint::INDEX_FILE || name.ends_with(".safetensors") {
         return Err("the engine writes this file itself (use 'config' for config.json edits)".into());
@@ -271,6 +291,45 @@ impl OutputTensor {
     pub fn is_cut(&self) -> bool {
         self.keep.iter().any(Option::is_some)
     }
+
+    /// Bits in one output row (one index along dimension 0, every index of the others); `None` for a
+    /// 0-d tensor or one without rows. Not always a whole number of bytes: an F4 `[1000, 3]` row is
+    /// 12 bits.
+    pub fn row_bits(&self) -> Option<u64> {
+        let rows = *self.shape.first()?;
+        // nbytes × 8 is exactly rows × row bits, so the division is exact.
+        (rows > 0).then(|| (u128::from(self.nbytes) * 8 / u128::from(rows)) as u64)
+    }
+
+    /// The output bytes of rows `rows` (along dimension 0) as (offset, length) relative to the
+    /// tensor's first byte; the whole tensor for a 0-d one. Exact when both ends of `rows` fall on
+    /// byte boundaries (the engine's work items always do: see [`OutputTensor::rows_per_byte`]).
+    pub fn row_span(&self, rows: &std::ops::Range<u64>) -> (u64, u64) {
+        match self.row_bits() {
+            None if self.shape.is_empty() => (0, self.nbytes),
+            None => (0, 0),
+            Some(bits) => {
+                let at = |row: u64| (u128::from(row) * u128::from(bits) / 8) as u64;
+                (at(rows.start), at(rows.end) - at(rows.start))
+            }
+        }
+    }
+
+    /// The fewest rows whose bits are a whole number of bytes (1 for byte-sized elements; up to 8
+    /// for packed sub-byte ones): ranges of rows start and end on multiples of it.
+    pub fn rows_per_byte(&self) -> u64 {
+        match self.row_bits() {
+            Some(bits) if bits > 0 => 8 / gcd(bits, 8),
+            _ => 1,
+        }
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Checks the plan against the checkpoint and lists the output tensors in storage order: stored
@@ -310,12 +369,7 @@ pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<Out
                     ));
                 }
             }
-            if entry.dtype.item_bytes().is_none() {
-                return Err(Error::plan(
-                    &entry.name,
-                    format!("{} packs several elements per byte, so it cannot be cut", entry.dtype),
-                ));
-            }
+            check_whole_byte_slices(&entry.name, entry.dtype, &entry.shape, dim)?;
             shape[dim] = list.len() as u64;
             keep[dim] = Some(list.clone());
         }
@@ -343,6 +397,27 @@ pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<Out
         added.push(given(name.clone(), add.dtype, add.shape.clone(), &add.values)?);
     }
     Ok(place_added(outputs, added))
+}
+
+/// A cut along `dim` copies whole slices (one index of `dim`, every index of the dimensions after
+/// it); of a packed sub-byte dtype (F4, F6) that works only where such a slice is a whole number of
+/// bytes, as its elements have no byte address of their own.
+fn check_whole_byte_slices(name: &str, dtype: Dtype, shape: &[u64], dim: usize) -> Result<()> {
+    if dtype.item_bytes().is_some() {
+        return Ok(());
+    }
+    let slice = shape[dim + 1..].iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+    if slice.and_then(|n| dtype.span_bytes(n)).is_some() {
+        return Ok(());
+    }
+    let bits = slice.map_or_else(|| "too many".to_owned(), |n| (u128::from(n) * u128::from(dtype.bits())).to_string());
+    Err(Error::plan(
+        name,
+        format!(
+            "dim {dim}: {dtype} packs several elements per byte and a slice of shape {shape:?} along dim {dim} is {bits} bits, \
+             not a whole number of bytes, so it cannot be cut there (only along dimensions whose slices are whole bytes)"
+        ),
+    ))
 }
 
 /// An output tensor holding the plan's `values`, checked against its dtype and shape.
@@ -502,8 +577,41 @@ mod tests {
             plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"files":{{{}:"x"}}}}"#, serde_json::to_string(name).unwrap()))
         };
         assert_eq!(with_file("modeling_decilm.py").unwrap().files["modeling_decilm.py"], "x");
-        for bad in ["", ".hidden", "a/b.py", "..", "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b.py",
+            "..",
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "pytorch_model.bin",
+            "training_args.PT",
+            "x.pth",
+            "x.pkl",
+            "optimizer.pickle",
+            "x.ckpt",
+            "x.npy",
+        ] {
             assert!(plan_reason(with_file(bad)).starts_with(&format!("file '{bad}'")), "{bad}");
+        }
+    }
+
+    #[test]
+    fn output_names_must_be_tensor_names() {
+        for bad in ["", "__metadata__"] {
+            let renamed = plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"a":{{"rename":{bad:?}}}}}}}"#));
+            match renamed {
+                Err(Error::Plan { tensor: Some(t), reason }) => {
+                    assert_eq!(t, "a");
+                    assert!(reason.starts_with("'rename'"), "{reason}");
+                }
+                other => panic!("{bad:?}: expected a plan error, got {other:?}"),
+            }
+            let added = plan(&format!(
+                r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{{bad:?}:{{"add":{{"dtype":"F32","shape":[1],"fill":0}}}}}}}}"#
+            ));
+            assert!(plan_reason(added).starts_with("'add'"), "{bad:?}");
         }
     }
 

@@ -32,6 +32,7 @@ fn to_pyerr(err: Error) -> PyErr {
             Error::OutputExists { path } => ("OutputExistsError", Some(path.clone()), None),
             Error::Output { path, .. } => ("OutputError", Some(path.clone()), None),
             Error::Graph { .. } => ("GraphError", None, None),
+            Error::Setting { .. } => ("SettingError", None, None),
             Error::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
         };
         let build = || -> PyResult<PyErr> {
@@ -262,6 +263,8 @@ fn build_structures(py: Python<'_>, ir_json: &str) -> PyResult<String> {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_MEMORY_BUDGET", rewrite::MAX_MEMORY_BUDGET)?;
+    m.add("MAX_THREADS", rewrite::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(apply_plan, m)?)?;

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 
-use crate::checkpoint::{entry_kind, open_regular, Checkpoint, EntryKind, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{entry_kind, open_regular, Checkpoint, EntryKind, CONFIG_FILE, INDEX_FILE, MAX_CONFIG_BYTES, SINGLE_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::gather::{Segment, SegmentIter};
@@ -33,6 +33,11 @@ const MAX_SEGMENTS_PER_BATCH: usize = 1 << 15;
 const DIRECT_COPY_MIN: u64 = 1 << 20;
 /// Below this a per-worker buffer makes system-call overhead dominate.
 const MIN_BUFFER: u64 = 4 * 1024;
+/// The largest memory budget accepted (1 TiB). The buffers are allocated before any work, and a
+/// budget past what the machine has would end the process in an allocation failure.
+pub const MAX_MEMORY_BUDGET: u64 = 1 << 40;
+/// The most copy threads accepted: the engine is bound by the disk long before this.
+pub const MAX_THREADS: usize = 256;
 /// Weight formats that would be stale after pruning; they are reported and not copied.
 const WEIGHT_EXTENSIONS: [&str; 8] = ["bin", "safetensors", "h5", "msgpack", "gguf", "pt", "pth", "ckpt"];
 /// Files of a checkpoint directory, besides its weights, that belong to the model and are copied:
@@ -53,6 +58,32 @@ pub struct ApplyOptions {
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 64 << 20, threads: 4, overwrite: false }
+    }
+}
+
+impl ApplyOptions {
+    /// Refuses settings out of range, naming them as the API and the command line do.
+    pub fn validate(&self) -> Result<()> {
+        if self.memory_budget > MAX_MEMORY_BUDGET {
+            return Err(Error::Setting {
+                setting: "memory_budget (--memory-budget)".into(),
+                reason: format!(
+                    "{} bytes is above the cap of {MAX_MEMORY_BUDGET} bytes (1 TiB); the budget is buffer memory, \
+                     allocated up front, and 64 MiB already keeps a disk busy",
+                    self.memory_budget
+                ),
+            });
+        }
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return Err(Error::Setting {
+                setting: "threads (--threads)".into(),
+                reason: format!("{} is not between 1 and {MAX_THREADS}", self.threads),
+            });
+        }
+        if self.max_shard_size == 0 {
+            return Err(Error::Setting { setting: "max_shard_size (--max-shard-size)".into(), reason: "must be at least 1 byte".into() });
+        }
+        Ok(())
     }
 }
 
@@ -190,6 +221,7 @@ pub fn apply_plan(
     options: &ApplyOptions,
     progress: &Progress,
 ) -> Result<ApplyReport> {
+    options.validate()?;
     let checkpoint = Checkpoint::open(input)?;
     let layout = layout(&checkpoint, plan, options.max_shard_size)?;
     let config = patched_config(input, plan)?;
@@ -197,9 +229,11 @@ pub fn apply_plan(
     to_copy.retain(|file| !plan.files.contains_key(file.to.to_string_lossy().as_ref()));
     progress.total.store(layout.total_size + copied_bytes(&to_copy), Ordering::Relaxed);
 
+    // Buffers first: a budget the machine cannot give is an error before anything is written.
+    let workers = workers(&checkpoint, &layout, options)?;
     let staging = Staging::create(output, Some(input), options.overwrite)?;
     let files = create_shards(staging.path(), &layout)?;
-    copy_tensors(&checkpoint, &layout, &files, options, progress)?;
+    copy_tensors(&checkpoint, &layout, &files, workers, progress)?;
     for (name, text) in &plan.files {
         write_synced(&staging.path().join(name), text.as_bytes())?;
     }
@@ -295,7 +329,12 @@ fn work_items(layout: &Layout, chunk_bytes: u64) -> Vec<WorkItem> {
             items.push(WorkItem { tensor: i, rows: 0..rows });
             continue;
         }
-        let rows_per_item = (chunk_bytes / (t.nbytes / rows)).clamp(1, rows);
+        // Items hold whole bytes: a multiple of `rows_per_byte` rows (a packed sub-byte row can be
+        // a fraction of a byte, F4 `[4, 1]`), about `chunk_bytes` of them, or every row.
+        let row_bits = u128::from(t.row_bits().expect("rows > 0"));
+        let step = t.rows_per_byte();
+        let fitting = (u128::from(chunk_bytes) * 8 / row_bits).min(u128::from(rows)) as u64;
+        let rows_per_item = (fitting / step * step).max(step).min(rows);
         let mut start = 0;
         while start < rows {
             let end = (start + rows_per_item).min(rows);
@@ -306,11 +345,30 @@ fn work_items(layout: &Layout, chunk_bytes: u64) -> Vec<WorkItem> {
     items
 }
 
+/// One worker per thread, each with an output and a read buffer of `memory_budget / (2 × threads)`
+/// bytes (at least `MIN_BUFFER`), never larger than the largest tensor read or written, so a generous
+/// budget costs nothing on a small model. Allocation failure is an error, not an abort.
+fn workers(checkpoint: &Checkpoint, layout: &Layout, options: &ApplyOptions) -> Result<Vec<Worker>> {
+    let threads = options.threads.clamp(1, MAX_THREADS);
+    let largest = layout
+        .tensors
+        .iter()
+        .map(|t| match t.data {
+            Data::Stored(source) => t.nbytes.max(checkpoint.entry(source).nbytes()),
+            _ => t.nbytes,
+        })
+        .max()
+        .unwrap_or(0);
+    let buffer = (options.memory_budget / (2 * threads as u64)).min(largest).max(MIN_BUFFER);
+    let count = threads.min(work_items(layout, buffer).len()).max(1);
+    (0..count).map(|_| Worker::new(buffer)).collect()
+}
+
 fn copy_tensors(
     checkpoint: &Checkpoint,
     layout: &Layout,
     outputs: &[(PathBuf, File)],
-    options: &ApplyOptions,
+    workers: Vec<Worker>,
     progress: &Progress,
 ) -> Result<()> {
     let inputs: Vec<File> = checkpoint
@@ -318,21 +376,20 @@ fn copy_tensors(
         .iter()
         .map(|s| File::open(&s.path).map_err(Error::io(&s.path)))
         .collect::<Result<_>>()?;
-    let threads = options.threads.max(1);
-    let buffer = (options.memory_budget / (2 * threads as u64)).max(MIN_BUFFER);
+    let buffer = workers.first().map_or(MIN_BUFFER, |w| w.out.len() as u64);
     let items = work_items(layout, buffer);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..threads.min(items.len()) {
-            scope.spawn(|| {
-                let mut worker = Worker::new(buffer as usize);
+        for mut worker in workers {
+            let (items, next, failure, inputs) = (&items, &next, &failure, &inputs);
+            scope.spawn(move || {
                 loop {
                     if progress.cancel.load(Ordering::Relaxed) {
                         return;
                     }
                     let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
-                    if let Err(err) = worker.copy(checkpoint, layout, &inputs, outputs, item, progress) {
+                    if let Err(err) = worker.copy(checkpoint, layout, inputs, outputs, item, progress) {
                         progress.cancel.store(true, Ordering::Relaxed);
                         failure.lock().unwrap().get_or_insert(err);
                         return;
@@ -357,8 +414,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(buffer: usize) -> Worker {
-        Worker { out: vec![0; buffer], read: vec![0; buffer], batch: Vec::with_capacity(MAX_SEGMENTS_PER_BATCH), direct: true }
+    fn new(buffer: u64) -> Result<Worker> {
+        Ok(Worker {
+            out: zeroed(buffer)?,
+            read: zeroed(buffer)?,
+            batch: Vec::with_capacity(MAX_SEGMENTS_PER_BATCH),
+            direct: true,
+        })
     }
 
     fn copy(
@@ -375,21 +437,18 @@ impl Worker {
             return Ok(());
         }
         let (out_shard, tensor_offset) = layout.placements[item.tensor];
-        let out_row_bytes = t.shape.first().map_or(t.nbytes, |&rows| t.nbytes / rows);
-        let mut out_offset = tensor_offset + item.rows.start * out_row_bytes;
+        // 0-d tensors have no rows: their one work item covers all of them.
+        let (start, len) = t.row_span(&item.rows);
+        let mut out_offset = tensor_offset + start;
         let (out_path, output) = &outputs[out_shard];
         let source = match &t.data {
             Data::Stored(source) => *source,
             Data::External { path, offset } => {
-                let len = if t.shape.is_empty() { t.nbytes } else { (item.rows.end - item.rows.start) * out_row_bytes };
-                let from = offset + (out_offset - tensor_offset);
-                self.copy_external(path, from, len, output, out_path, out_offset, progress)?;
+                self.copy_external(path, offset + start, len, output, out_path, out_offset, progress)?;
                 return Ok(());
             }
             given => {
-                // 0-d tensors have no rows: their one work item covers all of them.
-                let len = if t.shape.is_empty() { t.nbytes } else { (item.rows.end - item.rows.start) * out_row_bytes };
-                self.write_given(given, out_offset - tensor_offset, len, output, out_offset).map_err(Error::io(out_path))?;
+                self.write_given(given, start, len, output, out_offset).map_err(Error::io(out_path))?;
                 progress.done.fetch_add(len, Ordering::Relaxed);
                 return Ok(());
             }
@@ -547,6 +606,31 @@ impl Worker {
     }
 }
 
+/// A zeroed buffer of `len` bytes, or an error naming the memory budget when the allocator cannot
+/// give it (`vec![0; len]` would abort the process). Zeroed pages are mapped lazily, so only the part
+/// of the buffer a copy uses is ever touched.
+fn zeroed(len: u64) -> Result<Vec<u8>> {
+    let refuse = || Error::Setting {
+        setting: "memory_budget (--memory-budget)".into(),
+        reason: format!("cannot allocate a {len}-byte copy buffer: choose a smaller budget"),
+    };
+    let len = usize::try_from(len).map_err(|_| refuse())?;
+    let layout = std::alloc::Layout::array::<u8>(len).map_err(|_| refuse())?;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: `layout` has a non-zero size; a non-null result is an allocation of exactly `len`
+    // zeroed bytes from the global allocator with u8's alignment, which is what `Vec<u8>` with
+    // length and capacity `len` owns and later frees.
+    unsafe {
+        let pointer = std::alloc::alloc_zeroed(layout);
+        if pointer.is_null() {
+            return Err(refuse());
+        }
+        Ok(Vec::from_raw_parts(pointer, len, len))
+    }
+}
+
 /// Copies `len` bytes between files at the given offsets in the kernel. `Ok(false)` when the file
 /// system or platform cannot (the caller then copies through its buffer).
 #[cfg(target_os = "linux")]
@@ -609,8 +693,13 @@ fn patched_config(input: &Path, plan: &CutPlan) -> Result<Option<Vec<u8>>> {
     if !path.is_file() {
         return Err(Error::Config { path, reason: "the plan edits config.json but the checkpoint has none".into() });
     }
-    let text = fs::read_to_string(&path).map_err(Error::io(&path))?;
-    let mut config: Value = serde_json::from_str(&text)
+    let bytes = crate::checkpoint::read_limited(&path, MAX_CONFIG_BYTES, |len| Error::Config {
+        path: path.clone(),
+        reason: format!("{len} bytes is past the {MAX_CONFIG_BYTES}-byte limit for a config.json"),
+    })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| Error::Config { path: path.clone(), reason: format!("not UTF-8 text: {e}") })?;
+    let mut config: Value = crate::json::from_str(text)
         .map_err(|e| Error::Config { path: path.clone(), reason: format!("not valid JSON: {e}") })?;
     if !config.is_object() {
         return Err(Error::Config { path, reason: "not a JSON object".into() });
@@ -737,4 +826,36 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         sync_dir(parent)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_the_allocator_cannot_give_is_an_error_not_an_abort() {
+        match zeroed(1 << 62) {
+            Err(Error::Setting { setting, reason }) => {
+                assert!(setting.contains("--memory-budget"), "{setting}");
+                assert!(reason.contains("cannot allocate"), "{reason}");
+            }
+            other => panic!("expected a setting error, got {:?}", other.map(|v| v.len())),
+        }
+        assert_eq!(zeroed(4096).unwrap(), vec![0u8; 4096]);
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_naming_them() {
+        let refused = |options: ApplyOptions, name: &str| match options.validate() {
+            Err(err @ Error::Setting { .. }) => assert!(err.to_string().contains(name), "{err}"),
+            other => panic!("{name}: expected a setting error, got {other:?}"),
+        };
+        let base = ApplyOptions::default();
+        refused(ApplyOptions { memory_budget: 100_000_000_000_000, ..base.clone() }, "--memory-budget");
+        refused(ApplyOptions { memory_budget: u64::MAX, ..base.clone() }, "1 TiB");
+        refused(ApplyOptions { threads: 0, ..base.clone() }, "--threads");
+        refused(ApplyOptions { threads: MAX_THREADS + 1, ..base.clone() }, "--threads");
+        refused(ApplyOptions { max_shard_size: 0, ..base.clone() }, "--max-shard-size");
+        assert!(ApplyOptions { memory_budget: MAX_MEMORY_BUDGET, threads: MAX_THREADS, ..base }.validate().is_ok());
+    }
 }

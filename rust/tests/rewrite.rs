@@ -337,3 +337,26 @@ fn bad_added_and_replaced_tensors_are_refused_before_anything_is_written() {
     let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["in"]);
 }
+
+/// A memory budget past the cap is refused before anything is written (100 TB used to abort the
+/// process in an allocation failure, leaving its staging directory); one at the cap works on a small
+/// model, whose buffers never exceed its largest tensor.
+#[test]
+fn memory_budget_is_capped_and_never_allocated_past_the_largest_tensor() {
+    use structprune_core::rewrite::MAX_MEMORY_BUDGET;
+    let root = tempfile::tempdir().unwrap();
+    let input = input_checkpoint(root.path(), sharded_checkpoint);
+    let output = root.path().join("out");
+    let result = apply_plan(&input, &plan(), &output, &options(2, 100_000_000_000_000, 1 << 30), &Progress::default());
+    match result {
+        Err(err @ Error::Setting { .. }) => {
+            let message = err.to_string();
+            assert!(message.contains("--memory-budget") && message.contains("1 TiB"), "{message}");
+        }
+        other => panic!("expected a setting error, got {other:?}"),
+    }
+    let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["in"], "nothing staged");
+    apply_plan(&input, &plan(), &output, &options(1, MAX_MEMORY_BUDGET, 1 << 30), &Progress::default()).unwrap();
+    assert_eq!(values(&output.join("model.safetensors"), "renamed"), (vec![], vec![0]));
+}
