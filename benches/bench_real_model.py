@@ -26,7 +26,7 @@ Protocol (printed with the table):
 
 A configuration is written ``ESTIMATOR[+option...]``: ``+rec`` reconstruction, ``+global``
 global planning (its default protection), ``+bias`` FLAP's bias compensation, ``+kv`` whole KV
-groups instead of query heads, ``+s128`` 128 calibration samples, ``+d0.1`` damping 0.1,
+groups instead of query heads, ``+dense``/``+layer`` the reconstruction target, ``+s128`` 128 calibration samples, ``+d0.1`` damping 0.1,
 ``blocks`` the Block-Influence baseline (whole blocks only). Usage:
 
     PY=.venv/bin/python bash ../shared/fixtures/make-smollm2.sh
@@ -63,6 +63,8 @@ def parse_config(name: str) -> Dict[str, Any]:
     for part in parts[1:]:
         if part == "rec":
             options["reconstruct"] = True
+        elif part in ("dense", "layer"):
+            options["reconstruction_target"] = part
         elif part == "global":
             options["planning"] = "global"
         elif part == "bias":

@@ -28,6 +28,8 @@ CALIB = ROOT / "demo" / "text" / "calib.txt"
 # Five samples over two processes: an uneven split (2 and 3), which must not weigh them differently.
 TAYLOR2 = PruneOptions(ratio=0.2, importance="taylor2", calib=CALIB, samples=5, seq_len=16, micro_batch=2, reconstruct=False)
 WANDA = dataclasses.replace(TAYLOR2, importance="wanda-sp")
+# The defaults: OBS selection and reconstruction to the dense model's outputs.
+RECONSTRUCTED = PruneOptions(ratio=0.3, calib=CALIB, samples=5, seq_len=16, micro_batch=2)
 CLI_ARGS = ["prune", str(DEMO), "--ratio", "0.2", "--importance", "taylor2", "--no-reconstruct", "--calib", str(CALIB), "--samples", "5", "--seq-len", "16", "--dry-run"]
 
 
@@ -77,6 +79,33 @@ def test_two_processes_score_like_one(tmp_path: Path) -> None:
         assert_same_cut_and_scores(json.loads((tmp_path / f"wanda-{rank}.json").read_text()), reference)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_two_processes_reconstruct_like_one(tmp_path: Path) -> None:
+    """Statistics summed over processes: the same units chosen and the same refitted weights as in
+    one process, up to the order of float additions."""
+    from safetensors.torch import load_file
+
+    from structprune import apply_plan
+    from structprune.plan import CutPlan
+
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(tmp_path), "reconstruct"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    single = make_plan(DEMO, RECONSTRUCTED, reconstruction_dir=tmp_path / "single-weights")
+    two = CutPlan.load(tmp_path / "reconstructed.json")
+    assert two.index_sets == single.plan.index_sets
+    assert {n: c.keep for n, c in two.tensors.items()} == {n: c.keep for n, c in single.plan.tensors.items()}
+    assert two.metadata["reconstruction"]["layers"] == single.plan.metadata["reconstruction"]["layers"] > 0
+    apply_plan(DEMO, two, tmp_path / "two")
+    apply_plan(DEMO, single.plan, tmp_path / "one")
+    got, want = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_shares_cover_every_sample_once() -> None:
     for samples in (2, 5, 8):
         for world_size in (1, 2, 3):
@@ -97,16 +126,22 @@ def test_what_cannot_be_split_is_refused() -> None:
     assert Workers(rank=1, world_size=2, local_rank=1).compute_device("cpu") == "cpu"
 
 
-def run_worker(out: Path) -> None:
-    """One torchrun process: Wanda-sp through the library, then taylor2 through the CLI."""
+def run_worker(out: Path, task: str) -> None:
+    """One torchrun process: Wanda-sp through the library, then taylor2 through the CLI; or
+    (``reconstruct``) the default OBS selection and reconstruction, whose plan process 0 saves."""
     from structprune.cli import main
     from structprune.distributed import joined
 
     with joined("cpu") as workers:
+        if task == "reconstruct":
+            result = make_plan(DEMO, RECONSTRUCTED, workers=workers, reconstruction_dir=out / "weights")
+            if workers.is_main:
+                result.plan.save(out / "reconstructed.json")
+            return
         result = make_plan(DEMO, WANDA, workers=workers)
         (out / f"wanda-{workers.rank}.json").write_text(json.dumps(described(result)))
         main([*CLI_ARGS, "--plan-out", str(out / "taylor2.json")], standalone_mode=False)
 
 
 if __name__ == "__main__":
-    run_worker(Path(sys.argv[1]))
+    run_worker(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "score")

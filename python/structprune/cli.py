@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Opt
 
 import click
 
+from structprune._core import MAX_MEMORY_BUDGET, MAX_THREADS
 from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, check_output, plan_output
 from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import StructpruneError
 from structprune.formats import FORMATS
 from structprune.planner import NORMALIZATIONS
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, format_size, parse_size
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, RECONSTRUCTION_TARGETS, format_size, parse_size
 from structprune.termination import Terminated, cleanup_on_sigterm
 
 if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it
+    from structprune.iterative import IterativeOptions
     from structprune.prune import PruneOptions, PruneResult
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,12 +39,15 @@ _NODE_REFERENCE = re.compile(r" at node \d+(?: \([^)]*\))?")
 class SizeParam(click.ParamType):
     name = "size"
 
-    def __init__(self, allow_zero: bool = False) -> None:
+    def __init__(self, allow_zero: bool = False, maximum: Optional[int] = None) -> None:
         self.allow_zero = allow_zero
+        self.maximum = maximum
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
         try:
-            return parse_size(value, allow_zero=self.allow_zero)
+            if self.maximum is None:
+                return parse_size(value, allow_zero=self.allow_zero)
+            return parse_size(value, allow_zero=self.allow_zero, maximum=self.maximum)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
@@ -133,8 +138,8 @@ def info(model: Path, as_json: bool) -> None:
 @click.argument("plan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
 @click.option("--max-shard-size", type=SizeParam(), default=DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest output shard (a larger tensor gets a shard of its own).")
-@click.option("--memory-budget", type=SizeParam(), default=DEFAULT_MEMORY_BUDGET, show_default=True, help="Buffer memory the engine may use, whatever the checkpoint's size.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Copy threads [default: min(4, cores)].")
+@click.option("--memory-budget", type=SizeParam(maximum=MAX_MEMORY_BUDGET), default=DEFAULT_MEMORY_BUDGET, show_default=True, help="Buffer memory the engine may use, whatever the checkpoint's size (at most 1 TiB).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Copy threads [default: min(4, cores)].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Validate the plan and print the result's size; write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
@@ -286,6 +291,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format).")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint.")
 @click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix.")
+@click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. dense: the dense model's outputs (a layer whose output joins the residual stream, down_proj, takes up the drift that the blocks before it left); layer: the layer's own dense weights on the pruned inputs (SlimGPT/ZipLM).")
 @click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
@@ -293,8 +299,14 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--resume", is_flag=True, help="Save the scoring state after every block and continue an interrupted run, in $XDG_CACHE_HOME/structprune/resume/<hash of model, calibration and scoring options> (~/.cache without XDG_CACHE_HOME).")
 @click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), help="As --resume, in this directory (refused if it holds another run's state).")
+@click.option("--iterations", type=click.IntRange(min=1), default=1, show_default=True, help="Remove RATIO in this many steps, each scoring the model the step before left (LLM-Pruner's and LoRAShear's iterative pruning); intermediate checkpoints in .OUTPUT.structprune-iterative/ beside OUTPUT, removed at the end, continued by --resume.")
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0, show_default=True, help="With --iterations: LoRA optimizer steps on every intermediate model (not after the last step); 0: the steps only score again.")
+@click.option("--recover-data", type=click.Path(exists=True, path_type=Path), help="With --recover-steps: training text [default: --calib].")
+@click.option("--distill/--no-distill", default=True, show_default=True, help="With --recover-steps: learn MODEL's next-token distributions (distillation), or the LM loss.")
+@click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True, help="With --recover-steps: peak learning rate.")
+@click.option("--recover-batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="With --recover-steps: --seq-len examples per optimizer step.")
 @reports_errors
-def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, activation_memory: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, reconstruct: bool, damping: float, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path]) -> None:
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, activation_memory: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, reconstruct: bool, damping: float, reconstruct_target: str, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path], iterations: int, recover_steps: int, recover_data: Optional[Path], distill: bool, recover_lr: float, recover_batch_size: int) -> None:
     """Prune MODEL: trace it, score every structure on calibration text block by block (one
     decoder block in memory at a time), remove the least important units so that RATIO of all
     parameters goes, and write the result to OUTPUT: a stock checkpoint with --uniform (every
@@ -308,8 +320,11 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
     from tqdm.auto import tqdm
 
     from structprune.distributed import joined
+    from structprune.iterative import IterativeOptions, check_request
     from structprune.prune import PruneOptions, make_plan
 
+    if iterations > 1:
+        _refuse_with_iterations(plan_out=plan_out, dry_run=dry_run, resume_dir=resume_dir)
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output, or --dry-run")
     if output is not None and not dry_run:
@@ -319,14 +334,23 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
         seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, activation_memory=activation_memory,
         planning="uniform" if uniform else "global", protect=_protection(protect), normalize=normalize, layout=layout, blocks=block_count,
-        bias_compensation=bias_compensation, reconstruct=reconstruct, damping=damping,
+        bias_compensation=bias_compensation, reconstruct=reconstruct, damping=damping, reconstruction_target=reconstruct_target,
     )
+    iterative = IterativeOptions(
+        iterations=iterations, recover_steps=recover_steps, recover_data=recover_data, distill=distill, recover_lr=recover_lr,
+        recover_batch_size=recover_batch_size,
+    )
+    check_request(options, iterative)  # the recovery flags are refused without --iterations, not ignored
     bars: Dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=f"{stage} blocks", unit="block", leave=False))
         bar.update(done - bar.n)
 
+    if iterations > 1:
+        assert output is not None
+        _prune_iteratively(model, output, options, iterative, bars=bars, progress=progress, overwrite=overwrite, resume=resume, eval_text=eval_text)
+        return
     with joined(device) as workers, _reconstruction_dir(options, output, plan_out) as work_dir:
         try:
             result = make_plan(
@@ -338,6 +362,48 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
                 bar.close()
         if workers.is_main:
             _finish_prune(model, output, result, ratio=ratio, plan_out=plan_out, dry_run=dry_run, overwrite=overwrite, eval_text=eval_text)
+
+
+def _refuse_with_iterations(*, plan_out: Optional[Path], dry_run: bool, resume_dir: Optional[Path]) -> None:
+    reasons = {
+        "--plan-out": "the last step's plan cuts an intermediate model, not MODEL, so it cannot be applied to MODEL",
+        "--dry-run": "every step after the first prunes the model the step before wrote",
+        "--resume-dir": "the steps keep their scoring state in their work directory: use --resume",
+    }
+    for flag, given in (("--plan-out", plan_out is not None), ("--dry-run", dry_run), ("--resume-dir", resume_dir is not None)):
+        if given:
+            raise click.UsageError(f"{flag} does not go with --iterations K > 1: {reasons[flag]}")
+
+
+def _prune_iteratively(
+    model: Path, output: Path, options: "PruneOptions", iterative: "IterativeOptions", *, bars: Dict[str, Any],
+    progress: Callable[[str, int, int], None], overwrite: bool, resume: bool, eval_text: Optional[Path],
+) -> None:
+    from structprune.iterative import prune_iteratively
+
+    def announce(message: str) -> None:
+        for bar in bars.values():  # the next step counts its blocks on new bars
+            bar.close()
+        bars.clear()
+        click.echo(message, err=True)
+
+    try:
+        result = prune_iteratively(model, output, options, iterative, overwrite=overwrite, resume=resume, progress=progress, progress_bars=True, announce=announce)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for step in result.steps:
+        recovered = f", then {step.recovery.steps} recovery steps in {step.recovery.seconds:.1f} s" if step.recovery else ""
+        click.echo(f"step {step.step}/{iterative.iterations}   {step.params_before:,} -> {step.params_after:,} ({100 * step.ratio:.2f}% of the step's model asked) in {step.seconds:.1f} s{recovered}")
+    if result.resumed_steps:
+        click.echo(f"resumed     after step {result.resumed_steps}")
+    click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * options.ratio:.1f}%)")
+    for kind, widths in sorted(result.final.widths.items()):
+        click.echo(f"  {kind:<12} per layer: {_widths(widths)}")
+    assert result.final.report is not None
+    click.echo(f"wrote {output} in {result.seconds:.1f} s ({len(result.final.report.shards)} shard(s), {format_size(result.final.report.total_size)})")
+    if eval_text is not None:
+        _print_perplexity(model, output, eval_text)
 
 
 def _reconstruction_dir(options: "PruneOptions", output: Optional[Path], plan_out: Optional[Path]) -> ContextManager[Optional[Path]]:
@@ -372,15 +438,19 @@ def _finish_prune(
     report = apply_plan(model, result.plan, output, overwrite=overwrite, progress=True)
     click.echo(f"wrote {report.output_dir} ({len(report.shards)} shard(s), {format_size(report.total_size)})")
     if eval_text is not None:
-        from transformers.utils import logging as hf_logging
+        _print_perplexity(model, output, eval_text)
 
-        from structprune.evaluate import perplexity_of_text
 
-        hf_logging.disable_progress_bar()  # two loads of small models: their bars only add noise
+def _print_perplexity(model: Path, output: Path, eval_text: Path) -> None:
+    from transformers.utils import logging as hf_logging
 
-        before = perplexity_of_text(model, eval_text, window=128)
-        after = perplexity_of_text(output, eval_text, window=128)
-        click.echo(f"perplexity  {before.perplexity:.2f} -> {after.perplexity:.2f} on {eval_text} ({after.windows} windows of 128 tokens)")
+    from structprune.evaluate import perplexity_of_text
+
+    hf_logging.disable_progress_bar()  # two loads of small models: their bars only add noise
+
+    before = perplexity_of_text(model, eval_text, window=128)
+    after = perplexity_of_text(output, eval_text, window=128)
+    click.echo(f"perplexity  {before.perplexity:.2f} -> {after.perplexity:.2f} on {eval_text} ({after.windows} windows of 128 tokens)")
 
 
 def _protection(text: Optional[str]) -> Optional[Tuple[int, int]]:

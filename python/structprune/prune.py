@@ -81,6 +81,10 @@ class PruneOptions:
     channels, bias compensation, or blocks alone); see ``reconstructs``."""
     damping: float = DEFAULT_DAMPING
     """Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix."""
+    reconstruction_target: str = "dense"
+    """What refitted layers reproduce (``structprune.reconstruct.TARGETS``): ``dense``, the dense
+    model's outputs, correcting the drift of the blocks before; ``layer``, the layer's own weights
+    on the pruned inputs."""
 
 
 @dataclass
@@ -179,7 +183,7 @@ def make_plan(
             selection = reconstruction.selection
             plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout=options.layout)
         apply_to_plan(plan, reconstruction)
-        plan.metadata["reconstruction"]["damping"] = options.damping
+        plan.metadata["reconstruction"].update(damping=options.damping, target=options.reconstruction_target)
     before = read_checkpoint(model_dir).parameters
     after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
     plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -273,7 +277,7 @@ def _reconstruct(
     stored_names = {model_name: name for name, model_name in checkpoint_name_map(model.model_dir, names).items()}
     result = reconstruct(
         model, graph, selection, share, directory, stored_names=stored_names, stored_dtypes=stored_dtype_map(model.model_dir),
-        damping=options.damping, micro_batch=options.micro_batch, activation_memory=options.activation_memory, workers=workers,
+        damping=options.damping, target=options.reconstruction_target, micro_batch=options.micro_batch, activation_memory=options.activation_memory, workers=workers,
         progress=progress, reselect=reselect,
     )
     return result

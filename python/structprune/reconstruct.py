@@ -33,9 +33,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from structprune.errors import PlanError
 from structprune.graph import StructureGraph
 from structprune.plan import CutPlan, TensorCut, Values
 from structprune.scoring import linear_input_dim
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, RECONSTRUCTION_TARGETS
 from structprune.streaming import ActivationStore, StreamedModel
 
 OBS_ROUNDS = 32
@@ -72,16 +73,29 @@ class Fit:
     """The same for the fitted columns (equal to ``error_before`` when the fit was discarded)."""
 
 
-def fit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Fit:
-    """``W G[:, K] (G[K, K] + λI)⁻¹`` with ``λ = damping · mean(diag G[K, K])`` (float64): the kept
-    columns that best reproduce ``W x`` from the kept inputs, for inputs whose Gram matrix is
-    ``gram``. ``weight`` is ``[out, in]``; ``kept`` the kept input indices. Falls back to the plain
-    cut ``W[:, K]`` when the fit does not lower the output error."""
+def fit_kept_columns(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    kept: torch.Tensor,
+    damping: float = DEFAULT_DAMPING,
+    *,
+    cross: Optional[torch.Tensor] = None,
+    energy: Optional[float] = None,
+) -> Fit:
+    """The kept columns ``V`` that best reproduce a target output ``Y`` from the kept inputs
+    ``X_K``: ``V = Y X_Kᵀ (G[K, K] + λI)⁻¹`` with ``λ = damping · mean(diag G[K, K])`` (float64).
+    ``weight`` is the layer's ``[out, in]`` weight, ``gram`` its inputs' ``G = X Xᵀ``, ``kept`` the
+    kept input indices. The target is ``W X`` (the layer's own dense output on these inputs) unless
+    ``cross = Y Xᵀ`` and ``energy = ‖Y‖²`` give another one (the dense model's output: see
+    ``TARGETS``). Falls back to the plain cut ``W[:, K]`` when the fit does not lower the output
+    error ``‖Y − V X_K‖²``."""
+    if (cross is None) != (energy is None):
+        raise ValueError("cross and energy describe one target: give both or neither")
     w = weight.double()
     g = gram.double()
     kept = kept.to(device=w.device, dtype=torch.long)
     g_kk = g[kept][:, kept]
-    target = w @ g[:, kept]  # W G[:, K]: [out, |K|]
+    target = w @ g[:, kept] if cross is None else cross.double()[:, kept]  # Y X_Kᵀ: [out, |K|]
     damped = g_kk.clone()
     scale = float(torch.diagonal(g_kk).mean()) if kept.numel() else 0.0
     damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
@@ -91,10 +105,10 @@ def fit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tenso
     else:
         fitted = torch.cholesky_solve(target.T, factor).T
     plain = w[:, kept]
-    total = float(torch.einsum("oi,ij,oj->", w, g, w))
+    total = float(torch.einsum("oi,ij,oj->", w, g, w)) if energy is None else float(energy)
 
     def error(columns: torch.Tensor) -> float:
-        # ‖W X − V X_K‖² = tr(W G Wᵀ) − 2 tr(V G[K, :] Wᵀ) + tr(V G[K, K] Vᵀ)
+        # ‖Y − V X_K‖² = ‖Y‖² − 2 tr(V X_K Yᵀ) + tr(V G[K, K] Vᵀ)
         return total - 2 * float((columns * target).sum()) + float(torch.einsum("oi,ij,oj->", columns, g_kk, columns))
 
     before, after = error(plain), error(fitted)
@@ -161,25 +175,50 @@ class Reconstruction:
         return sum(r.error_after for r in self.layers) / before if before else 1.0
 
 
-class _GramRecorder:
-    """Sums ``X Xᵀ`` of the inputs of one module (all tokens of every micro-batch), in float64."""
+TARGETS = RECONSTRUCTION_TARGETS
+"""What a refitted layer is fitted to reproduce from the pruned model's inputs. ``dense`` (the
+default): the dense model's output. For a layer whose output is added straight to its block's
+output (down_proj of a pre-norm block, both consumers of a parallel block: found by a probe,
+``_adds_to_block_output``) that is the dense block's output itself, so the layer takes up the
+drift that the pruned blocks before it left in the residual stream; for any other layer, its own
+output in the dense model on the dense model's inputs. ``layer``: the layer's own dense weights
+applied to the pruned inputs, ``W X`` (SlimGPT's and ZipLM's target: the drift is left as it is)."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.gram: Optional[torch.Tensor] = None
-        self._handle = module.register_forward_hook(self._record)
 
-    def _record(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        # float64: the kept inputs of a layer are often nearly collinear (condition numbers of 10⁵
-        # and more), where a float32 sum alone moves the fitted weights by percents.
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-        part = x.T @ x
-        self.gram = part if self.gram is None else self.gram.add_(part)
+@dataclass
+class _Statistics:
+    """What a layer's fit needs of the calibration data: ``gram = X Xᵀ`` of its inputs in the
+    pruned model and, for a target other than ``W X``, ``cross = Y Xᵀ`` and ``energy = ‖Y‖²``."""
 
-    def close(self) -> torch.Tensor:
-        self._handle.remove()
-        if self.gram is None:
-            raise PlanError("reconstruction: a layer that loses inputs never ran on the calibration data")
-        return self.gram
+    gram: torch.Tensor
+    cross: Optional[torch.Tensor] = None
+    energy: Optional[torch.Tensor] = None
+
+    def add(self, other: "_Statistics") -> None:
+        self.gram.add_(other.gram)
+        if self.cross is not None and other.cross is not None and self.energy is not None and other.energy is not None:
+            self.cross.add_(other.cross)
+            self.energy.add_(other.energy)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [t for t in (self.gram, self.cross, self.energy) if t is not None]
+
+
+@contextmanager
+def _captured_inputs(module: nn.Module) -> Iterator[List[torch.Tensor]]:
+    """The first positional input of every call of ``module`` while the context is open."""
+    seen: List[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0].detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # float64: the kept inputs of a layer are often nearly collinear (condition numbers of 10⁵
+    # and more), where a float32 sum alone moves the fitted weights by percents.
+    return x.reshape(-1, x.shape[-1]).double()
 
 
 def reconstruct(
@@ -192,6 +231,7 @@ def reconstruct(
     stored_names: Mapping[str, str],
     stored_dtypes: Mapping[str, torch.dtype],
     damping: float = DEFAULT_DAMPING,
+    target: str = "dense",
     micro_batch: int = 4,
     activation_memory: int = DEFAULT_ACTIVATION_MEMORY,
     workers: Workers = SINGLE,
@@ -203,7 +243,9 @@ def reconstruct(
     the stored dtype and orientation) under ``work_dir`` (``block-NNNNN-<hash>.safetensors``, tensors
     named as in the checkpoint). ``stored_names``: model name → checkpoint name; ``stored_dtypes``:
     checkpoint name → stored dtype. ``input_ids`` is this process's share of the calibration batch;
-    with several ``workers`` the Gram matrices are summed over processes and only the main one writes.
+    with several ``workers`` the statistics are summed over processes and only the main one writes.
+    ``target`` (``TARGETS``): what the refitted layers reproduce; ``dense`` also runs the dense
+    model beside the pruned one, block by block.
 
     With ``reselect`` (``--importance obs``), each layer first chooses which of its units to remove,
     as many as ``selection`` removes there, by greedy OBS on the Gram matrix of its pruned inputs
@@ -213,36 +255,222 @@ def reconstruct(
         raise PlanError(HIDDEN_REFUSAL)
     if damping < 0:
         raise PlanError(f"reconstruction damping must be at least 0, got {damping}")
+    if target not in TARGETS:
+        raise PlanError(f"reconstruction target must be one of {', '.join(TARGETS)}, got {target!r}")
     selection = copy.deepcopy(selection)
     dropped = set(selection.blocks)
     work_dir.mkdir(parents=True, exist_ok=True)
-    store = ActivationStore(activation_memory)
+    # The dense stream costs as much memory as the pruned one: the budget is shared between them.
+    streams = _Streams(
+        pruned=ActivationStore(activation_memory // 2 if target == "dense" else activation_memory),
+        dense=ActivationStore(activation_memory // 2) if target == "dense" else None,
+    )
     result = Reconstruction(files={}, layers=[], selection=selection)
-    context = _BlockContext(graph, selection, damping, workers, reselect)
+    context = _BlockContext(graph, selection, damping, workers, reselect, target)
     try:
         batches = list(input_ids.split(micro_batch))
-        block_args = []
         with torch.no_grad():
             for m, batch in enumerate(batches):
                 hidden, args, kwargs = model.embed(batch)
-                store.put((0, m), hidden)
-                block_args.append((args, kwargs))
+                streams.put(0, m, hidden)
+                streams.block_args.append((args, kwargs))
             model.unload_outside()
             for index in range(model.num_blocks):
-                if index in dropped:
-                    for m in range(len(batches)):
-                        store.put((index + 1, m), store.get((index, m), model.device))
-                        store.release((index, m))
+                if index in dropped and streams.dense is None:
+                    streams.pass_through(index)
                 else:
-                    tensors = _reconstruct_block(model, index, context, store, block_args, result, stored_names, stored_dtypes)
-                    if tensors and workers.is_main:
-                        path = _save_by_content(tensors, work_dir, f"block-{index:05d}")
-                        result.files.update({model_name: (path, stored_names[model_name]) for model_name in _model_names(tensors, stored_names)})
+                    model.load_block(index)
+                    streams.run_dense(model, index)
+                    if index in dropped:
+                        streams.pass_through(index)
+                    else:
+                        tensors = _reconstruct_block(model, index, context, streams, result, stored_names, stored_dtypes)
+                        if tensors and workers.is_main:
+                            path = _save_by_content(tensors, work_dir, f"block-{index:05d}")
+                            result.files.update({name: (path, stored_names[name]) for name in _model_names(tensors, stored_names)})
+                    streams.finish_dense(index)
                 if progress:
                     progress("reconstruct", index + 1, model.num_blocks)
     finally:
-        store.close()
+        streams.close()
     return result
+
+
+@dataclass
+class _Streams:
+    """The saved inputs of the current block in the pruned model and, for the ``dense`` target,
+    in the dense model (with a copy of the loaded block kept dense while it is refitted)."""
+
+    pruned: ActivationStore
+    dense: Optional[ActivationStore]
+    block_args: List[tuple] = field(default_factory=list)
+    dense_block: Optional[nn.Module] = None
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self.block_args)
+
+    def put(self, index: int, m: int, hidden: torch.Tensor) -> None:
+        self.pruned.put((index, m), hidden)
+        if self.dense is not None:
+            self.dense.put((index, m), hidden)
+
+    def pass_through(self, index: int) -> None:
+        """A removed block: the pruned model's hidden states go on unchanged."""
+        for m in range(self.micro_batches):
+            self.pruned.put((index + 1, m), self.pruned.get((index, m), torch.device("cpu")))
+            self.pruned.release((index, m))
+
+    def run_dense(self, model: StreamedModel, index: int) -> None:
+        """Keeps a dense copy of the loaded block and saves its outputs on the dense inputs (the
+        dense model's inputs of the next block, and the targets of a residual layer's fit)."""
+        if self.dense is None:
+            return
+        self.dense_block = copy.deepcopy(model.block)
+        for m, (args, kwargs) in enumerate(self.block_args):
+            self.dense.put((index + 1, m), model.run_block(self.dense.get((index, m), model.device), args, kwargs, block=self.dense_block))
+
+    def finish_dense(self, index: int) -> None:
+        self.dense_block = None
+        if self.dense is not None:
+            for m in range(self.micro_batches):
+                self.dense.release((index, m))
+
+    def run_pruned(self, model: StreamedModel, index: int, *, keep_outputs: bool) -> None:
+        for m, (args, kwargs) in enumerate(self.block_args):
+            out = model.run_block(self.pruned.get((index, m), model.device), args, kwargs)
+            if keep_outputs:
+                self.pruned.put((index + 1, m), out)
+                self.pruned.release((index, m))
+
+    def close(self) -> None:
+        self.pruned.close()
+        if self.dense is not None:
+            self.dense.close()
+
+
+@dataclass
+class _BlockContext:
+    graph: StructureGraph
+    selection: Selection
+    damping: float
+    workers: Workers
+    reselect: bool
+    target: str
+
+    def consumers(self, model: StreamedModel, index: int) -> List[Consumer]:
+        return block_consumers(model, index, removed_indices(self.graph, self.selection))
+
+
+def _reconstruct_block(
+    model: StreamedModel,
+    index: int,
+    context: _BlockContext,
+    streams: _Streams,
+    result: Reconstruction,
+    stored_names: Mapping[str, str],
+    stored_dtypes: Mapping[str, torch.dtype],
+) -> Dict[str, torch.Tensor]:
+    """Refits the loaded block ``index``'s consumers in the order the block runs them (re-selecting
+    their units first when asked), then runs the pruned block to give the next block its inputs.
+    Returns the new weights by checkpoint name."""
+    order = _execution_order(model, index, streams, context.consumers(model, index))
+    tensors: Dict[str, torch.Tensor] = {}
+    for planned in order:
+        module = model.block.get_submodule(planned.module)
+        weight = module.weight.detach()
+        oriented = weight if planned.input_dim == 1 else weight.T
+        statistics = _layer_statistics(model, index, planned.module, oriented, streams, context.target)
+        context.workers.sum_(statistics.tensors())
+        consumer = planned
+        if context.reselect:
+            _reselect(context, planned, _unconstrained_fit(oriented, statistics, context.damping), statistics.gram)
+            consumer = next(c for c in context.consumers(model, index) if c.module == planned.module)
+        energy = None if statistics.energy is None else float(statistics.energy)
+        fit = fit_kept_columns(oriented, statistics.gram, consumer.kept, context.damping, cross=statistics.cross, energy=energy)
+        result.layers.append(LayerReport(consumer.weight, fit.error_before, fit.error_after))
+        # The pruned layer, run exactly inside the dense block: removed inputs contribute nothing.
+        new = torch.zeros_like(oriented)
+        new[:, consumer.kept.to(new.device)] = fit.weight.to(new)
+        weight.copy_(new if consumer.input_dim == 1 else new.T)
+        stored = stored_names.get(consumer.weight)
+        if stored is None:
+            raise PlanError(f"reconstruction: the checkpoint has no tensor for the weight '{consumer.weight}'")
+        kept_columns = fit.weight if consumer.input_dim == 1 else fit.weight.T
+        tensors[stored] = kept_columns.to(device="cpu", dtype=stored_dtypes[stored]).contiguous()
+    streams.run_pruned(model, index, keep_outputs=True)
+    return tensors
+
+
+def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch.Tensor, streams: _Streams, target: str) -> _Statistics:
+    """The statistics of layer ``path`` of the loaded block (``weight``: its current ``[out, in]``
+    weight) over every calibration micro-batch, for ``target``."""
+    module = model.block.get_submodule(path)
+    residual = target == "dense" and not os.environ.get("SP_EXPERIMENT_NO_RESIDUAL") and _adds_to_block_output(model, index, module, streams)
+    total: Optional[_Statistics] = None
+    for m, (args, kwargs) in enumerate(streams.block_args):
+        with _captured_inputs(module) as seen:
+            output = model.run_block(streams.pruned.get((index, m), model.device), args, kwargs)
+        if not seen:
+            raise PlanError(f"reconstruction: the layer '{path}' of block {index} never ran on the calibration data")
+        x = _rows(seen[0])
+        part = _Statistics(gram=x.T @ x)
+        if target == "dense":
+            assert streams.dense is not None and streams.dense_block is not None
+            w = weight.double()
+            if residual:  # this layer's output plus what the whole block still misses
+                y = x @ w.T + _rows(streams.dense.get((index + 1, m), model.device) - output)
+            else:  # this layer's output in the dense model
+                with _captured_inputs(streams.dense_block.get_submodule(path)) as dense_seen:
+                    model.run_block(streams.dense.get((index, m), model.device), args, kwargs, block=streams.dense_block)
+                y = _rows(dense_seen[0]) @ w.T
+            part.cross, part.energy = y.T @ x, (y * y).sum()
+        if total is None:
+            total = part
+        else:
+            total.add(part)
+    if total is None:
+        raise PlanError("reconstruction needs at least one calibration sample")
+    return total
+
+
+def _adds_to_block_output(model: StreamedModel, index: int, module: nn.Module, streams: _Streams) -> bool:
+    """Whether the block's output is its residual input plus ``module``'s output unchanged (a
+    pre-norm block's last projection; not one followed by a norm or by more layers): probed by
+    adding a random shift to the module's output on the first micro-batch and checking that the
+    block's output moves by exactly that shift."""
+    args, kwargs = streams.block_args[0]
+    hidden = streams.pruned.get((index, 0), model.device)
+    base = model.run_block(hidden, args, kwargs)
+    generator = torch.Generator().manual_seed(index)
+    shifts: List[torch.Tensor] = []
+
+    def shift(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        scale = float(output.detach().float().abs().mean()) or 1.0
+        shifts.append((torch.randn(output.shape, generator=generator) * scale).to(output))
+        return output + shifts[-1]
+
+    handle = module.register_forward_hook(shift)
+    try:
+        moved = model.run_block(hidden, args, kwargs)
+    finally:
+        handle.remove()
+    if len(shifts) != 1 or shifts[0].shape != base.shape:
+        return False
+    rounding = 8 * torch.finfo(base.dtype).eps * float(base.abs().max())
+    return float((moved - base - shifts[0]).abs().max()) <= 1e-3 * float(shifts[0].abs().max()) + rounding
+
+
+def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: float) -> torch.Tensor:
+    """The weights OBS selection starts from: the layer's own for the ``layer`` target; for another
+    target, its least-squares fit from all inputs, ``Y Xᵀ (G + λI)⁻¹`` (the target's error then
+    splits into the fit's own residual, which no choice changes, plus OBS's quadratic form)."""
+    if statistics.cross is None:
+        return weight
+    damped = statistics.gram.clone()
+    scale = float(torch.diagonal(damped).mean())
+    damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
+    return torch.linalg.lstsq(damped, statistics.cross.T).solution.T
 
 
 def _save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: str) -> Path:
@@ -262,71 +490,6 @@ def _save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: st
 def _model_names(tensors: Mapping[str, torch.Tensor], stored_names: Mapping[str, str]) -> List[str]:
     by_stored = {stored: model for model, stored in stored_names.items()}
     return [by_stored[name] for name in tensors]
-
-
-def _run(model: StreamedModel, index: int, store: ActivationStore, block_args: Sequence[tuple], *, keep_outputs: bool) -> None:
-    for m, (args, kwargs) in enumerate(block_args):
-        out = model.run_block(store.get((index, m), model.device), args, kwargs)
-        if keep_outputs:
-            store.put((index + 1, m), out)
-            store.release((index, m))
-
-
-@dataclass
-class _BlockContext:
-    graph: StructureGraph
-    selection: Selection
-    damping: float
-    workers: Workers
-    reselect: bool
-
-    def consumers(self, model: StreamedModel, index: int) -> List[Consumer]:
-        return block_consumers(model, index, removed_indices(self.graph, self.selection))
-
-
-def _reconstruct_block(
-    model: StreamedModel,
-    index: int,
-    context: _BlockContext,
-    store: ActivationStore,
-    block_args: Sequence[tuple],
-    result: Reconstruction,
-    stored_names: Mapping[str, str],
-    stored_dtypes: Mapping[str, torch.dtype],
-) -> Dict[str, torch.Tensor]:
-    """Refits block ``index``'s consumers in the order the block runs them (re-selecting their
-    units first when asked), then runs the pruned block to give the next block its inputs.
-    Returns the new weights by checkpoint name."""
-    model.load_block(index)
-    order = _execution_order(model, index, store, block_args, context.consumers(model, index))
-    tensors: Dict[str, torch.Tensor] = {}
-    for planned in order:
-        module = model.block.get_submodule(planned.module)
-        recorder = _GramRecorder(module)
-        try:
-            _run(model, index, store, block_args, keep_outputs=False)
-        finally:
-            gram = recorder.close()
-        context.workers.sum_([gram])
-        weight = module.weight.detach()
-        oriented = weight if planned.input_dim == 1 else weight.T
-        consumer = planned
-        if context.reselect:
-            _reselect(context, planned, oriented, gram)
-            consumer = next(c for c in context.consumers(model, index) if c.module == planned.module)
-        fit = fit_kept_columns(oriented, gram, consumer.kept, context.damping)
-        result.layers.append(LayerReport(consumer.weight, fit.error_before, fit.error_after))
-        # The pruned layer, run exactly inside the dense block: removed inputs contribute nothing.
-        new = torch.zeros_like(oriented)
-        new[:, consumer.kept.to(new.device)] = fit.weight.to(new)
-        weight.copy_(new if consumer.input_dim == 1 else new.T)
-        stored = stored_names.get(consumer.weight)
-        if stored is None:
-            raise PlanError(f"reconstruction: the checkpoint has no tensor for the weight '{consumer.weight}'")
-        kept_columns = fit.weight if consumer.input_dim == 1 else fit.weight.T
-        tensors[stored] = kept_columns.to(device="cpu", dtype=stored_dtypes[stored]).contiguous()
-    _run(model, index, store, block_args, keep_outputs=True)
-    return tensors
 
 
 def _reselect(context: _BlockContext, consumer: Consumer, weight: torch.Tensor, gram: torch.Tensor) -> None:
@@ -360,7 +523,7 @@ def _reselect(context: _BlockContext, consumer: Consumer, weight: torch.Tensor, 
         selection.units[structure.id] = sorted(chosen)
 
 
-def _execution_order(model: StreamedModel, index: int, store: ActivationStore, block_args: Sequence[tuple], consumers: List[Consumer]) -> List[Consumer]:
+def _execution_order(model: StreamedModel, index: int, streams: _Streams, consumers: List[Consumer]) -> List[Consumer]:
     """``consumers`` in the order the block calls them (seen on the first micro-batch)."""
     if len(consumers) < 2:
         return consumers
@@ -375,8 +538,8 @@ def _execution_order(model: StreamedModel, index: int, store: ActivationStore, b
 
     handles = [model.block.get_submodule(c.module).register_forward_hook(hook(c.module)) for c in consumers]
     try:
-        args, kwargs = block_args[0]
-        model.run_block(store.get((index, 0), model.device), args, kwargs)
+        args, kwargs = streams.block_args[0]
+        model.run_block(streams.pruned.get((index, 0), model.device), args, kwargs)
     finally:
         for handle in handles:
             handle.remove()
