@@ -14,7 +14,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -325,18 +325,19 @@ def test_hidden_selections_are_refused(tiny: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("entry", "message"),
+    ("entry", "field", "message"),
     [
-        ({"add": {"dtype": "F32", "shape": [2], "values": [1.0, float("nan")]}}, "finite number"),
-        ({"add": {"dtype": "F32", "shape": [2], "values": [1, 2], "fill": 0}}, "exactly one of"),
-        ({"add": {"dtype": "F32", "values": [1, 2]}}, "'shape' list"),
-        ({"replace": {"values": [1], "colour": 2}}, "'values', 'fill' or 'file' \\+ 'tensor'"),
-        ({"replace": {"fill": "0"}}, "finite number"),
+        ({"add": {"dtype": "F32", "shape": [2], "values": [1.0, float("nan")]}}, None, "numbers must be finite"),
+        ({"add": {"dtype": "F32", "shape": [2], "values": [1, 2], "fill": 0}}, ".add", "exactly one of"),
+        ({"add": {"dtype": "F32", "values": [1, 2]}}, ".add.shape", "missing"),
+        ({"replace": {"values": [1], "colour": 2}}, ".replace.colour", "unknown field"),
+        ({"replace": {"fill": "0"}}, ".replace.fill", "expected a number, got the string \"0\""),
     ],
 )
-def test_python_plan_model_rejects_malformed_entries(entry: Dict[str, Any], message: str) -> None:
-    with pytest.raises(PlanError, match=message):
+def test_python_plan_model_rejects_malformed_entries(entry: Dict[str, Any], field: Optional[str], message: str) -> None:
+    with pytest.raises(PlanError, match=re.escape(message)) as raised:
         CutPlan.from_dict({"format": "structprune.cut-plan", "version": 1, "tensors": {"x.bias": entry}})
+    assert raised.value.field == (None if field is None else f'tensors["x.bias"]{field}')
 
 
 @pytest.mark.parametrize(

@@ -251,3 +251,44 @@ def test_a_plan_taking_a_tensor_from_a_fifo_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and str(fifo) in result.stderr and "not a regular file" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_staging_leftovers_are_told_by_their_lock_not_their_process_id(workspace: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Runs in different PID namespaces (containers sharing a volume) see each other's process IDs as
+    dead, or as someone else's: a staging directory is removed only when no process holds its lock."""
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout.strip()
+    # A live run elsewhere, named after a process ID that is dead here.
+    live = workspace / f".out.structprune-tmp-{dead_pid}-0"
+    # A leftover named after a process ID that is alive here (this one).
+    leftover = workspace / f".out.structprune-tmp-{os.getpid()}-999"
+    for staged in (live, leftover):
+        staged.mkdir()
+        (staged / "model.safetensors").write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        capfd.readouterr()
+        structprune.apply_plan(workspace / "model", KEEP_ROWS, workspace / "out")
+        assert (live / "model.safetensors").read_bytes() == b"being written", "a live run's directory was removed"
+        assert not leftover.exists()
+        message = capfd.readouterr().err
+        assert f"removed {leftover}, left behind by an interrupted run" in message and str(live) not in message, message
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder died (SIGKILL): the lock went with it, and the next run removes the directory.
+    structprune.apply_plan(workspace / "model", KEEP_ROWS, workspace / "out", overwrite=True)
+    assert not live.exists()
+    assert f"removed {live}, left behind by an interrupted run" in capfd.readouterr().err
+    assert sorted(p.name for p in workspace.iterdir() if p.name.startswith(".out")) == []

@@ -2,7 +2,7 @@
 
 from os import PathLike
 from pathlib import Path
-from typing import Callable, Optional, TypedDict, Union
+from typing import Any, Callable, Optional, TypedDict, Union
 
 _Path = Union[str, PathLike[str]]
 # (name, dtype, shape, file, nbytes)
@@ -34,6 +34,11 @@ class _ReportDict(TypedDict):
     shards: list[str]
     copied_files: list[str]
     skipped_files: list[str]
+
+def parse_plan(data: bytes) -> dict[str, Any]:
+    """Reads a cut plan's JSON text by the engine's rules (strict JSON, every field known and of its
+    type, canonical dimensions, no code but structprune's DeciLM files, no other ``auto_map``) and
+    returns the document. Raises ``PlanError`` whose ``field`` is the JSON path at fault."""
 
 def read_checkpoint(model_dir: _Path) -> _CheckpointDict:
     """Validates every shard header and the index; returns tensors in storage order."""

@@ -30,7 +30,11 @@ class ShardIndexError(CheckpointError):
 
 
 class PlanError(StructpruneError, ValueError):
-    """A cut plan is malformed or does not fit the checkpoint."""
+    """A cut plan is malformed or does not fit the checkpoint. ``field`` is the JSON path of the
+    plan field at fault (``tensors["model.layers.0.mlp.up_proj.weight"].keep["00"]``) for errors
+    found while reading the plan, else ``None``."""
+
+    field: Optional[str] = None
 
 
 class ConfigError(StructpruneError, ValueError):

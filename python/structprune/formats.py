@@ -107,7 +107,9 @@ def decilm_patch(config: Mapping[str, Any], per_layer: PerLayer, uniform: Mappin
 
 
 def decilm_files() -> Dict[str, str]:
-    """The configuration and modeling sources written beside a DeciLM checkpoint."""
+    """The configuration and modeling sources written beside a DeciLM checkpoint. They are the only
+    code a plan may write: the engine embeds these same files and refuses any other ``.py`` file,
+    or these with other bytes (an editable install needs its extension rebuilt after editing them)."""
     package = resources.files("structprune.decilm")
     return {name: package.joinpath(name).read_text(encoding="utf-8") for name in DECILM_FILES}
 

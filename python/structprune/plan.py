@@ -7,8 +7,6 @@ applies it. Indices are always in the original checkpoint's coordinates.
 from __future__ import annotations
 
 import json
-import math
-import operator
 import re
 import dataclasses
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from structprune import _core
 from structprune.errors import PlanError
 
 # A JSON array of numbers as json.dumps(indent=...) lays it out, one number per line.
@@ -64,18 +63,9 @@ class Values:
         return {"fill": self.fill}
 
     @classmethod
-    def from_dict(cls, where: str, data: Any) -> "Values":
-        if not isinstance(data, Mapping) or set(data) - {"values", "fill", "file", "tensor"}:
-            raise PlanError(f"{where} must be an object with 'values', 'fill' or 'file' + 'tensor'")
-        for key in ("file", "tensor"):
-            if key in data and not isinstance(data[key], str):
-                raise PlanError(f"{where}: '{key}' must be a string")
-        try:
-            values = None if data.get("values") is None else tuple(_finite(v) for v in data["values"])
-            fill = None if data.get("fill") is None else _finite(data["fill"])
-            return cls(values=values, fill=fill, file=data.get("file"), tensor=data.get("tensor"))
-        except (TypeError, ValueError, PlanError) as err:
-            raise PlanError(f"{where}: {err}") from None
+    def _from_document(cls, data: Mapping[str, Any]) -> "Values":
+        values = data.get("values")
+        return cls(values=None if values is None else tuple(float(v) for v in values), fill=None if data.get("fill") is None else float(data["fill"]), file=data.get("file"), tensor=data.get("tensor"))
 
 
 @dataclass(frozen=True)
@@ -91,11 +81,8 @@ class AddedTensor:
         return {"dtype": self.dtype, "shape": list(self.shape), **self.contents.to_dict()}
 
     @classmethod
-    def from_dict(cls, where: str, data: Any) -> "AddedTensor":
-        if not isinstance(data, Mapping) or not isinstance(data.get("dtype"), str) or not isinstance(data.get("shape"), list):
-            raise PlanError(f"{where} must be an object with a 'dtype' name, a 'shape' list and 'values' or 'fill'")
-        contents = Values.from_dict(where, {k: v for k, v in data.items() if k not in ("dtype", "shape")})
-        return cls(dtype=data["dtype"], shape=tuple(_indices(f"{where}: 'shape'", data["shape"])), contents=contents)
+    def _from_document(cls, data: Mapping[str, Any]) -> "AddedTensor":
+        return cls(dtype=data["dtype"], shape=tuple(data["shape"]), contents=Values._from_document(data))
 
 
 @dataclass
@@ -124,25 +111,14 @@ class TensorCut:
         return out
 
     @classmethod
-    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "TensorCut":
-        where = f"invalid cut plan, tensor '{name}'"
-        _check_object(where, data)
-        unknown = set(data) - {"keep", "drop", "rename", "add", "replace"}
-        if unknown:
-            raise PlanError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
-        if not isinstance(data.get("drop", False), bool) or not isinstance(data.get("rename"), (str, type(None))):
-            raise PlanError(f"{where}: 'drop' must be true or false and 'rename' a tensor name")
-        add = AddedTensor.from_dict(f"{where}: 'add'", data["add"]) if "add" in data else None
-        replace = Values.from_dict(f"{where}: 'replace'", data["replace"]) if "replace" in data else None
-        keep_raw = data.get("keep", {})
-        if not isinstance(keep_raw, Mapping):
-            raise PlanError(f"invalid cut plan, tensor '{name}': 'keep' must be an object of dim -> indices")
-        keep: Dict[int, Indices] = {}
-        for dim, indices in keep_raw.items():
-            if not str(dim).isdigit():
-                raise PlanError(f"invalid cut plan, tensor '{name}': keep dimension {dim!r} is not a non-negative integer")
-            keep[int(dim)] = indices if isinstance(indices, str) else _indices(f"{where}: keep {dim}", indices)
-        return cls(keep=keep, drop=bool(data.get("drop", False)), rename=data.get("rename"), add=add, replace=replace)
+    def _from_document(cls, data: Mapping[str, Any]) -> "TensorCut":
+        return cls(
+            keep={int(dim): indices for dim, indices in data.get("keep", {}).items()},
+            drop=data.get("drop", False),
+            rename=data.get("rename"),
+            add=AddedTensor._from_document(data["add"]) if "add" in data else None,
+            replace=Values._from_document(data["replace"]) if "replace" in data else None,
+        )
 
 
 @dataclass
@@ -198,45 +174,42 @@ class CutPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CutPlan":
-        _check_object("invalid cut plan", data)
-        if data.get("format") != PLAN_FORMAT:
-            raise PlanError(f"invalid cut plan: format is {data.get('format')!r}, expected '{PLAN_FORMAT}'")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"invalid cut plan: version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
-        for key in ("tensors", "index_sets", "config", "files", "metadata"):
-            _check_object(f"invalid cut plan: '{key}'", data.get(key) or {})
-        tensors = {name: TensorCut.from_dict(name, cut) for name, cut in (data.get("tensors") or {}).items()}
-        index_sets = {name: _indices(f"invalid cut plan: index set '{name}'", ids) for name, ids in (data.get("index_sets") or {}).items()}
-        files = data.get("files") or {}
-        if not all(isinstance(text, str) for text in files.values()):
-            raise PlanError("invalid cut plan: 'files' must map file names to their text")
-        return cls(
-            tensors=tensors,
-            index_sets=index_sets,
-            config=dict(data.get("config") or {}),
-            files=dict(files),
-            metadata=dict(data.get("metadata") or {}),
-        )
+        """A plan from JSON-shaped data, checked by the engine's own rules (see :meth:`from_json`)."""
+        return cls.from_json(_json_text(data))
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "") -> "CutPlan":
-        where = f"{source}: " if source else ""
+    def from_json(cls, text: Union[str, bytes], *, source: str = "") -> "CutPlan":
+        """Parses a plan by the rules the engine applies, in the engine's own parser: UTF-8 JSON with
+        no key twice in an object, no unknown fields, every value of its type (no ``"no"`` for
+        ``false``, no ``1.9``, ``"1"`` or ``true`` for an index, no ``1.0`` for the version),
+        dimensions written canonically (``"1"``, not ``"01"`` or ``"+1"``). Raises
+        :class:`~structprune.errors.PlanError` whose ``field`` is the JSON path of the field at
+        fault; ``source`` (a file name) prefixes the message and is its ``path``."""
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PlanError(f"{where}invalid cut plan: not JSON ({err})") from err
-        if not isinstance(data, Mapping):
-            raise PlanError(f"{where}invalid cut plan: the top level must be a JSON object")
-        return cls.from_dict(data)
+            document = _core.parse_plan(data)
+        except PlanError as err:
+            if not source:
+                raise
+            located = PlanError(f"{source}: {err}")
+            located.path, located.tensor, located.field = source, err.tensor, err.field
+            raise located from None
+        return cls(
+            tensors={name: TensorCut._from_document(cut) for name, cut in document.get("tensors", {}).items()},
+            index_sets=dict(document.get("index_sets", {})),
+            config=dict(document.get("config") or {}),
+            files=dict(document.get("files", {})),
+            metadata=dict(document.get("metadata", {})),
+        )
 
     @classmethod
     def load(cls, path: Union[str, "PathLike[str]"]) -> "CutPlan":
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            data = Path(path).read_bytes()
         except OSError as err:
             raise PlanError(f"{path}: cannot read plan: {err.strerror}") from err
         base = Path(path).resolve().parent
-        return cls.from_json(text, source=str(path))._with_files(lambda file: str(base / file))
+        return cls.from_json(data, source=str(path))._with_files(lambda file: str(base / file))
 
 
 PlanLike = Union[CutPlan, Mapping[str, Any], str, "PathLike[str]"]
@@ -247,7 +220,7 @@ def as_plan_json(plan: PlanLike) -> str:
     if isinstance(plan, CutPlan):
         return plan.to_json()
     if isinstance(plan, Mapping):
-        return json.dumps(plan)
+        return _json_text(plan)
     return CutPlan.load(plan).to_json()
 
 
@@ -263,25 +236,9 @@ def _plain(indices: Union[Indices, range]) -> Indices:
     return indices if isinstance(indices, str) else [int(i) for i in indices]
 
 
-def _check_object(where: str, value: Any) -> None:
-    if not isinstance(value, Mapping):
-        raise PlanError(f"{where} must be a JSON object, not {type(value).__name__}")
-
-
-def _indices(where: str, values: Any) -> List[int]:
-    """A list of non-negative integers (JSON numbers without a fraction; numpy integers too)."""
-    if not isinstance(values, Sequence) or isinstance(values, str):
-        raise PlanError(f"{where} must be a list of non-negative integers")
+def _json_text(data: Mapping[str, Any]) -> str:
+    """JSON text of plan data given as Python objects (which the engine then reads strictly)."""
     try:
-        indices = [operator.index(v) for v in values if not isinstance(v, bool)]
-    except TypeError:
-        indices = []
-    if len(indices) != len(values) or any(i < 0 for i in indices):
-        raise PlanError(f"{where} must be a list of non-negative integers")
-    return indices
-
-
-def _finite(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PlanError(f"expected a finite number, got {value!r}")
-    return float(value)
+        return json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise PlanError(f"invalid cut plan: not JSON data (numbers must be finite, keys strings, nesting shallow): {err}") from None

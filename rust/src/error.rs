@@ -24,9 +24,12 @@ pub enum Error {
     #[error("{path}: invalid checkpoint: {reason}")]
     ShardIndex { path: PathBuf, reason: String },
 
-    #[error("invalid cut plan{}: {reason}", tensor_clause(.tensor))]
+    /// `field` is the JSON path of the plan's field at fault (`tensors["a.weight"].keep["00"]`),
+    /// for errors found while reading the plan; `tensor` the entry's tensor name.
+    #[error("invalid cut plan{}: {reason}", plan_clause(.tensor, .field))]
     Plan {
         tensor: Option<String>,
+        field: Option<String>,
         reason: String,
     },
 
@@ -58,6 +61,13 @@ fn tensor_clause(tensor: &Option<String>) -> String {
     }
 }
 
+fn plan_clause(tensor: &Option<String>, field: &Option<String>) -> String {
+    match field {
+        Some(field) => format!(" at {field}"),
+        None => tensor_clause(tensor),
+    }
+}
+
 fn node_clause(node: &Option<usize>) -> String {
     match node {
         Some(id) => format!(", node {id}"),
@@ -74,6 +84,16 @@ impl Error {
     pub(crate) fn plan(tensor: &str, reason: impl Into<String>) -> Error {
         Error::Plan {
             tensor: Some(tensor.to_owned()),
+            field: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// A plan error found at `field` (a JSON path) of the plan, under tensor entry `tensor` if any.
+    pub(crate) fn plan_at(tensor: Option<&str>, field: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::Plan {
+            tensor: tensor.map(str::to_owned),
+            field: Some(field.into()),
             reason: reason.into(),
         }
     }

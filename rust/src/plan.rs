@@ -4,8 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::dtype::Dtype;
@@ -13,71 +12,6 @@ use crate::error::{Error, Result};
 
 pub const FORMAT: &str = "structprune.cut-plan";
 pub const VERSION: u64 = 1;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPlan {
-    format: String,
-    version: u64,
-    #[serde(default)]
-    index_sets: BTreeMap<String, Vec<u64>>,
-    #[serde(default)]
-    tensors: BTreeMap<String, RawCut>,
-    #[serde(default)]
-    config: Option<Value>,
-    #[serde(default)]
-    files: BTreeMap<String, String>,
-    /// Provenance for people and tools; the engine has no use for it.
-    #[serde(default, rename = "metadata")]
-    _metadata: serde::de::IgnoredAny,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCut {
-    #[serde(default)]
-    keep: BTreeMap<String, Value>,
-    #[serde(default)]
-    drop: bool,
-    #[serde(default)]
-    rename: Option<String>,
-    /// Parsed on its own (`RawAdd`), so that its errors can name the tensor.
-    #[serde(default)]
-    add: Option<Value>,
-    /// Parsed on its own (`RawValues`), so that its errors can name the tensor.
-    #[serde(default)]
-    replace: Option<Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdd {
-    dtype: String,
-    shape: Vec<u64>,
-    #[serde(default)]
-    values: Option<Vec<f64>>,
-    #[serde(default)]
-    fill: Option<f64>,
-    #[serde(default)]
-    file: Option<PathBuf>,
-    #[serde(default)]
-    tensor: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawValues {
-    #[serde(default)]
-    values: Option<Vec<f64>>,
-    #[serde(default)]
-    fill: Option<f64>,
-    /// A safetensors file holding the contents as `tensor` (weights a reconstruction computed:
-    /// far too many numbers for JSON).
-    #[serde(default)]
-    file: Option<PathBuf>,
-    #[serde(default)]
-    tensor: Option<String>,
-}
 
 /// Kept indices along one dimension; shared between tensors that use the same index set.
 pub type KeepList = Arc<Vec<u64>>;
@@ -122,107 +56,252 @@ pub struct CutPlan {
 }
 
 impl CutPlan {
+    /// Parses and checks a plan's text (see [`CutPlan::from_slice`]).
     pub fn from_json(text: &str) -> Result<CutPlan> {
-        let plain = |reason: String| Error::Plan { tensor: None, reason };
-        let raw: RawPlan = serde_json::from_str(text).map_err(|e| plain(format!("not a valid plan: {e}")))?;
-        if raw.format != FORMAT {
-            return Err(plain(format!("format is '{}', expected '{FORMAT}'", raw.format)));
+        CutPlan::from_slice(text.as_bytes())
+    }
+
+    /// Parses and checks a plan, strictly: UTF-8 JSON with no key twice in an object, every field
+    /// known and of its type (no number for a string, no `1.0` or `"1"` for an index, no `"no"` for
+    /// `false`), dimensions written canonically (`"1"`, not `"01"` or `"+1"`). Every error names the
+    /// JSON path of the field at fault.
+    pub fn from_slice(bytes: &[u8]) -> Result<CutPlan> {
+        parse_document(bytes).and_then(|document| CutPlan::from_value(&document))
+    }
+
+    /// Checks an already parsed plan document (see [`CutPlan::from_slice`]).
+    pub fn from_value(document: &Value) -> Result<CutPlan> {
+        let root = At::root();
+        let fields = object(document, &root)?;
+        known_fields(fields, &root, &["format", "version", "index_sets", "tensors", "config", "files", "metadata"])?;
+        let format = required(fields, &root, "format")?;
+        if format.as_str() != Some(FORMAT) {
+            return Err(root.field("format").error(format!("is {format}, expected \"{FORMAT}\"")));
         }
-        if raw.version != VERSION {
-            return Err(plain(format!("version {} is not supported (this build reads version {VERSION})", raw.version)));
+        let version = required(fields, &root, "version")?;
+        if version.as_u64() != Some(VERSION) {
+            return Err(root.field("version").error(format!(
+                "version {version} is not supported (this build reads version {VERSION}, written as the integer {VERSION})"
+            )));
         }
-        let sets: HashMap<String, KeepList> =
-            raw.index_sets.into_iter().map(|(name, list)| (name, Arc::new(list))).collect();
-        for (name, list) in &sets {
-            check_increasing(list).map_err(|r| plain(format!("index set '{name}': {r}")))?;
+        let mut sets: HashMap<String, KeepList> = HashMap::new();
+        if let Some(value) = fields.get("index_sets") {
+            let at = root.field("index_sets");
+            for (name, list) in object(value, &at)? {
+                sets.insert(name.clone(), Arc::new(indices(list, &at.key(name))?));
+            }
         }
         let mut tensors = BTreeMap::new();
-        for (name, raw_cut) in raw.tensors {
-            let cut = resolve_cut(&name, raw_cut, &sets)?;
-            tensors.insert(name, cut);
-        }
-        // An empty merge patch changes nothing, so it needs no config.json either.
-        let config_patch = raw.config.filter(|patch| !patch.is_null() && patch.as_object().is_none_or(|o| !o.is_empty()));
-        if let Some(patch) = &config_patch {
-            if !patch.is_object() {
-                return Err(plain("'config' must be a JSON object (a merge patch)".into()));
+        if let Some(value) = fields.get("tensors") {
+            let at = root.field("tensors");
+            for (name, entry) in object(value, &at)? {
+                let at = At { path: at.key(name).path, tensor: Some(name) };
+                tensors.insert(name.clone(), tensor_cut(name, entry, &at, &sets)?);
             }
         }
-        for name in raw.files.keys() {
-            check_file_name(name).map_err(|r| plain(format!("file '{name}': {r}")))?;
+        let config_patch = match fields.get("config") {
+            None | Some(Value::Null) => None,
+            Some(patch @ Value::Object(map)) => {
+                check_auto_map(map, &root.field("config"))?;
+                // An empty merge patch changes nothing, so it needs no config.json either.
+                (!map.is_empty()).then(|| patch.clone())
+            }
+            Some(other) => return Err(root.field("config").error(format!("expected an object (a merge patch), got {}", kind(other)))),
+        };
+        let mut files = BTreeMap::new();
+        if let Some(value) = fields.get("files") {
+            let at = root.field("files");
+            for (name, text) in object(value, &at)? {
+                let at = at.key(name);
+                let text = string(text, &at)?;
+                check_file(name, text).map_err(|reason| at.error(reason))?;
+                files.insert(name.clone(), text.to_owned());
+            }
         }
-        Ok(CutPlan { tensors, config_patch, files: raw.files })
+        if let Some(metadata) = fields.get("metadata") {
+            object(metadata, &root.field("metadata"))?;
+        }
+        Ok(CutPlan { tensors, config_patch, files })
     }
 }
 
-fn resolve_cut(name: &str, raw: RawCut, sets: &HashMap<String, KeepList>) -> Result<TensorCut> {
-    if raw.drop && (!raw.keep.is_empty() || raw.rename.is_some() || raw.replace.is_some()) {
-        return Err(Error::plan(name, "'drop' cannot be combined with 'keep', 'rename' or 'replace'"));
+/// The plan's text as a JSON document (strict: see [`crate::json`]).
+pub fn parse_document(bytes: &[u8]) -> Result<Value> {
+    crate::json::from_slice(bytes).map_err(|e| Error::Plan { tensor: None, field: None, reason: format!("not valid JSON: {e}") })
+}
+
+/// A place in the plan document: its JSON path, and the tensor entry it belongs to.
+struct At<'a> {
+    path: String,
+    tensor: Option<&'a str>,
+}
+
+impl<'a> At<'a> {
+    fn root() -> At<'a> {
+        At { path: String::new(), tensor: None }
     }
-    if let Some(new_name) = &raw.rename {
-        check_output_name(new_name).map_err(|r| Error::plan(name, format!("'rename': {r}")))?;
+
+    /// A field of a fixed name (`.keep`) or a key of a map (`["model.w"]`); see [`crate::json::push_key`].
+    fn key(&self, key: &str) -> At<'a> {
+        let mut path = self.path.clone();
+        crate::json::push_key(&mut path, key);
+        At { path, tensor: self.tensor }
     }
-    if let Some(add) = raw.add {
-        check_output_name(name).map_err(|r| Error::plan(name, format!("'add': {r}")))?;
-        if raw.drop || !raw.keep.is_empty() || raw.rename.is_some() || raw.replace.is_some() {
-            return Err(Error::plan(name, "'add' creates a tensor and cannot be combined with another action"));
+
+    fn field(&self, name: &str) -> At<'a> {
+        self.key(name)
+    }
+
+    fn index(&self, index: usize) -> At<'a> {
+        At { path: format!("{}[{index}]", self.path), tensor: self.tensor }
+    }
+
+    fn error(&self, reason: impl Into<String>) -> Error {
+        let field = if self.path.is_empty() { "the top level".to_owned() } else { self.path.clone() };
+        Error::plan_at(self.tensor, field, reason)
+    }
+}
+
+fn kind(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("{b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {}", Value::String(s.chars().take(64).collect())),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+fn object<'v>(value: &'v Value, at: &At) -> Result<&'v Map<String, Value>> {
+    value.as_object().ok_or_else(|| at.error(format!("expected an object, got {}", kind(value))))
+}
+
+fn known_fields(fields: &Map<String, Value>, at: &At, known: &[&str]) -> Result<()> {
+    match fields.keys().find(|key| !known.contains(&key.as_str())) {
+        Some(key) => Err(at.key(key).error(format!("unknown field (expected one of {})", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+fn required<'v>(fields: &'v Map<String, Value>, at: &At, name: &str) -> Result<&'v Value> {
+    fields.get(name).ok_or_else(|| at.field(name).error("missing (a required field)"))
+}
+
+fn string<'v>(value: &'v Value, at: &At) -> Result<&'v str> {
+    value.as_str().ok_or_else(|| at.error(format!("expected a string, got {}", kind(value))))
+}
+
+fn boolean(value: &Value, at: &At) -> Result<bool> {
+    value.as_bool().ok_or_else(|| at.error(format!("expected true or false, got {}", kind(value))))
+}
+
+fn number(value: &Value, at: &At) -> Result<f64> {
+    // serde_json refuses NaN, infinities and numbers out of f64's range while parsing.
+    value.as_f64().ok_or_else(|| at.error(format!("expected a number, got {}", kind(value))))
+}
+
+fn list<'v>(value: &'v Value, at: &At) -> Result<&'v Vec<Value>> {
+    value.as_array().ok_or_else(|| at.error(format!("expected a list, got {}", kind(value))))
+}
+
+/// A non-negative integer written as one (`3`, not `3.0`, `3e0` or `"3"`).
+fn natural(value: &Value, at: &At) -> Result<u64> {
+    value
+        .as_u64()
+        .ok_or_else(|| at.error(format!("expected a non-negative integer (no fraction, exponent or quotes), got {}", kind(value))))
+}
+
+/// A list of kept indices: non-negative integers, strictly increasing.
+fn indices(value: &Value, at: &At) -> Result<Vec<u64>> {
+    let items = list(value, at)?;
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let index = natural(item, &at.index(i))?;
+        if let Some(&previous) = out.last() {
+            if index <= previous {
+                return Err(at.index(i).error(format!("indices must be strictly increasing, found {previous} then {index}")));
+            }
         }
-        return Ok(TensorCut { add: Some(resolve_add(name, add)?), ..TensorCut::default() });
+        out.push(index);
     }
-    let replace = raw.replace.map(|value| resolve_replace(name, value)).transpose()?;
-    let mut keep = Vec::with_capacity(raw.keep.len());
-    for (dim_text, indices) in raw.keep {
-        let dim: usize = dim_text
-            .parse()
-            .map_err(|_| Error::plan(name, format!("keep dimension '{dim_text}' is not a non-negative integer")))?;
-        let list = match indices {
-            Value::String(set) => sets
-                .get(&set)
-                .cloned()
-                .ok_or_else(|| Error::plan(name, format!("dim {dim}: unknown index set '{set}'")))?,
-            Value::Array(items) => {
-                let list = items
-                    .iter()
-                    .map(|v| v.as_u64().ok_or_else(|| Error::plan(name, format!("dim {dim}: index {v} is not a non-negative integer"))))
-                    .collect::<Result<Vec<u64>>>()?;
-                check_increasing(&list).map_err(|r| Error::plan(name, format!("dim {dim}: {r}")))?;
-                Arc::new(list)
-            }
-            other => {
-                return Err(Error::plan(name, format!("dim {dim}: expected a list of indices or an index set name, got {other}")))
-            }
+    Ok(out)
+}
+
+fn numbers(value: &Value, at: &At) -> Result<Vec<f64>> {
+    let items = list(value, at)?;
+    items.iter().enumerate().map(|(i, item)| number(item, &at.index(i))).collect()
+}
+
+fn tensor_cut(name: &str, entry: &Value, at: &At, sets: &HashMap<String, KeepList>) -> Result<TensorCut> {
+    let fields = object(entry, at)?;
+    known_fields(fields, at, &["keep", "drop", "rename", "add", "replace"])?;
+    let drop = fields.get("drop").map(|v| boolean(v, &at.field("drop"))).transpose()?.unwrap_or(false);
+    let rename = fields.get("rename").map(|v| string(v, &at.field("rename"))).transpose()?;
+    if let Some(new_name) = rename {
+        check_output_name(new_name).map_err(|r| at.field("rename").error(r))?;
+    }
+    let keep_fields = fields.get("keep").map(|v| object(v, &at.field("keep"))).transpose()?;
+    if let Some(add) = fields.get("add") {
+        check_output_name(name).map_err(|r| at.error(format!("'add': {r}")))?;
+        if fields.len() > 1 {
+            return Err(at.error("'add' creates a tensor and cannot be combined with another action"));
+        }
+        return Ok(TensorCut { add: Some(added(add, &at.field("add"))?), ..TensorCut::default() });
+    }
+    if drop && (keep_fields.is_some_and(|k| !k.is_empty()) || rename.is_some() || fields.contains_key("replace")) {
+        return Err(at.error("'drop' cannot be combined with 'keep', 'rename' or 'replace'"));
+    }
+    let replace = fields.get("replace").map(|v| values(v, &at.field("replace"), &[])).transpose()?;
+    let mut keep = Vec::new();
+    for (dim_text, list) in keep_fields.into_iter().flatten() {
+        let at = at.field("keep").key(dim_text);
+        let dim = dim_text
+            .parse::<usize>()
+            .ok()
+            .filter(|dim| dim.to_string() == *dim_text)
+            .ok_or_else(|| at.error("a dimension is written as a decimal integer without sign or leading zeros (\"0\", \"1\", …)"))?;
+        let kept = match list {
+            Value::String(set) => sets.get(set).cloned().ok_or_else(|| at.error(format!("unknown index set '{set}'")))?,
+            Value::Array(_) => Arc::new(indices(list, &at)?),
+            other => return Err(at.error(format!("expected a list of indices or an index set name, got {}", kind(other)))),
         };
-        keep.push((dim, list));
+        keep.push((dim, kept));
     }
     keep.sort_by_key(|(dim, _)| *dim);
-    Ok(TensorCut { keep, drop: raw.drop, rename: raw.rename, add: None, replace })
+    Ok(TensorCut { keep, drop, rename: rename.map(str::to_owned), add: None, replace })
 }
 
-fn resolve_add(name: &str, raw: Value) -> Result<AddedTensor> {
-    let raw: RawAdd = serde_json::from_value(raw).map_err(|e| Error::plan(name, format!("'add': {e}")))?;
-    let dtype = Dtype::parse(&raw.dtype)
-        .ok_or_else(|| Error::plan(name, format!("'add': unknown safetensors dtype '{}'", raw.dtype)))?;
-    let values = one_of(name, "add", RawValues { values: raw.values, fill: raw.fill, file: raw.file, tensor: raw.tensor })?;
-    Ok(AddedTensor { dtype, shape: raw.shape, values })
+fn added(value: &Value, at: &At) -> Result<AddedTensor> {
+    let fields = object(value, at)?;
+    let dtype_text = string(required(fields, at, "dtype")?, &at.field("dtype"))?;
+    let dtype =
+        Dtype::parse(dtype_text).ok_or_else(|| at.field("dtype").error(format!("unknown safetensors dtype '{dtype_text}'")))?;
+    let shape_at = at.field("shape");
+    let shape = list(required(fields, at, "shape")?, &shape_at)?
+        .iter()
+        .enumerate()
+        .map(|(i, d)| natural(d, &shape_at.index(i)))
+        .collect::<Result<Vec<u64>>>()?;
+    Ok(AddedTensor { dtype, shape, values: values(value, at, &["dtype", "shape"])? })
 }
 
-fn resolve_replace(name: &str, raw: Value) -> Result<Values> {
-    let raw: RawValues = serde_json::from_value(raw).map_err(|e| Error::plan(name, format!("'replace': {e}")))?;
-    one_of(name, "replace", raw)
-}
-
-fn one_of(name: &str, action: &str, raw: RawValues) -> Result<Values> {
-    match (raw.values, raw.fill, raw.file, raw.tensor) {
-        (Some(values), None, None, None) => Ok(Values::Each(Arc::new(values))),
-        (None, Some(fill), None, None) => Ok(Values::Fill(fill)),
-        (None, None, Some(path), Some(tensor)) => Ok(Values::File { path, tensor }),
-        (None, None, Some(_), None) | (None, None, None, Some(_)) => {
-            Err(Error::plan(name, format!("'{action}' from a file needs both 'file' and 'tensor'")))
-        }
-        _ => Err(Error::plan(
-            name,
-            format!("'{action}' needs exactly one of 'values' (every element), 'fill' (one value for all) and 'file' + 'tensor'"),
-        )),
+/// The contents of an `add` or a `replace`: exactly one of `values`, `fill` and `file` + `tensor`
+/// (besides the `other` fields the action has).
+fn values(value: &Value, at: &At, other: &[&str]) -> Result<Values> {
+    let fields = object(value, at)?;
+    let known: Vec<&str> = other.iter().copied().chain(["values", "fill", "file", "tensor"]).collect();
+    known_fields(fields, at, &known)?;
+    let get = |name: &str| fields.get(name).map(|v| (v, at.field(name)));
+    match (get("values"), get("fill"), get("file"), get("tensor")) {
+        (Some((v, a)), None, None, None) => Ok(Values::Each(Arc::new(numbers(v, &a)?))),
+        (None, Some((v, a)), None, None) => Ok(Values::Fill(number(v, &a)?)),
+        (None, None, Some((file, file_at)), Some((tensor, tensor_at))) => Ok(Values::File {
+            path: PathBuf::from(string(file, &file_at)?),
+            tensor: string(tensor, &tensor_at)?.to_owned(),
+        }),
+        (None, None, Some(_), None) | (None, None, None, Some(_)) => Err(at.error("contents from a file need both 'file' and 'tensor'")),
+        _ => Err(at.error("needs exactly one of 'values' (every element), 'fill' (one value for all) and 'file' + 'tensor'")),
     }
 }
 
@@ -238,8 +317,46 @@ fn check_output_name(name: &str) -> std::result::Result<(), String> {
 /// Extensions of files that load by unpickling (running code): a plan never writes one.
 const PICKLE_EXTENSIONS: [&str; 9] = ["bin", "pt", "pth", "pkl", "pickle", "ckpt", "joblib", "npy", "npz"];
 
-/// A plan's extra file must be a plain file name the engine does not write itself.
-fn check_file_name(name: &str) -> std::result::Result<(), String> {
+/// Extensions of files that are code (Python modules transformers imports through `auto_map`,
+/// compiled extensions, scripts): a plan writes none, except structprune's own DeciLM model code.
+const CODE_EXTENSIONS: [&str; 13] = ["py", "pyc", "pyo", "pyw", "pyd", "pyx", "so", "dylib", "dll", "exe", "sh", "bat", "cmd"];
+
+/// The model code the DeciLM output format writes beside the weights (`structprune.formats`): the
+/// only code a plan may write, byte for byte. Embedded from `python/structprune/decilm/`, the one
+/// copy in the source tree (which the Python package and the sdist both carry).
+pub const DECILM_FILES: [(&str, &str); 2] = [
+    ("configuration_decilm.py", include_str!("../../python/structprune/decilm/configuration_decilm.py")),
+    ("modeling_decilm.py", include_str!("../../python/structprune/decilm/modeling_decilm.py")),
+];
+
+/// The `auto_map` the DeciLM format's config patch sets (`structprune.formats.decilm_patch`): the
+/// only one a plan may set.
+pub const DECILM_AUTO_MAP: [(&str, &str); 2] = [
+    ("AutoConfig", "configuration_decilm.DeciLMConfig"),
+    ("AutoModelForCausalLM", "modeling_decilm.DeciLMForCausalLM"),
+];
+
+fn decilm_auto_map() -> Value {
+    Value::Object(DECILM_AUTO_MAP.iter().map(|(k, v)| ((*k).to_owned(), Value::from(*v))).collect())
+}
+
+/// `auto_map` in a config makes transformers import the named code; a patch may only delete it or
+/// set the DeciLM format's own.
+fn check_auto_map(patch: &Map<String, Value>, at: &At) -> Result<()> {
+    match patch.get("auto_map") {
+        None | Some(Value::Null) => Ok(()),
+        Some(value) if *value == decilm_auto_map() => Ok(()),
+        Some(_) => Err(at.field("auto_map").error(format!(
+            "a plan does not point transformers at model code: 'auto_map' may only be deleted (null) or set to the DeciLM \
+             format's own, {}",
+            decilm_auto_map()
+        ))),
+    }
+}
+
+/// A plan's extra file must be a plain file name the engine does not write itself, not a file
+/// that loads by unpickling, and not code other than structprune's own DeciLM model code.
+fn check_file(name: &str, text: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
         return Err("must be a plain file name (no directories, not hidden)".into());
     }
@@ -250,14 +367,29 @@ fn check_file_name(name: &str) -> std::result::Result<(), String> {
     if name == crate::checkpoint::CONFIG_FILE || name == crate::checkpoint::INDEX_FILE || name.ends_with(".safetensors") {
         return Err("the engine writes this file itself (use 'config' for config.json edits)".into());
     }
-    Ok(())
-}
-
-fn check_increasing(list: &[u64]) -> std::result::Result<(), String> {
-    match list.windows(2).find(|w| w[0] >= w[1]) {
-        Some(w) => Err(format!("indices must be strictly increasing, found {} then {}", w[0], w[1])),
-        None => Ok(()),
+    if CODE_EXTENSIONS.contains(&extension.as_str()) {
+        return match DECILM_FILES.iter().find(|(decilm, _)| *decilm == name) {
+            Some((_, source)) if *source == text => Ok(()),
+            Some(_) => Err(format!(
+                "differs from the DeciLM model code of this build of structprune ({} {}), the only code a plan may write",
+                env!("CARGO_PKG_NAME"),
+                env!("CARGO_PKG_VERSION")
+            )),
+            None => Err(format!(
+                "'.{extension}' files are code: a plan writes none but structprune's own DeciLM model code ({})",
+                DECILM_FILES.map(|(n, _)| n).join(", ")
+            )),
+        };
     }
+    if extension == "json" {
+        // tokenizer_config.json and friends can name code to import through their own auto_map.
+        if let Ok(Value::Object(document)) = crate::json::from_str(text) {
+            if document.get("auto_map").is_some_and(|v| !v.is_null()) {
+                return Err("sets 'auto_map', which points transformers at model code: a plan does not write one".into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where an output tensor's bytes come from.
@@ -546,54 +678,153 @@ mod tests {
         assert_eq!(from_file.tensors["w"].replace, Some(Values::File { path: "/tmp/r.safetensors".into(), tensor: "w".into() }));
     }
 
+    /// The error's JSON path and reason, for a plan error found while reading the plan.
+    fn field_and_reason(result: Result<CutPlan>) -> (String, String) {
+        match result {
+            Err(Error::Plan { field: Some(field), reason, .. }) => (field, reason),
+            other => panic!("expected a plan error naming a field, got {other:?}"),
+        }
+    }
+
     #[test]
     fn rejects_malformed_added_tensors_naming_them() {
         let with = |entry: &str| plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"x.bias":{entry}}}}}"#));
-        let rejected = |entry: &str, expected: &str| match with(entry) {
-            Err(Error::Plan { tensor: Some(tensor), reason }) => {
+        let rejected = |entry: &str, path: &str, expected: &str| match with(entry) {
+            Err(Error::Plan { tensor: Some(tensor), field: Some(field), reason }) => {
                 assert_eq!(tensor, "x.bias");
+                assert_eq!(field, format!(r#"tensors["x.bias"]{path}"#), "{entry}");
                 assert!(reason.contains(expected), "{entry}: {reason}");
             }
             other => panic!("{entry}: expected a plan error naming the tensor, got {other:?}"),
         };
-        rejected(r#"{"add":{"dtype":"F33","shape":[1],"fill":0}}"#, "unknown safetensors dtype 'F33'");
-        rejected(r#"{"add":{"dtype":"F32","shape":[1]}}"#, "exactly one of 'values'");
-        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0,"values":[0]}}"#, "exactly one of 'values'");
-        rejected(r#"{"add":{"dtype":"F32","shape":[1],"values":["0"]}}"#, "'add': invalid type");
-        rejected(r#"{"add":{"dtype":"F32","shape":[-1],"fill":0}}"#, "'add': invalid value");
-        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0,"colour":1}}"#, "unknown field `colour`");
-        rejected(r#"{"add":{"shape":[1],"fill":0}}"#, "missing field `dtype`");
-        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"rename":"y"}"#, "cannot be combined");
-        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"drop":true}"#, "cannot be combined");
-        rejected(r#"{"replace":{}}"#, "'replace' needs exactly one");
-        rejected(r#"{"replace":{"file":"a.safetensors"}}"#, "needs both 'file' and 'tensor'");
-        rejected(r#"{"replace":{"file":"a.safetensors","tensor":"t","fill":0}}"#, "'replace' needs exactly one");
-        rejected(r#"{"replace":{"values":[1],"dtype":"F32"}}"#, "unknown field `dtype`");
+        rejected(r#"{"add":{"dtype":"F33","shape":[1],"fill":0}}"#, ".add.dtype", "unknown safetensors dtype 'F33'");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1]}}"#, ".add", "exactly one of 'values'");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0,"values":[0]}}"#, ".add", "exactly one of 'values'");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"values":[0,"0"]}}"#, ".add.values[1]", "expected a number, got the string \"0\"");
+        rejected(r#"{"add":{"dtype":"F32","shape":[-1],"fill":0}}"#, ".add.shape[0]", "non-negative integer");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1.0],"fill":0}}"#, ".add.shape[0]", "non-negative integer");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0,"colour":1}}"#, ".add.colour", "unknown field");
+        rejected(r#"{"add":{"shape":[1],"fill":0}}"#, ".add.dtype", "missing");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"rename":"y"}"#, "", "cannot be combined");
+        rejected(r#"{"add":{"dtype":"F32","shape":[1],"fill":0},"drop":true}"#, "", "cannot be combined");
+        rejected(r#"{"replace":{}}"#, ".replace", "needs exactly one");
+        rejected(r#"{"replace":{"file":"a.safetensors"}}"#, ".replace", "need both 'file' and 'tensor'");
+        rejected(r#"{"replace":{"file":"a.safetensors","tensor":"t","fill":0}}"#, ".replace", "needs exactly one");
+        rejected(r#"{"replace":{"values":[1],"dtype":"F32"}}"#, ".replace.dtype", "unknown field");
+        rejected(r#"{"replace":{"fill":"0"}}"#, ".replace.fill", "expected a number");
+        rejected(r#"{"replace":{"file":3,"tensor":"t"}}"#, ".replace.file", "expected a string");
     }
 
     #[test]
-    fn plan_files_must_be_plain_names_the_engine_does_not_write() {
-        let with_file = |name: &str| {
-            plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"files":{{{}:"x"}}}}"#, serde_json::to_string(name).unwrap()))
+    fn plans_are_read_strictly_naming_the_field() {
+        let with_tensor = |entry: &str| {
+            plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"model.up.weight":{entry}}}}}"#))
         };
-        assert_eq!(with_file("modeling_decilm.py").unwrap().files["modeling_decilm.py"], "x");
-        for bad in [
-            "",
-            ".hidden",
-            "a/b.py",
-            "..",
-            "config.json",
-            "model.safetensors.index.json",
-            "model-00001-of-00002.safetensors",
-            "pytorch_model.bin",
-            "training_args.PT",
-            "x.pth",
-            "x.pkl",
-            "optimizer.pickle",
-            "x.ckpt",
-            "x.npy",
+        let at = |suffix: &str| format!(r#"tensors["model.up.weight"]{suffix}"#);
+        for (entry, path, expected) in [
+            (r#"{"drop":"no"}"#, at(".drop"), "expected true or false, got the string \"no\""),
+            (r#"{"drop":1}"#, at(".drop"), "expected true or false"),
+            (r#"{"keep":{"0":[1.9]}}"#, at(r#".keep["0"][0]"#), "non-negative integer"),
+            (r#"{"keep":{"0":[0,1.0]}}"#, at(r#".keep["0"][1]"#), "non-negative integer"),
+            (r#"{"keep":{"0":["1"]}}"#, at(r#".keep["0"][0]"#), "got the string \"1\""),
+            (r#"{"keep":{"0":[true]}}"#, at(r#".keep["0"][0]"#), "got true"),
+            (r#"{"keep":{"0":["a"]}}"#, at(r#".keep["0"][0]"#), "non-negative integer"),
+            (r#"{"keep":{"0":[2,1]}}"#, at(r#".keep["0"][1]"#), "strictly increasing"),
+            (r#"{"keep":{"00":[1]}}"#, at(r#".keep["00"]"#), "without sign or leading zeros"),
+            (r#"{"keep":{"+1":[1]}}"#, at(r#".keep["+1"]"#), "without sign or leading zeros"),
+            (r#"{"keep":{" 1":[1]}}"#, at(r#".keep[" 1"]"#), "without sign or leading zeros"),
+            (r#"{"keep":{"x":[1]}}"#, at(r#".keep.x"#), "without sign or leading zeros"),
+            (r#"{"keep":{"0":7}}"#, at(r#".keep["0"]"#), "expected a list of indices or an index set name"),
+            (r#"{"keep":[[1]]}"#, at(".keep"), "expected an object, got a list"),
+            (r#"{"rename":5}"#, at(".rename"), "expected a string"),
+            (r#"{"kep":{}}"#, at(".kep"), "unknown field"),
+            (r#"[]"#, at(""), "expected an object"),
         ] {
-            assert!(plan_reason(with_file(bad)).starts_with(&format!("file '{bad}'")), "{bad}");
+            assert_eq!(field_and_reason(with_tensor(entry)).0, path, "{entry}");
+            assert!(field_and_reason(with_tensor(entry)).1.contains(expected), "{entry}: {:?}", field_and_reason(with_tensor(entry)));
+        }
+        let document = |rest: &str| plan(&format!(r#"{{"format":"structprune.cut-plan","version":1{rest}}}"#));
+        for (rest, path, expected) in [
+            (r#","tensor":{}"#, "tensor", "unknown field"),
+            (r#","tensors":[]"#, "tensors", "expected an object, got a list"),
+            (r#","tensors":{"a":"drop"}"#, "tensors.a", "expected an object"),
+            (r#","config":"x""#, "config", "expected an object (a merge patch)"),
+            (r#","config":[1]"#, "config", "expected an object (a merge patch)"),
+            (r#","files":{"a.txt":1}"#, r#"files["a.txt"]"#, "expected a string"),
+            (r#","files":[]"#, "files", "expected an object"),
+            (r#","metadata":3"#, "metadata", "expected an object"),
+            (r#","index_sets":{"h":[0,0]}"#, "index_sets.h[1]", "strictly increasing"),
+            (r#","index_sets":{"h":"0"}"#, "index_sets.h", "expected a list"),
+        ] {
+            let (field, reason) = field_and_reason(document(rest));
+            assert_eq!(field, path, "{rest}");
+            assert!(reason.contains(expected), "{rest}: {reason}");
+        }
+        for (text, path, expected) in [
+            (r#"{"format":"structprune.cut-plan","version":1.0}"#, "version", "not supported"),
+            (r#"{"format":"structprune.cut-plan","version":"1"}"#, "version", "not supported"),
+            (r#"{"format":"structprune.cut-plan"}"#, "version", "missing"),
+            (r#"{"format":"x","version":1}"#, "format", "expected \"structprune.cut-plan\""),
+            (r#"[1]"#, "the top level", "expected an object"),
+        ] {
+            let (field, reason) = field_and_reason(plan(text));
+            assert_eq!(field, path, "{text}");
+            assert!(reason.contains(expected), "{text}: {reason}");
+        }
+        let twice = r#"{"format":"structprune.cut-plan","version":1,"tensors":{"m.w":{"keep":{"0":[0],"0":[1]}}}}"#;
+        assert!(plan_reason(plan(twice)).contains(r#"duplicate key '0' at tensors["m.w"].keep["0"]"#));
+        assert!(plan_reason(CutPlan::from_slice(b"{\"format\":\"structprune.cut-plan\",\"version\":1,\"metadata\":{\"a\":\"\xff\"}}"))
+            .contains("not valid JSON"));
+        let deep = "[".repeat(100_000);
+        assert!(plan_reason(plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"metadata":{{"a":{deep}}}}}"#)))
+            .contains("recursion limit"));
+    }
+
+    #[test]
+    fn plan_code_and_auto_map_are_only_structprunes_own_decilm() {
+        let with = |files: &Value, config: &Value| {
+            plan(&serde_json::json!({"format": "structprune.cut-plan", "version": 1, "files": files, "config": config}).to_string())
+        };
+        let decilm: Value = DECILM_FILES.iter().map(|(n, s)| ((*n).to_owned(), Value::from(*s))).collect::<Map<_, _>>().into();
+        let auto_map = decilm_auto_map();
+        let written = with(&decilm, &serde_json::json!({"auto_map": auto_map, "model_type": "nemotron-nas"})).unwrap();
+        assert_eq!(written.files.len(), 2);
+        assert!(DECILM_FILES[1].1.contains("class DeciLMForCausalLM"));
+        with(&serde_json::json!({}), &serde_json::json!({"auto_map": null})).unwrap();
+        let hostile = "import os\nos.system('touch /tmp/pwned')\n";
+        for (files, path, expected) in [
+            (serde_json::json!({"modeling_x.py": hostile}), r#"files["modeling_x.py"]"#, "'.py' files are code"),
+            (serde_json::json!({"MODELING_X.PY": hostile}), r#"files["MODELING_X.PY"]"#, "'.py' files are code"),
+            (serde_json::json!({"x.so": ""}), r#"files["x.so"]"#, "'.so' files are code"),
+            (
+                serde_json::json!({"modeling_decilm.py": format!("{}\n{hostile}", DECILM_FILES[1].1)}),
+                r#"files["modeling_decilm.py"]"#,
+                "differs from the DeciLM model code",
+            ),
+            (
+                serde_json::json!({"configuration_decilm.py": DECILM_FILES[1].1}),
+                r#"files["configuration_decilm.py"]"#,
+                "differs from the DeciLM model code",
+            ),
+            (
+                serde_json::json!({"tokenizer_config.json": r#"{"auto_map": {"AutoTokenizer": ["tok.T", null]}}"#}),
+                r#"files["tokenizer_config.json"]"#,
+                "sets 'auto_map'",
+            ),
+        ] {
+            let (field, reason) = field_and_reason(with(&files, &Value::Null));
+            assert_eq!(field, path);
+            assert!(reason.contains(expected), "{path}: {reason}");
+        }
+        for auto_map in [
+            serde_json::json!({"AutoModelForCausalLM": "modeling_x.Hostile"}),
+            serde_json::json!({"AutoConfig": "configuration_decilm.DeciLMConfig", "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM", "AutoModel": "m.X"}),
+            serde_json::json!({"AutoConfig": "configuration_decilm.DeciLMConfig", "AutoModelForCausalLM": "evil/repo--modeling_decilm.DeciLMForCausalLM"}),
+            serde_json::json!("modeling_x.Hostile"),
+        ] {
+            let (field, reason) = field_and_reason(with(&decilm, &serde_json::json!({"auto_map": auto_map})));
+            assert_eq!(field, "config.auto_map");
+            assert!(reason.contains("may only be deleted"), "{reason}");
         }
     }
 
@@ -602,9 +833,9 @@ mod tests {
         for bad in ["", "__metadata__"] {
             let renamed = plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"a":{{"rename":{bad:?}}}}}}}"#));
             match renamed {
-                Err(Error::Plan { tensor: Some(t), reason }) => {
-                    assert_eq!(t, "a");
-                    assert!(reason.starts_with("'rename'"), "{reason}");
+                Err(Error::Plan { tensor: Some(t), field: Some(field), reason }) => {
+                    assert_eq!((t.as_str(), field.as_str()), ("a", "tensors.a.rename"));
+                    assert!(reason.contains("tensor name"), "{reason}");
                 }
                 other => panic!("{bad:?}: expected a plan error, got {other:?}"),
             }
@@ -620,9 +851,9 @@ mod tests {
         let base = |tensors: &str| format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{tensors}}}"#);
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[2,1]}}}"#))).contains("strictly increasing"));
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[1,1]}}}"#))).contains("strictly increasing"));
-        assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"x":[1]}}}"#))).contains("not a non-negative integer"));
+        assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"x":[1]}}}"#))).contains("without sign or leading zeros"));
         assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":"nope"}}}"#))).contains("unknown index set"));
-        assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[-1, 0]}}}"#))).contains("not a non-negative integer"));
+        assert!(plan_reason(plan(&base(r#"{"a":{"keep":{"0":[-1, 0]}}}"#))).contains("non-negative integer"));
         assert!(plan_reason(plan(&base(r#"{"a":{"drop":true,"rename":"b"}}"#))).contains("cannot be combined"));
         assert!(plan_reason(plan(&base(r#"{"a":{"kep":{}}}"#))).contains("unknown field"));
         assert!(plan_reason(plan(&base(r#"{"a":{"drop":true,"replace":{"fill":0}}}"#))).contains("cannot be combined"));

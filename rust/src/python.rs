@@ -23,6 +23,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 fn to_pyerr(err: Error) -> PyErr {
     Python::attach(|py| {
+        let field = match &err {
+            Error::Plan { field, .. } => field.clone(),
+            _ => None,
+        };
         let (class, path, tensor) = match &err {
             Error::Io { path, .. } => ("StructpruneIOError", Some(path.clone()), None),
             Error::Header { path, tensor, .. } => ("HeaderError", Some(path.clone()), tensor.clone()),
@@ -40,9 +44,54 @@ fn to_pyerr(err: Error) -> PyErr {
             let instance = cls.call1((err.to_string(),))?;
             instance.setattr("path", path.map(|p| p.to_string_lossy().into_owned()))?;
             instance.setattr("tensor", tensor)?;
+            if class == "PlanError" {
+                instance.setattr("field", field)?;
+            }
             Ok(PyErr::from_value(instance))
         };
         build().unwrap_or_else(|e| e)
+    })
+}
+
+/// Reads a plan's text by the engine's rules (strict JSON, every field known and of its type; see
+/// `CutPlan::from_slice`) and returns the document as Python objects, so that every reader of a
+/// plan, the CLI's and the API's, takes exactly what the engine takes.
+#[pyfunction]
+fn parse_plan<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let document = py
+        .detach(|| {
+            let document = crate::plan::parse_document(data)?;
+            CutPlan::from_value(&document).map(|_| document)
+        })
+        .map_err(to_pyerr)?;
+    to_python(py, &document)
+}
+
+fn to_python<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => pyo3::types::PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => u.into_pyobject(py)?.into_any(),
+            (None, Some(i)) => i.into_pyobject(py)?.into_any(),
+            _ => n.as_f64().expect("JSON numbers are u64, i64 or f64").into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => s.into_pyobject(py)?.into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(to_python(py, item)?)?;
+            }
+            list.into_any()
+        }
+        Value::Object(map) => {
+            let dict = PyDict::new(py);
+            for (key, item) in map {
+                dict.set_item(key, to_python(py, item)?)?;
+            }
+            dict.into_any()
+        }
     })
 }
 
@@ -265,6 +314,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_MEMORY_BUDGET", rewrite::MAX_MEMORY_BUDGET)?;
     m.add("MAX_THREADS", rewrite::MAX_THREADS)?;
+    m.add_function(wrap_pyfunction!(parse_plan, m)?)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_layout, m)?)?;
     m.add_function(wrap_pyfunction!(apply_plan, m)?)?;

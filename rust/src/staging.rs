@@ -1,7 +1,11 @@
 //! All-or-nothing output directories: everything is written into a hidden sibling of the target,
 //! synced, and renamed onto the target only when complete. Dropping a `Staging` without committing
 //! removes the partial output, so an error leaves nothing behind; a SIGKILL leaves only a hidden
-//! sibling named after a dead process, which the next run for the same target removes (and says so).
+//! sibling, which the next run for the same target removes (and says so). A run holds an exclusive
+//! `flock` on its staging directory for as long as it lives (the kernel drops it when the process
+//! ends, however it ends), and leftovers are removed only once their lock can be taken: process IDs
+//! would not do, as runs in different PID namespaces (containers sharing a volume) see each other's
+//! IDs as dead or as someone else's.
 //!
 //! Every writer (apply, prune, recover, sweep) goes through [`check_output`] before it writes: the
 //! output must not be, contain or lie inside the input however the paths are spelled, and an
@@ -28,6 +32,9 @@ const MARKER_TEXT: &str = concat!(
 #[derive(Debug)]
 pub struct Staging {
     temp: PathBuf,
+    /// The open staging directory, holding its `flock` (`None` on a file system without `flock`,
+    /// where no run removes another's leftovers either).
+    _lock: Option<File>,
     /// The resolved target (see [`resolve`]).
     target: PathBuf,
     /// The target as the caller spelled it, for messages.
@@ -44,11 +51,8 @@ impl Staging {
         let (parent, name) = split(&target, output)?;
         fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
         remove_stale_siblings(&parent, &name);
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp = parent.join(format!(".{name}{TEMP_TAG}{}-{unique}", std::process::id()));
-        fs::create_dir(&temp).map_err(Error::io(&temp))?;
-        Ok(Staging { temp, target, shown: output.to_owned(), overwrite, committed: false })
+        let (temp, lock) = create_locked(&parent, &name)?;
+        Ok(Staging { temp, _lock: lock, target, shown: output.to_owned(), overwrite, committed: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -66,6 +70,9 @@ impl Staging {
         // Checked again: the target may have appeared, or been filled, while the output was written.
         check_replaceable(&self.target, &self.shown, self.overwrite)?;
         let existing = self.target.symlink_metadata().is_ok();
+        // The output being replaced is locked too, so that while it waits for removal under a
+        // staging-like name no other run takes it for a leftover (check_replaceable: a directory).
+        let _old_lock = if existing { lock_dir(&self.target).ok().flatten() } else { None };
         if existing && exchange(&self.temp, &self.target).is_ok() {
             // The staging path now holds the old output: the swap itself was the atomic step.
             self.committed = true;
@@ -73,7 +80,7 @@ impl Staging {
             return sync_dir(&parent);
         }
         let name = self.target.file_name().expect("resolved targets have a name").to_string_lossy().into_owned();
-        let old = parent.join(format!(".{name}{OLD_TAG}{}", std::process::id()));
+        let old = parent.join(format!(".{name}{OLD_TAG}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
         if existing {
             fs::rename(&self.target, &old).map_err(Error::io(&self.target))?;
         }
@@ -248,26 +255,89 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
 }
 
-/// Removes staging leftovers of `name` whose owning process no longer runs, and says so on stderr
-/// (the user may wonder where disk space went, or came back from). Linux only: elsewhere liveness
-/// cannot be told without extra dependencies, so leftovers stay.
-fn remove_stale_siblings(parent: &Path, name: &str) {
-    if !Path::new("/proc/self").exists() {
-        return;
+/// Tells staging directories of one process apart (and, with the process ID, runs apart).
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Creates `.NAME.structprune-tmp-PID-N` in `parent` and locks it. A name that exists already (a
+/// run with the same process ID in another PID namespace) is skipped, and so is a directory that
+/// another run's cleanup locked, or removed, between its creation and the lock.
+fn create_locked(parent: &Path, name: &str) -> Result<(PathBuf, Option<File>)> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp = parent.join(format!(".{name}{TEMP_TAG}{}-{unique}", std::process::id()));
+        match fs::create_dir(&temp) {
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => continue,
+            Err(err) => return Err(Error::io(&temp)(err)),
+            Ok(()) => {}
+        }
+        match lock_dir(&temp) {
+            Ok(Some(lock)) if is_at(&lock, &temp) => return Ok((temp, Some(lock))),
+            // No flock here: no run removes another's directory on this file system either.
+            Err(_) => return Ok((temp, None)),
+            Ok(_) if attempts < 1000 => continue,
+            Ok(_) => {
+                return Err(Error::Output {
+                    path: temp,
+                    reason: "could not lock a staging directory: other runs keep taking them for leftovers".into(),
+                })
+            }
+        }
     }
+}
+
+/// Takes an exclusive `flock` on directory `dir` without waiting: `Some(file)` holds it until
+/// dropped, `None` means another open file (another run) holds it. An error means it cannot be
+/// told: `dir` is gone or not a directory (a link is not followed), or the file system has no
+/// `flock`.
+fn lock_dir(dir: &Path) -> std::io::Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(dir)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
+/// Whether the open directory `file` is still the one at `path` (not removed or replaced since it
+/// was opened).
+fn is_at(file: &File, path: &Path) -> bool {
+    match (file.metadata(), path.symlink_metadata()) {
+        (Ok(open), Ok(there)) => (open.dev(), open.ino()) == (there.dev(), there.ino()),
+        _ => false,
+    }
+}
+
+/// Removes staging leftovers of `name` (`.NAME.structprune-tmp-…`, `.NAME.structprune-old-…`)
+/// whose lock is free, so whose run has ended, whatever its process ID means here; says so on
+/// stderr (the user may wonder where disk space went, or came back from). A directory that cannot
+/// be locked (held by a live run, or on a file system without `flock`) is left alone.
+fn remove_stale_siblings(parent: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(parent) else { return };
     let prefix = format!(".{name}");
     for entry in entries.flatten() {
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
-        let Some(tail) = rest.strip_prefix(TEMP_TAG).or_else(|| rest.strip_prefix(OLD_TAG)) else { continue };
-        let Some(pid) = tail.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !Path::new(&format!("/proc/{pid}")).exists() && fs::remove_dir_all(entry.path()).is_ok() {
+        if !(rest.starts_with(TEMP_TAG) || rest.starts_with(OLD_TAG)) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(Some(lock)) = lock_dir(&path) else { continue };
+        if is_at(&lock, &path) && fs::remove_dir_all(&path).is_ok() {
             eprintln!(
-                "structprune: removed {}, left behind by an interrupted run (process {pid}, which no longer runs)",
-                entry.path().display()
+                "structprune: removed {}, left behind by an interrupted run (no process holds its lock)",
+                path.display()
             );
         }
+        drop(lock);
     }
 }
 
@@ -301,16 +371,53 @@ mod tests {
     }
 
     #[test]
-    fn stale_leftovers_of_dead_processes_are_removed() {
+    fn only_leftovers_whose_lock_is_free_are_removed() {
         let root = tempfile::tempdir().unwrap();
-        let dead = root.path().join(format!(".out{TEMP_TAG}4000000000-0"));
-        let alive = root.path().join(format!(".out{TEMP_TAG}{}-99", std::process::id()));
-        fs::create_dir(&dead).unwrap();
-        fs::create_dir(&alive).unwrap();
+        let leftover = |tail: &str| {
+            let path = root.path().join(format!(".out{tail}"));
+            fs::create_dir(&path).unwrap();
+            fs::write(path.join("model.safetensors"), b"partial").unwrap();
+            path
+        };
+        // Process IDs say nothing: this process is alive, yet its unlocked directories are leftovers
+        // (a run in another PID namespace may have had this ID); a locked one belongs to a live run
+        // whatever ID it is named after.
+        let dead = leftover(&format!("{TEMP_TAG}4000000000-0"));
+        let unlocked_live_id = leftover(&format!("{TEMP_TAG}{}-99", std::process::id()));
+        let old = leftover(&format!("{OLD_TAG}1-0"));
+        let held = leftover(&format!("{TEMP_TAG}4000000001-0"));
+        let held_old = leftover(&format!("{OLD_TAG}4000000001-1"));
+        let other = leftover(".structprune-tmp"); // no tag separator after it: not ours to touch
+        let (lock, lock_old) = (lock_dir(&held).unwrap().unwrap(), lock_dir(&held_old).unwrap().unwrap());
+        assert!(lock_dir(&held).unwrap().is_none(), "a second open file cannot take the lock");
         let staging = Staging::create(&root.path().join("out"), None, false).unwrap();
-        assert!(!dead.exists());
-        assert!(alive.exists());
-        drop(staging);
+        for gone in [&dead, &unlocked_live_id, &old] {
+            assert!(!gone.exists(), "{}", gone.display());
+        }
+        assert!(held.join("model.safetensors").exists() && held_old.exists() && other.exists());
+        assert!(lock_dir(staging.path()).unwrap().is_none(), "a run holds its own staging directory's lock");
+        // A second run for the same target leaves the first one's live directory alone.
+        let second = Staging::create(&root.path().join("out"), None, false).unwrap();
+        assert!(staging.path().exists() && second.path().exists());
+        drop((lock, lock_old));
+        drop(second);
+        let third = Staging::create(&root.path().join("out"), None, false).unwrap();
+        assert!(!held.exists() && !held_old.exists(), "released locks: leftovers");
+        assert!(staging.path().exists());
+        drop((staging, third));
+    }
+
+    #[test]
+    fn names_taken_by_other_runs_are_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        // A name already taken (by a run in another PID namespace with this process ID) is skipped.
+        let next = COUNTER.load(Ordering::Relaxed);
+        for n in next..next + 3 {
+            fs::create_dir(root.path().join(format!(".out{TEMP_TAG}{}-{n}", std::process::id()))).unwrap();
+        }
+        let (temp, lock) = create_locked(root.path(), "out").unwrap();
+        assert!(lock.is_some_and(|l| is_at(&l, &temp)));
+        assert!(temp.file_name().unwrap().to_string_lossy().starts_with(&format!(".out{TEMP_TAG}")));
     }
 
     #[test]

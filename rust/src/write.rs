@@ -40,6 +40,7 @@ impl TensorSpec {
             .and_then(|numel| dtype.span_bytes(numel))
             .ok_or_else(|| Error::Plan {
                 tensor: Some(name.clone()),
+                field: None,
                 reason: format!("shape {shape:?} of {dtype} is not a whole number of bytes below 2^64"),
             })?;
         Ok(TensorSpec { name, dtype, shape, nbytes })
@@ -168,7 +169,7 @@ impl CheckpointWriter {
 fn check_unique_names(tensors: &[TensorSpec]) -> Result<()> {
     let mut seen = HashSet::with_capacity(tensors.len());
     match tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
-        Some(t) => Err(Error::Plan { tensor: Some(t.name.clone()), reason: "the tensor is listed twice".into() }),
+        Some(t) => Err(Error::plan(&t.name, "the tensor is listed twice")),
         None => Ok(()),
     }
 }

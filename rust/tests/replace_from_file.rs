@@ -98,7 +98,7 @@ fn a_file_tensor_of_another_shape_or_dtype_or_missing_is_refused_before_writing(
         result
     };
     match run(plan(tmp.path(), "other")) {
-        Err(Error::Plan { tensor: Some(t), reason }) => {
+        Err(Error::Plan { tensor: Some(t), reason, .. }) => {
             assert_eq!(t, "w");
             assert!(reason.contains("F32 [2]") && reason.contains("F32 [768, 512]"), "{reason}");
         }

@@ -327,7 +327,7 @@ fn bad_added_and_replaced_tensors_are_refused_before_anything_is_written() {
     for (tensors, tensor, reason) in cases {
         let result = apply_plan(&input, &bias_plan(tensors.clone()), &output, &options(2, 1 << 20, 1 << 30), &Progress::default());
         match result {
-            Err(Error::Plan { tensor: Some(t), reason: r }) => {
+            Err(Error::Plan { tensor: Some(t), reason: r, .. }) => {
                 assert_eq!(t, tensor, "{tensors}");
                 assert!(r.contains(reason), "{tensors}: {r}");
             }

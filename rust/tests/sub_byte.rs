@@ -149,7 +149,7 @@ fn packed_tensors_are_cut_only_along_whole_byte_slices() {
         let output = root.path().join(format!("out-{name}"));
         let cut = plan(json!({name: {"keep": {dim.to_string(): [0]}}}));
         match apply_plan(&dir, &cut, &output, &options(1, 1 << 20, 1 << 30), &Progress::default()) {
-            Err(Error::Plan { tensor: Some(tensor), reason }) => {
+            Err(Error::Plan { tensor: Some(tensor), reason, .. }) => {
                 assert_eq!(tensor, name);
                 assert!(reason.contains(&format!("dim {dim}")) && reason.contains("not a whole number of bytes"), "{reason}");
             }
@@ -250,7 +250,7 @@ proptest! {
                 prop_assert_eq!(&got[0].2, &out_shape);
                 prop_assert!(got[0].3 == reference_cut(&t, &keep), "bytes differ");
             }
-            Err(Error::Plan { tensor, reason }) => {
+            Err(Error::Plan { tensor, reason, .. }) => {
                 prop_assert!(!whole_bytes, "refused a whole-byte cut: {}", reason);
                 prop_assert_eq!(tensor.as_deref(), Some("w"));
                 prop_assert!(!output.exists());
