@@ -27,6 +27,7 @@ Protocol (printed with the table):
 A configuration is written ``ESTIMATOR[+option...]``: ``+rec`` reconstruction, ``+global``
 global planning (its default protection), ``+bias`` FLAP's bias compensation, ``+kv`` whole KV
 groups instead of query heads, ``+dense``/``+layer`` the reconstruction target, ``+s128`` 128 calibration samples, ``+d0.1`` damping 0.1,
+``+it2r16`` iterative pruning in 2 steps with 16 distillation steps (batch 8) between them,
 ``blocks`` the Block-Influence baseline (whole blocks only). Usage:
 
     PY=.venv/bin/python bash ../shared/fixtures/make-smollm2.sh
@@ -71,6 +72,9 @@ def parse_config(name: str) -> Dict[str, Any]:
             options["bias_compensation"] = True
         elif part == "kv":
             options["gqa"] = "kv-groups"
+        elif part.startswith("it") and "r" in part:  # it2r16: 2 iterations, 16 recovery steps between them
+            iterations, steps = part[2:].split("r")
+            options["iterative"] = {"iterations": int(iterations), "recover_steps": int(steps), "recover_batch_size": 8}
         elif part.startswith("s") and part[1:].isdigit():
             options["samples"] = int(part[1:])
         elif part.startswith("d"):
@@ -111,18 +115,25 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     """One configuration, in this (child) process: prune, load, evaluate; a JSON row."""
     import torch
 
+    from structprune.checkpoint import read_checkpoint
+    from structprune.iterative import IterativeOptions, prune_iteratively
     from structprune.loading import load_pruned
     from structprune.prune import PruneOptions, prune
 
     torch.manual_seed(0)
     options = parse_config(args.one)
+    iterative = options.pop("iterative", None)
     options.setdefault("samples", args.samples)
     prune_options = PruneOptions(ratio=args.ratio, calib=args.calib, seq_len=args.seq_len, seed=args.seed, **options)
     key = f"{options['importance']}-{options['samples']}-{'blocks' if options.get('structures') == ('blocks',) else 'widths'}"
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         out = Path(scratch) / "pruned"
         started = time.perf_counter()
-        result = prune(args.model, out, prune_options, resume=Path(args.work) / "scores" / key)
+        if iterative:
+            result = prune_iteratively(args.model, out, prune_options, IterativeOptions(**iterative)).final
+            result.params_before = read_checkpoint(args.model).parameters
+        else:
+            result = prune(args.model, out, prune_options, resume=Path(args.work) / "scores" / key)
         prune_s = time.perf_counter() - started
         prune_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the evaluation loads the model
         row = {
@@ -204,7 +215,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--heldout", type=Path, default=FIXTURES / "text" / "heldout.txt")
     p.add_argument("--configs", default="taylor,taylor+rec,taylor+rec+global,l2+rec,wanda-sp+rec,flap+bias,blocks")
     p.add_argument("--ratios", default="0.2,0.5")
-    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (the project default)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", type=int, default=0, help="evaluate on the first N held-out tokens (default: all)")

@@ -251,9 +251,28 @@ def test_missing_model_dir_is_reported(tmp_path: Path) -> None:
 
 def test_the_cli_does_not_import_torch() -> None:
     """`structprune info` and `apply` run in a few MB of Python: importing the CLI must not pull in
-    torch (hundreds of MB of resident memory, which the engine's memory budget would not cover)."""
+    torch (hundreds of MB of resident memory, which the engine's memory budget would not cover).
+    `apply` imports it only for its shape check (tests/test_shape_check.py checks when)."""
     import subprocess
     import sys
 
     code = "import sys, structprune.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_prune_summary_names_widths_as_the_flags_do_original_to_new() -> None:
+    """Issue 20: under GQA the graph counts query heads per KV group; the summary says heads per
+    layer (6 -> 4 on the demo model's 2 groups of 3), and `mlp` where the flag says mlp."""
+    from structprune.cli import width_lines
+
+    original = {"channels": [512] * 6, "kv_groups": [2] * 6, "query_heads": [3] * 6}
+    uniform = width_lines(original, {"channels": [328] * 5, "kv_groups": [2] * 5, "query_heads": [2] * 5})
+    assert uniform == [
+        "  mlp    512 -> 328 channels per layer",
+        "  heads  6 -> 4 query heads per layer (KV groups 2, query heads per group 3 -> 2)",
+    ]
+    per_layer = width_lines(original, {"channels": [512, 448, 384, 384, 448, 512], "kv_groups": [1] * 6, "query_heads": [3] * 6})
+    assert per_layer == [
+        "  mlp    512 -> 512, 448, 384, 384, 448, 512 channels per layer",
+        "  heads  6 -> 3 query heads per layer (KV groups 2 -> 1, query heads per group 3)",
+    ]

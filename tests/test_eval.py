@@ -78,7 +78,7 @@ def test_eval_json_perplexity_matches_transformers(heldout: Path) -> None:
     result = invoke("eval", DEMO_MODEL, "--ppl", heldout, "--window", 64, "--window", 100, "--no-timing", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"protocol", "model"}
+    assert set(report) == {"protocol", "model", "machine_load"}
     measured = report["model"]
     assert [p["window"] for p in measured["perplexity"]] == [64, 100]
     for entry in measured["perplexity"]:
@@ -144,7 +144,8 @@ def test_eval_compare_prints_ratios(heldout: Path, half_mlp_model: Path) -> None
     result = invoke("eval", half_mlp_model, "--ppl", heldout, "--compare", DEMO_MODEL, *QUICK_TIMING, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"protocol", "model", "original", "ratios"}
+    assert set(report) == {"protocol", "model", "original", "ratios", "machine_load"}
+    assert set(report["machine_load"]) == {"before", "after", "cpus", "warning"}
     pruned, original, ratios = report["model"]["metrics"], report["original"]["metrics"], report["ratios"]
     assert original["parameters"] - pruned["parameters"] == 6 * 3 * 192 * 256  # 256 channels x 3 weights x 6 layers
     assert original["macs_per_token"] - pruned["macs_per_token"] == 6 * 3 * 192 * 256

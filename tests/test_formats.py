@@ -210,7 +210,7 @@ def test_cli_global_prune_writes_a_checkpoint_load_pruned_reads(tmp_path: Path) 
     model = load_pruned(out)
     widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
     assert widths[0] == widths[-1] == 512 and len(set(widths)) > 1, widths
-    assert "per layer:" in result.output
+    assert "  mlp    512 -> 512, " in result.output and " channels per layer" in result.output
     bad = runner.invoke(main, ["prune", str(DEMO), "--ratio", "0.2", "--importance", "l2", "--global", "--protect", "1", "--dry-run"])
     assert bad.exit_code == 2 and "FIRST,LAST" in bad.output
 

@@ -148,4 +148,4 @@ def test_cli_prune_combines_blocks_and_widths() -> None:
     assert missing.exit_code == 1 and "--blocks N" in missing.output
     combined = runner.invoke(main, [*common, "--blocks", "1"])
     assert combined.exit_code == 0, combined.output
-    assert "blocks removed:" in combined.output and "channels     per layer:" in combined.output
+    assert "blocks removed:" in combined.output and "  mlp    512 -> " in combined.output

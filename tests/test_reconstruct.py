@@ -194,9 +194,10 @@ def reconstructed_to_dense(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Pr
 
 
 def test_the_dense_target_is_the_least_squares_fit_of_the_dense_models_outputs(reconstructed_to_dense: Tuple[PruneResult, Path]) -> None:
-    """o_proj reproduces its dense output (its input in the dense model times its dense weight);
-    down_proj, whose output is added straight to the block's, reproduces what the block's output
-    misses of the dense block's: dense block output − pruned block output + its own output."""
+    """o_proj reproduces its dense weights' output on its pruned inputs, as with the layer target;
+    down_proj, whose output is added straight to the block's, reproduces its own output plus what
+    the block's output misses of the dense block's: dense block output − pruned block output + its
+    own output."""
     result, out = reconstructed_to_dense
     pruned = load_checked(out)
     dense = transformers.AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
@@ -218,7 +219,7 @@ def test_the_dense_target_is_the_least_squares_fit_of_the_dense_models_outputs(r
             if path == "mlp.down_proj":
                 target = dense_seen[block_outputs[i]] - pruned_seen[block_outputs[i]] + got @ x[kept]
             else:
-                target = weight @ dense_seen[name]
+                target = weight @ x
             reference = torch.linalg.lstsq(x[kept].T, target.T).solution.T
             # Relative to the whole matrix: undamped fits on 512 tokens are ill-conditioned, so the
             # float32 forward passes and weights move single entries by more than 1e-5 of themselves

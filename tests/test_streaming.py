@@ -150,3 +150,16 @@ def test_backward_frees_the_saved_inputs_it_has_used(batch: torch.Tensor) -> Non
             assert kept.grad is None and not kept.requires_grad
     finally:
         store.close()
+
+
+def test_a_forward_only_pass_keeps_one_boundary_of_activations(batch: torch.Tensor) -> None:
+    """Without a backward pass to follow (forward-only estimators), a block's saved inputs leave
+    memory once it ran: what is held at the end is the last block's outputs, whatever the depth."""
+    model = StreamedModel(DEMO, blocks_prefix="model.layers")
+    store = ActivationStore()
+    try:
+        forward_pass(model, batch, micro_batch=2, store=store, keep_inputs=False)
+        last_outputs = sum(store.get((model.num_blocks, m), model.device).numel() * 4 for m in range(2))
+        assert store.in_memory == last_outputs
+    finally:
+        store.close()

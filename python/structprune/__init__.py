@@ -1,7 +1,8 @@
 """structprune: structured pruning of LLM checkpoints into smaller standard checkpoints.
 
 Importing the package stays light (no torch): the shard engine and the CLI's ``info``/``apply`` run
-in a few megabytes of Python.
+in a few megabytes of Python (``apply``'s shape check imports torch when it runs; see
+``structprune.shape_check``).
 """
 
 from typing import Any

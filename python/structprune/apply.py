@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from structprune import _core
 from structprune.checkpoint import TensorInfo
-from structprune.errors import SettingError
-from structprune.plan import PlanLike, as_plan_json
+from structprune.errors import PlanError, SettingError
+from structprune.plan import CutPlan, PlanLike
+from structprune.shape_check import PLAN_WITHOUT_FILE, ShapeCheck, check_output_shapes, skipped
 from structprune.sizes import parse_size
 from structprune.termination import cleanup_on_sigterm
 
@@ -33,6 +36,8 @@ class ApplyReport:
     shards: List[str]
     copied_files: List[str]
     skipped_files: List[str]
+    shape_check: ShapeCheck = skipped("not asked")
+    """Whether the output's tensor shapes were checked against its config before writing."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,11 @@ class PlannedOutput:
 
 
 def plan_output(model_dir: _PathLike, plan: PlanLike, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> PlannedOutput:
-    """Validates ``plan`` against the checkpoint and describes the output, writing nothing."""
-    raw = _core.plan_layout(str(model_dir), as_plan_json(plan), parse_size(max_shard_size, what="max_shard_size"))
+    """Validates ``plan`` against the checkpoint and describes the output, writing nothing. Errors
+    in a plan given as a file name that file."""
+    resolved, name = resolve_plan(plan)
+    with naming_plan(name):
+        raw = _core.plan_layout(str(model_dir), resolved.to_json(), parse_size(max_shard_size, what="max_shard_size"))
     tensors = [TensorInfo(n, d, tuple(s), f, b) for n, d, s, f, b in raw["tensors"]]
     return PlannedOutput(tensors=tensors, shards=list(raw["shards"]), total_size=raw["total_size"])
 
@@ -73,6 +81,7 @@ def apply_plan(
     threads: Optional[int] = None,
     overwrite: bool = False,
     progress: Union[bool, ProgressCallback] = False,
+    check_shapes: bool = True,
 ) -> ApplyReport:
     """Writes the checkpoint ``model_dir`` cut by ``plan`` to ``output_dir``.
 
@@ -82,20 +91,30 @@ def apply_plan(
     output. Only the checkpoint's own files are copied besides the weights (``skipped_files``
     lists what was left out). ``progress`` is ``True`` for a progress bar on stderr or a
     callable receiving ``(done_bytes, total_bytes)``.
+
+    ``check_shapes``: before anything is written, build the model the output's config describes on
+    the meta device and refuse (:class:`~structprune.errors.PlanError` naming the plan file and the
+    first tensor that disagrees) unless every tensor has the shape it needs, so that the output
+    loads (``structprune.shape_check``; skipped, with the reason in ``shape_check``, for an
+    architecture transformers does not know). Imports torch and transformers when it runs.
     """
     thread_count = DEFAULT_THREADS if threads is None else threads
     if isinstance(thread_count, bool) or not isinstance(thread_count, int) or not 1 <= thread_count <= _core.MAX_THREADS:
         raise SettingError(f"threads (--threads): {thread_count!r} is not between 1 and {_core.MAX_THREADS}")
+    resolved, name = resolve_plan(plan)
+    shape_check = skipped("not asked (check_shapes=False, --no-shape-check)")
+    if check_shapes:
+        shape_check = check_plan_shapes(model_dir, resolved, name, max_shard_size=max_shard_size)
     arguments = (
         str(model_dir),
-        as_plan_json(plan),
+        resolved.to_json(),
         str(output_dir),
         parse_size(max_shard_size, what="max_shard_size"),
         parse_size(memory_budget, maximum=_core.MAX_MEMORY_BUDGET, what="memory_budget (--memory-budget)"),
         thread_count,
         overwrite,
     )
-    with cleanup_on_sigterm():
+    with cleanup_on_sigterm(), naming_plan(name):
         if progress is True:
             raw = _apply_with_bar(arguments)
         else:
@@ -108,18 +127,57 @@ def apply_plan(
         shards=list(raw["shards"]),
         copied_files=list(raw["copied_files"]),
         skipped_files=list(raw["skipped_files"]),
+        shape_check=shape_check,
     )
+
+
+def check_plan_shapes(model_dir: _PathLike, plan: PlanLike, plan_name: Optional[str] = None, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> ShapeCheck:
+    """The shape check of :func:`apply_plan`, alone (``structprune apply --dry-run`` runs it):
+    writes nothing."""
+    resolved, name = resolve_plan(plan)
+    name = plan_name or name
+    with naming_plan(name):
+        planned = plan_output(model_dir, resolved, max_shard_size=max_shard_size)
+    return check_output_shapes(Path(model_dir), resolved.config, planned.tensors, plan_name=name)
+
+
+def resolve_plan(plan: PlanLike) -> Tuple[CutPlan, str]:
+    """The plan, read once, and how errors name it: its file, or "the plan"."""
+    if isinstance(plan, CutPlan):
+        return plan, PLAN_WITHOUT_FILE
+    if isinstance(plan, Mapping):
+        return CutPlan.from_dict(plan), PLAN_WITHOUT_FILE
+    return CutPlan.load(plan), str(plan)
+
+
+@contextmanager
+def naming_plan(name: str) -> Iterator[None]:
+    """The engine checks a plan against the checkpoint from its JSON text and names the tensor at
+    fault; a plan read from a file is named too, so the user knows which file to fix."""
+    try:
+        yield
+    except PlanError as err:
+        if name == PLAN_WITHOUT_FILE or str(err).startswith(f"{name}:"):
+            raise
+        located = PlanError(f"{name}: {err}")
+        located.path, located.tensor, located.field = name, err.tensor, err.field
+        raise located from None
 
 
 def _apply_with_bar(arguments: tuple) -> "_core._ReportDict":
     from tqdm.auto import tqdm
 
     bars: List[tqdm] = []
+    started = time.time()
 
     def update(done: int, total: int) -> None:
-        # Created on the first report, so a run that fails validation prints no empty bar.
+        # Created on the first report, so a run that fails validation prints no empty bar; its
+        # clock starts with the copy, and the rate is the average since then (smoothing 0): a bar
+        # created when the first report already counts megabytes showed rates of GB/s.
         if not bars:
-            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", dynamic_ncols=True))
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", dynamic_ncols=True, smoothing=0)
+            bar.start_t = bar.last_print_t = started
+            bars.append(bar)
         bar = bars[0]
         bar.total = total
         bar.update(done - bar.n)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 import numpy as np
 import torch
 
+from structprune import sizes
 from structprune.errors import CalibrationError, StructpruneIOError
 
 if TYPE_CHECKING:  # transformers is heavy to import and only needed by callers that have a tokenizer
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # transformers is heavy to import and only needed by callers 
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-DEFAULT_SAMPLES = 32
+DEFAULT_SAMPLES = sizes.DEFAULT_SAMPLES
 """Windows in a calibration batch."""
 DEFAULT_SEQ_LEN = 128
 """Tokens per calibration window."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -15,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Opt
 import click
 
 from structprune._core import MAX_MEMORY_BUDGET, MAX_THREADS
-from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, check_output, plan_output
+from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, check_output, check_plan_shapes, plan_output
 from structprune.checkpoint import Checkpoint, read_checkpoint
 from structprune.errors import StructpruneError
 from structprune.formats import FORMATS
 from structprune.planner import NORMALIZATIONS
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, RECONSTRUCTION_TARGETS, format_size, parse_size
+from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, DEFAULT_SAMPLES, RECONSTRUCTION_TARGETS, format_size, parse_size
 from structprune.termination import Terminated, cleanup_on_sigterm
 
 if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it
@@ -142,6 +143,7 @@ def info(model: Path, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Copy threads [default: min(4, cores)].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Validate the plan and print the result's size; write nothing.")
+@click.option("--no-shape-check", is_flag=True, help="Write the output even if its tensor shapes disagree with its config.json (by default checked before writing, on the meta device, for architectures transformers knows; the check imports torch).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @reports_errors
 def apply(
@@ -153,11 +155,14 @@ def apply(
     threads: Optional[int],
     overwrite: bool,
     dry_run: bool,
+    no_shape_check: bool,
     quiet: bool,
 ) -> None:
     """Write the checkpoint MODEL cut by the plan PLAN (JSON, docs/plan-format.md) to OUTPUT.
 
-    The input is never modified; the output appears only when complete."""
+    The input is never modified; the output appears only when complete. Before anything is
+    written, the output's tensor shapes are checked against the model its config.json builds, so
+    that the output loads (--no-shape-check to skip)."""
     source = read_checkpoint(model)
     planned = plan_output(model, plan, max_shard_size=max_shard_size)
     before, after = source.parameters, sum(prod(t.shape) for t in planned.tensors)
@@ -165,6 +170,8 @@ def apply(
         click.echo(f"parameters  {before:,} -> {after:,} ({_removed(before, after)})")
         click.echo(f"bytes       {source.total_bytes:,} -> {planned.total_size:,}")
         click.echo(f"shards      {', '.join(planned.shards)}")
+        if not no_shape_check:
+            click.echo(f"shapes      {check_plan_shapes(model, plan, max_shard_size=max_shard_size).note}")
         click.echo("dry run: nothing written")
         return
     started = time.perf_counter()
@@ -177,6 +184,7 @@ def apply(
         threads=threads,
         overwrite=overwrite,
         progress=not quiet,
+        check_shapes=not no_shape_check,
     )
     if quiet:
         return
@@ -184,6 +192,7 @@ def apply(
     click.echo(f"wrote {report.output_dir} in {elapsed:.1f} s")
     click.echo(f"parameters  {before:,} -> {after:,} ({_removed(before, after)})")
     click.echo(f"bytes       {source.total_bytes:,} -> {report.total_size:,} in {len(report.shards)} shard(s)")
+    click.echo(f"shapes      {report.shape_check.note}")
     if report.copied_files:
         click.echo(f"copied      {', '.join(report.copied_files)}")
     if report.skipped_files:
@@ -278,7 +287,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--reduction", type=click.Choice(["sum", "mean", "max", "prod", "first"]), default="sum", show_default=True, help="How a unit's scores in different weights combine.")
 @click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text: .txt (documents split by <|endoftext|> lines), .jsonl, or a saved datasets directory.")
 @click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
-@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True, help="Calibration windows of --seq-len tokens (reconstruction overfits much fewer than 16,384 tokens in all).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
@@ -291,7 +300,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format).")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint.")
 @click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix.")
-@click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. dense: the dense model's outputs (a layer whose output joins the residual stream, down_proj, takes up the drift that the blocks before it left); layer: the layer's own dense weights on the pruned inputs (SlimGPT/ZipLM).")
+@click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj) is fitted to the dense block's output, taking up the drift the blocks before it left.")
 @click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
@@ -317,18 +326,17 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
       torchrun --nproc-per-node 4 -m structprune prune MODEL --device cuda ...
     uses cuda:0..3 (on CPU, omit --device). Only the first process prints and writes.
     """
-    from tqdm.auto import tqdm
-
-    from structprune.distributed import joined
-    from structprune.iterative import IterativeOptions, check_request
-    from structprune.prune import PruneOptions, make_plan
-
     if iterations > 1:
         _refuse_with_iterations(plan_out=plan_out, dry_run=dry_run, resume_dir=resume_dir)
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output, or --dry-run")
     if output is not None and not dry_run:
         check_output(model, output, overwrite=overwrite)  # before scoring, not after it
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process prints
+        _say("loading torch and transformers…")  # seconds of imports, then tracing: say so before
+    from structprune.distributed import joined
+    from structprune.iterative import IterativeOptions, check_request
+    from structprune.prune import PruneOptions, make_plan
     options = PruneOptions(
         ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
         multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
@@ -342,16 +350,15 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
     )
     check_request(options, iterative)  # the recovery flags are refused without --iterations, not ignored
     bars: Dict[str, Any] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=f"{stage} blocks", unit="block", leave=False))
-        bar.update(done - bar.n)
+    progress = _stage_progress(bars)
 
     if iterations > 1:
         assert output is not None
         _prune_iteratively(model, output, options, iterative, bars=bars, progress=progress, overwrite=overwrite, resume=resume, eval_text=eval_text)
         return
     with joined(device) as workers, _reconstruction_dir(options, output, plan_out) as work_dir:
+        if workers.is_main:
+            _say(f"tracing {model}…")
         try:
             result = make_plan(
                 model, options, progress=progress if workers.is_main else None, resume=resume_dir or resume, workers=workers,
@@ -362,6 +369,37 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
                 bar.close()
         if workers.is_main:
             _finish_prune(model, output, result, ratio=ratio, plan_out=plan_out, dry_run=dry_run, overwrite=overwrite, eval_text=eval_text)
+
+
+STAGES = {
+    "weights": "scoring: reading the weights, block by block",
+    "forward": "scoring: forward pass over the calibration windows, block by block",
+    "backward": "scoring: backward pass, block by block",
+    "reconstruct": "reconstructing: refitting the kept weights on the pruned model's activations, block by block",
+}
+"""What each stage of ``make_plan``'s progress reports is doing, said once when it starts."""
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _stage_progress(bars: Dict[str, Any]) -> Callable[[str, int, int], None]:
+    """``make_plan``'s progress: a line on stderr when a stage starts, and one block bar at a time
+    (the stage before is closed first), drawn only where tqdm decides stderr is a terminal: bars
+    left open together redraw each other with cursor-up escapes, which a log file keeps."""
+    from tqdm.auto import tqdm
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            _say(f"{STAGES.get(stage, stage)}…")
+            bars[stage] = tqdm(total=total, desc=f"{stage} blocks", unit="block", leave=False, disable=None)
+        bar = bars[stage]
+        bar.update(done - bar.n)
+
+    return progress
 
 
 def _refuse_with_iterations(*, plan_out: Optional[Path], dry_run: bool, resume_dir: Optional[Path]) -> None:
@@ -398,8 +436,8 @@ def _prune_iteratively(
     if result.resumed_steps:
         click.echo(f"resumed     after step {result.resumed_steps}")
     click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * options.ratio:.1f}%)")
-    for kind, widths in sorted(result.final.widths.items()):
-        click.echo(f"  {kind:<12} per layer: {_widths(widths)}")
+    for line in width_lines({}, result.final.widths):  # the last step's input is no original
+        click.echo(line)
     assert result.final.report is not None
     click.echo(f"wrote {output} in {result.seconds:.1f} s ({len(result.final.report.shards)} shard(s), {format_size(result.final.report.total_size)})")
     if eval_text is not None:
@@ -426,8 +464,8 @@ def _finish_prune(
     if plan_out is not None:
         result.plan.save(plan_out)
     click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * ratio:.1f}%)")
-    for kind, widths in sorted(result.widths.items()):
-        click.echo(f"  {kind:<12} per layer: {_widths(widths)}")
+    for line in width_lines(result.original_widths, result.widths):
+        click.echo(line)
     if result.blocks_removed:
         click.echo(f"  blocks removed: {', '.join(map(str, result.blocks_removed))}")
     click.echo(f"scoring     {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}" + (f", peak GPU {format_size(result.peak_gpu_bytes)}" if result.peak_gpu_bytes else ""))
@@ -448,8 +486,10 @@ def _print_perplexity(model: Path, output: Path, eval_text: Path) -> None:
 
     hf_logging.disable_progress_bar()  # two loads of small models: their bars only add noise
 
-    before = perplexity_of_text(model, eval_text, window=128)
-    after = perplexity_of_text(output, eval_text, window=128)
+    _say(f"perplexity of {model} on {eval_text}…")
+    before = perplexity_of_text(model, eval_text, window=128, progress=True)
+    _say(f"perplexity of {output} on {eval_text}…")
+    after = perplexity_of_text(output, eval_text, window=128, progress=True)
     click.echo(f"perplexity  {before.perplexity:.2f} -> {after.perplexity:.2f} on {eval_text} ({after.windows} windows of 128 tokens)")
 
 
@@ -462,8 +502,33 @@ def _protection(text: Optional[str]) -> Optional[Tuple[int, int]]:
     return int(parts[0]), int(parts[1])
 
 
-def _widths(widths: List[int]) -> str:
-    return f"{widths[0]} (all layers)" if len(set(widths)) == 1 else ", ".join(map(str, widths))
+def width_lines(original: Dict[str, List[int]], new: Dict[str, List[int]]) -> List[str]:
+    """The summary's widths, named as --structures names them (``mlp``, ``heads``), original →
+    new per layer. Under GQA the graph counts query heads per KV group; the line gives heads per
+    layer and the groups they form, so 3 per group is not read as 3 per layer."""
+    lines = []
+    if "channels" in new:
+        lines.append(f"  {'mlp':<6} {_change(original.get('channels'), new['channels'])} channels per layer")
+    if "query_heads" in new and "kv_groups" in new:
+        heads = [groups * per_group for groups, per_group in zip(new["kv_groups"], new["query_heads"])]
+        before = None
+        if "query_heads" in original and "kv_groups" in original:
+            before = [groups * per_group for groups, per_group in zip(original["kv_groups"], original["query_heads"])]
+        lines.append(
+            f"  {'heads':<6} {_change(before, heads)} query heads per layer "
+            f"(KV groups {_change(original.get('kv_groups'), new['kv_groups'])}, query heads per group {_change(original.get('query_heads'), new['query_heads'])})"
+        )
+    for kind in sorted(set(new) - {"channels", "query_heads", "kv_groups"}):
+        lines.append(f"  {kind:<6} {_change(original.get(kind), new[kind])} per layer")
+    return lines
+
+
+def _change(before: Optional[List[int]], after: List[int]) -> str:
+    """``512 -> 328`` where every layer is alike, else the values layer by layer."""
+    new = f"{after[0]}" if len(set(after)) == 1 else ", ".join(map(str, after))
+    if not before or before == after or set(before) == set(after) == {after[0]}:  # unchanged (removed blocks aside)
+        return new
+    return (f"{before[0]}" if len(set(before)) == 1 else ", ".join(map(str, before))) + f" -> {new}"
 
 
 def _comma_separated(text: str, option: str, kind: Callable[[str], Any] = str) -> Tuple[Any, ...]:
@@ -502,6 +567,7 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
     ratios. Protocols: structprune.costs and structprune.evaluate (docs/architecture.md)."""
     from transformers.utils import logging as hf_logging
 
+    from structprune import costs
     from structprune.assessment import EvalOptions, evaluate_model, protocol_lines, report_json, report_table
     from structprune.costs import TimingProtocol
 
@@ -511,13 +577,20 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
         limit=limit, device=device, dtype=dtype, batch_size=batch_size, measure_speed=not no_timing,
         timing=TimingProtocol(context=context, batch_sizes=_comma_separated(batch_sizes, "--batch-sizes", int), decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, seed=seed),
     )
+    before = costs.load_average()
     measured = evaluate_model(model, options, progress=not as_json)
     reference = evaluate_model(original, options, progress=not as_json) if original is not None else None
+    load = costs.MachineLoad(before=before, after=costs.load_average(), cpus=costs.usable_cpus())
+    busy = load.warning(comparing=reference is not None) if options.measure_speed else None
     if as_json:
-        click.echo(json.dumps(report_json(measured, options, reference), indent=2))
-        return
-    for line in protocol_lines(options, measured) + [""] + report_table(measured, reference):
-        click.echo(line)
+        document = report_json(measured, options, reference)
+        document["machine_load"] = {"before": load.before, "after": load.after, "cpus": load.cpus, "warning": busy}
+        click.echo(json.dumps(document, indent=2))
+    else:
+        for line in protocol_lines(options, measured) + [""] + report_table(measured, reference):
+            click.echo(line)
+    if busy:
+        _say(busy)  # after the table, where it is read
 
 
 @main.command()
@@ -533,7 +606,7 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
 @click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="GQA mode, as for prune.")
 @click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept widths are multiples of this, as for prune [default: 64 for MLPs of 2048+ channels, else 8].")
 @click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Planning, as for prune (global checkpoints are evaluated through structprune.load_pruned).")
-@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True, help="Calibration windows of --seq-len tokens (reconstruction overfits much fewer than 16,384 tokens in all).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N], for scoring and evaluation.")
@@ -615,8 +688,11 @@ def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], t
       accelerate launch --config_file FSDP.yaml -m structprune recover PRUNED --device cuda ...
     Only the first process prints and writes.
     """
+    from transformers.utils import logging as hf_logging
+
     from structprune.recover import RecoverOptions, recover as run_recovery
 
+    hf_logging.disable_progress_bar()  # transformers' weight-loading bars (base, teacher, merge) would bury recovery's own
     options = RecoverOptions(
         data=data, eval_data=eval_data, text_field=text_field, seq_len=seq_len, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, scheduler=scheduler, warmup_steps=warmup_steps,

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -192,16 +194,61 @@ def decode_seconds_per_token(model: nn.Module, prompt: torch.Tensor, steps: int)
     """Mean time of ``steps`` greedy one-token steps after an untimed prefill of ``prompt`` with a
     KV cache (one decode run)."""
     output = model(input_ids=prompt, use_cache=True)
+    argument = _cache_argument(model)
     total = 0.0
     for _ in range(steps):
         next_ids = output.logits[:, -1:].argmax(dim=-1)
-        past = output.past_key_values
+        past = output[argument]
         _synchronize(prompt.device)
         started = time.perf_counter()
-        output = model(input_ids=next_ids, past_key_values=past, use_cache=True)
+        output = model(input_ids=next_ids, use_cache=True, **{argument: past})
         _synchronize(prompt.device)
         total += time.perf_counter() - started
     return total / steps
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """The 1-minute load average before and after timing, and the CPUs this process may use."""
+
+    before: float
+    after: float
+    cpus: int
+
+    def warning(self, comparing: bool) -> Optional[str]:
+        """Why the timings may not mean much, or ``None``. Other work on the machine is the load
+        before timing started (this process was loading, one thread); while timing, torch's own
+        threads add up to one per CPU, so only load past 1.5 per CPU afterwards is someone
+        else's. A busy machine made a pruned model look 7 times slower than its original in one
+        run (issue 20)."""
+        if self.before < max(1.0, self.cpus / 2) and self.after < 1.5 * self.cpus:
+            return None
+        what = "speed ratios" if comparing else "speed figures"
+        return (
+            f"warning: the machine was busy while timing (load average {self.before:.1f} before, {self.after:.1f} after, "
+            f"{self.cpus} CPU(s)): {what} are unreliable; time on a quiet machine, or pass --no-timing"
+        )
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the system does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name of the KV cache, in the forward's arguments and its output: ``cache`` from
+    transformers 5.25 on, ``past_key_values`` before (the old name now warns, once per decode run)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _linear_macs(module: nn.Module) -> int:

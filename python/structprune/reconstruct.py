@@ -8,15 +8,23 @@ removed heads, down_proj those of removed MLP channels), with ``X`` its calibrat
     W_K' = W X X_Kᵀ (X_K X_Kᵀ + λI)⁻¹ = W G[:, K] (G[K, K] + λI)⁻¹,    G = X Xᵀ,
 
 the least-squares fit of the dense output ``W X`` from the kept inputs alone: the optimal brain
-surgeon update for whole columns (SlimGPT, ZipLM). FLAP's bias compensation is the special case
-where only a constant stands in for the removed inputs. ``λ = damping · mean(diag G[K, K])``
-keeps the solve well conditioned when kept inputs are nearly collinear (SparseGPT's choice of a
-relative damping, default 1%).
+surgeon update for whole columns (SlimGPT, ZipLM; the ``layer`` target). FLAP's bias compensation
+is the special case where only a constant stands in for the removed inputs.
+``λ = damping · mean(diag G[K, K])`` keeps the solve well conditioned when kept inputs are nearly
+collinear (SparseGPT's choice of a relative damping, default 1%).
+
+The ``dense`` target (the default) fits, for a layer whose output is added unchanged to its
+block's output (down_proj of a pre-norm block: probed, not assumed), another output ``Y`` from the
+same pruned inputs, ``W_K' = Y X_Kᵀ (G[K, K] + λI)⁻¹``: the layer's own output plus whatever the
+pruned block's output still misses of the dense block's output. The dense model runs beside the
+pruned one, block by block on its own hidden states (the loaded block, before its refit), so the
+layer also cancels the drift in the residual stream that the blocks before left. Only sums are
+kept: ``G``, ``Y Xᵀ`` and ``‖Y‖²``. Other layers keep the ``layer`` target (see ``TARGETS``).
 
 The blocks are reconstructed one after another on the inputs that the already pruned and
-reconstructed blocks produce (sequentially, as SparseGPT does), so block ``l`` corrects the error
-of blocks ``0 … l−1`` instead of compounding it, and only one block is in memory at a time (the
-streaming engine's shell). Inside a block the layers are taken in the order the block runs them:
+reconstructed blocks produce (sequentially, as SparseGPT does), so block ``l`` sees the error of
+blocks ``0 … l−1`` (and, with the dense target, corrects it) instead of compounding it, and only
+one block is in memory at a time (the streaming engine's shell). Inside a block the layers are taken in the order the block runs them:
 o_proj's fit changes the MLP's inputs, so down_proj's Gram matrix is measured after it. The
 pruned model is run exactly by zeroing removed input columns in the loaded dense block (a removed
 head's or channel's contribution is then nothing, which is what removing it does); removed blocks
@@ -176,13 +184,14 @@ class Reconstruction:
 
 
 TARGETS = RECONSTRUCTION_TARGETS
-"""What a refitted layer is fitted to reproduce from the pruned model's inputs. ``dense`` (the
-default): the dense model's output. For a layer whose output is added straight to its block's
-output (down_proj of a pre-norm block, both consumers of a parallel block: found by a probe,
-``_adds_to_block_output``) that is the dense block's output itself, so the layer takes up the
-drift that the pruned blocks before it left in the residual stream; for any other layer, its own
-output in the dense model on the dense model's inputs. ``layer``: the layer's own dense weights
-applied to the pruned inputs, ``W X`` (SlimGPT's and ZipLM's target: the drift is left as it is)."""
+"""What a refitted layer is fitted to reproduce from the pruned model's inputs. ``layer``: its own
+dense weights applied to the pruned inputs, ``W X`` (SlimGPT's and ZipLM's target). ``dense`` (the
+default): the same, except for a layer whose output is added unchanged to its block's output
+(down_proj of a pre-norm block, both projections of a parallel block: found by a probe,
+``_adds_to_block_output``), which is fitted to its own output plus what the pruned block's output
+still misses of the dense block's, so that it also takes up the drift that the pruned blocks
+before left in the residual stream. (Fitting the other layers to their outputs in the dense
+model as well was measured and lost: docs/benchmarks.md.)"""
 
 
 @dataclass
@@ -288,7 +297,6 @@ def reconstruct(
                         if tensors and workers.is_main:
                             path = _save_by_content(tensors, work_dir, f"block-{index:05d}")
                             result.files.update({name: (path, stored_names[name]) for name in _model_names(tensors, stored_names)})
-                    streams.finish_dense(index)
                 if progress:
                     progress("reconstruct", index + 1, model.num_blocks)
     finally:
@@ -299,12 +307,11 @@ def reconstruct(
 @dataclass
 class _Streams:
     """The saved inputs of the current block in the pruned model and, for the ``dense`` target,
-    in the dense model (with a copy of the loaded block kept dense while it is refitted)."""
+    in the dense model."""
 
     pruned: ActivationStore
     dense: Optional[ActivationStore]
     block_args: List[tuple] = field(default_factory=list)
-    dense_block: Optional[nn.Module] = None
 
     @property
     def micro_batches(self) -> int:
@@ -322,19 +329,13 @@ class _Streams:
             self.pruned.release((index, m))
 
     def run_dense(self, model: StreamedModel, index: int) -> None:
-        """Keeps a dense copy of the loaded block and saves its outputs on the dense inputs (the
-        dense model's inputs of the next block, and the targets of a residual layer's fit)."""
+        """Saves the dense block's outputs on the dense inputs (the dense model's inputs of the next
+        block, and the targets of a residual layer's fit): called while the loaded block is dense."""
         if self.dense is None:
             return
-        self.dense_block = copy.deepcopy(model.block)
         for m, (args, kwargs) in enumerate(self.block_args):
-            self.dense.put((index + 1, m), model.run_block(self.dense.get((index, m), model.device), args, kwargs, block=self.dense_block))
-
-    def finish_dense(self, index: int) -> None:
-        self.dense_block = None
-        if self.dense is not None:
-            for m in range(self.micro_batches):
-                self.dense.release((index, m))
+            self.dense.put((index + 1, m), model.run_block(self.dense.get((index, m), model.device), args, kwargs))
+            self.dense.release((index, m))
 
     def run_pruned(self, model: StreamedModel, index: int, *, keep_outputs: bool) -> None:
         for m, (args, kwargs) in enumerate(self.block_args):
@@ -406,7 +407,7 @@ def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch
     """The statistics of layer ``path`` of the loaded block (``weight``: its current ``[out, in]``
     weight) over every calibration micro-batch, for ``target``."""
     module = model.block.get_submodule(path)
-    residual = target == "dense" and not os.environ.get("SP_EXPERIMENT_NO_RESIDUAL") and _adds_to_block_output(model, index, module, streams)
+    residual = target == "dense" and _adds_to_block_output(model, index, module, streams)
     total: Optional[_Statistics] = None
     for m, (args, kwargs) in enumerate(streams.block_args):
         with _captured_inputs(module) as seen:
@@ -415,15 +416,9 @@ def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch
             raise PlanError(f"reconstruction: the layer '{path}' of block {index} never ran on the calibration data")
         x = _rows(seen[0])
         part = _Statistics(gram=x.T @ x)
-        if target == "dense":
-            assert streams.dense is not None and streams.dense_block is not None
-            w = weight.double()
-            if residual:  # this layer's output plus what the whole block still misses
-                y = x @ w.T + _rows(streams.dense.get((index + 1, m), model.device) - output)
-            else:  # this layer's output in the dense model
-                with _captured_inputs(streams.dense_block.get_submodule(path)) as dense_seen:
-                    model.run_block(streams.dense.get((index, m), model.device), args, kwargs, block=streams.dense_block)
-                y = _rows(dense_seen[0]) @ w.T
+        if residual:  # this layer's output plus what the whole block still misses
+            assert streams.dense is not None
+            y = x @ weight.double().T + _rows(streams.dense.get((index + 1, m), model.device) - output)
             part.cross, part.energy = y.T @ x, (y * y).sum()
         if total is None:
             total = part

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from structprune import _core
 from structprune.apply import DEFAULT_MAX_SHARD_SIZE, check_output
+from structprune.console import import_peft, quiet_peft_deprecations
 from structprune.calibration import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,
@@ -605,6 +606,7 @@ class _Trainer:
     """The LoRA model, optimizer and scheduler of one process, and one optimizer step."""
 
     def __init__(self, accelerator: "Accelerator", pruned: Path, options: RecoverOptions, data: TrainingData, schedule: Schedule, steps: int, teacher: Optional[Teacher], distillation: Optional[Distillation]) -> None:
+        import_peft(quantizing=options.load_in is not None)  # first import: bitsandbytes' warning only where it matters
         from peft import LoraConfig, get_peft_model
         from transformers import get_scheduler
 
@@ -618,7 +620,8 @@ class _Trainer:
             target_modules=_target_modules(options.target_modules),
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(base, lora)
+        with quiet_peft_deprecations():
+            model = get_peft_model(base, lora)
         self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for _, p in self.trainable)
         optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=options.lr, weight_decay=options.weight_decay)
@@ -844,10 +847,12 @@ def _write_output(pruned: Path, output: Path, trained: torch.nn.Module, state_di
 
 def merged_model(pruned: PathLike, adapter: PathLike) -> torch.nn.Module:
     """The base in its stored dtype on the CPU with the adapter merged into its weights."""
+    import_peft(quantizing=False)
     from peft import PeftModel
 
     base = load_model(pruned, dtype=stored_dtype(read_checkpoint(pruned)), device="cpu")
-    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    with quiet_peft_deprecations():
+        return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def stored_dtype(checkpoint: Checkpoint) -> str:

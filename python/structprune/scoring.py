@@ -339,7 +339,10 @@ class _DataScoring:
                 self.progress("forward", index + 1, self.blocks)
 
         try:
-            return forward_pass(self.model, input_ids, micro_batch=self.micro_batch, store=self.store, start=start, on_load=on_load, on_block=on_block)
+            return forward_pass(
+                self.model, input_ids, micro_batch=self.micro_batch, store=self.store, start=start, on_load=on_load, on_block=on_block,
+                keep_inputs=self.importance.needs_gradients,
+            )
         finally:
             self.recorder.detach()
 

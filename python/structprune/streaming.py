@@ -426,11 +426,10 @@ class StreamedModel:
                 return captured.hidden, captured.args, captured.kwargs
         raise StreamingError(f"{type(self.shell).__name__} never called its first block")
 
-    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any], block: Optional[nn.Module] = None) -> torch.Tensor:
-        """The loaded block's hidden-state output for ``hidden`` (or ``block``'s: a copy of the
-        loaded block, kept unchanged while the loaded one is being modified)."""
+    def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
+        """The loaded block's hidden-state output for ``hidden``."""
         with float32_linears(self.device, self.dtype, accumulate_weight_grads=True):
-            output = (self.block if block is None else block)(hidden, *args, **kwargs)
+            output = self.block(hidden, *args, **kwargs)
         self.block_returns_tuple = isinstance(output, (tuple, list))
         return _first(output)
 
@@ -489,8 +488,11 @@ def forward_pass(
     on_load: Optional[Callable[[int], None]] = None,
     on_block: Optional[Callable[[int, List[torch.Tensor], List[torch.Tensor]], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
+    keep_inputs: bool = True,
 ) -> StreamedPass:
-    """Runs every block in order, saving its inputs (and the last block's output) in ``store``.
+    """Runs every block in order, saving its inputs (and the last block's output) in ``store``;
+    without ``keep_inputs`` (no backward pass follows), a block's inputs leave memory once it ran,
+    so that memory holds two blocks' activations instead of every block's.
     ``on_load(index)`` runs once a block's weights are in (to attach hooks); ``on_block(index,
     inputs, outputs)`` sees its micro-batch inputs and outputs (activation statistics, block
     influence). A resumed pass starts at block ``start``: the blocks before it ran already and
@@ -516,6 +518,8 @@ def forward_pass(
                 args, kwargs = saved_args[m]
                 out = model.run_block(hidden, args, kwargs)
                 store.put((index + 1, m), out)
+                if not keep_inputs:
+                    store.release((index, m))
                 if on_block is not None:
                     inputs.append(hidden)
                     outputs.append(out)

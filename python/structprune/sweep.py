@@ -35,6 +35,7 @@ from structprune.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, perplexity
 from structprune.importance import ESTIMATORS
 from structprune.loading import load_model, load_tokenizer
 from structprune.prune import PruneOptions, make_plan
+from structprune.sizes import DEFAULT_SAMPLES
 from structprune.termination import cleanup_on_sigterm
 
 DENSE = "dense"
@@ -53,7 +54,7 @@ class SweepOptions:
     gqa: str = "query-heads"
     multiple: Optional[int] = None
     planning: str = "uniform"
-    samples: int = 32
+    samples: int = DEFAULT_SAMPLES
     seq_len: int = 128
     seed: int = 0
     device: str = "cpu"

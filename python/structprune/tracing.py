@@ -797,12 +797,16 @@ def checkpoint_name_map(source: Any, tensor_names: List[str]) -> Dict[str, str]:
     base model lack its prefix). Plans are written in checkpoint names, structures use model names.
     A tensor that transformers converts rather than renames (fused or split on load) cannot be cut
     by index, so it raises ``TraceError``."""
+    return model_name_map(meta_model(source), tensor_names)
+
+
+def model_name_map(model: Any, tensor_names: List[str]) -> Dict[str, str]:
+    """:func:`checkpoint_name_map` for a model already built (on the meta device)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # transformers without load-time renaming: names are used as they are
         return {name: name for name in tensor_names}
-    model = meta_model(source)
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
