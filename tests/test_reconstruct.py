@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from torch import nn  # noqa: E402
 
+import structprune  # noqa: E402
 from structprune import PlanError  # noqa: E402
 from structprune.calibration import calibration_batch, load_texts  # noqa: E402
 from structprune.loading import load_tokenizer  # noqa: E402
@@ -237,6 +238,45 @@ def test_the_dense_target_brings_the_logits_closer_than_the_layer_target(
         layer = load_checked(reconstructed[1])(input_ids=ids).logits
         to_dense = load_checked(reconstructed_to_dense[1])(input_ids=ids).logits
     assert float(((to_dense - dense) ** 2).mean()) < float(((layer - dense) ** 2).mean())
+
+
+def test_every_decoder_architecture_reconstructs_and_only_residual_layers_take_the_block_output(tmp_path: Path) -> None:
+    """The probe, not a list of models, decides which layers take up the residual drift: the MLP's
+    output projection everywhere, except Gemma 2's, whose output passes a post-feedforward norm
+    before the residual add. Every refit keeps or lowers its layer's error, and the written
+    checkpoint loads as the stock architecture."""
+    from arch_configs import CONFIGS, VOCAB
+
+    from structprune import apply_plan, trace
+    from structprune.cuts import Selection, checkpoint_cut_plan
+    from structprune.reconstruct import apply_to_plan, reconstruct, stored_dtype_map
+    from structprune.streaming import StreamedModel
+    from structprune.tracing import checkpoint_name_map
+
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt_neox", "opt", "gpt2"):
+        config = CONFIGS[arch]()
+        torch.manual_seed(0)
+        path = tmp_path / arch
+        getattr(transformers, config.architectures[0])._from_config(config, dtype=torch.float32).save_pretrained(path)
+        graph = trace(path)
+        assert graph.blocks is not None
+        selection = Selection(units={s.id: sorted((7 * s.layer + 5 * k) % s.units for k in range(8)) for s in graph.by_kind("channels")})
+        names = list(structprune.read_checkpoint(path).tensors)
+        stored = {model_name: name for name, model_name in checkpoint_name_map(path, names).items()}
+        model = StreamedModel(path, blocks_prefix=graph.blocks.prefix)
+        result = reconstruct(model, graph, selection, ids, tmp_path / f"{arch}-weights", stored_names=stored, stored_dtypes=stored_dtype_map(path), micro_batch=2)
+        assert len(result.layers) == 3, arch
+        assert all(r.to_block_output == (arch != "gemma2") for r in result.layers), (arch, result.layers)
+        assert all(r.error_after <= r.error_before for r in result.layers), arch
+        plan = checkpoint_cut_plan(path, graph, selection)
+        apply_to_plan(plan, result)
+        apply_plan(path, plan, tmp_path / f"{arch}-pruned")
+        loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{arch}-pruned", output_loading_info=True, attn_implementation="eager")
+        assert not any(info.values()), (arch, info)
+        with torch.no_grad():
+            assert torch.isfinite(loaded(input_ids=ids).logits).all(), arch
 
 
 def test_reconstruction_moves_the_pruned_model_towards_the_dense_one(reconstructed: Tuple[PruneResult, Path], tmp_path: Path) -> None:

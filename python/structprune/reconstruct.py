@@ -163,6 +163,8 @@ class LayerReport:
     weight: str
     error_before: float
     error_after: float
+    to_block_output: bool = False
+    """Fitted to the dense block's output (the ``dense`` target on a layer feeding the residual stream)."""
 
 
 @dataclass
@@ -389,7 +391,7 @@ def _reconstruct_block(
             consumer = next(c for c in context.consumers(model, index) if c.module == planned.module)
         energy = None if statistics.energy is None else float(statistics.energy)
         fit = fit_kept_columns(oriented, statistics.gram, consumer.kept, context.damping, cross=statistics.cross, energy=energy)
-        result.layers.append(LayerReport(consumer.weight, fit.error_before, fit.error_after))
+        result.layers.append(LayerReport(consumer.weight, fit.error_before, fit.error_after, to_block_output=statistics.cross is not None))
         # The pruned layer, run exactly inside the dense block: removed inputs contribute nothing.
         new = torch.zeros_like(oriented)
         new[:, consumer.kept.to(new.device)] = fit.weight.to(new)
@@ -450,10 +452,11 @@ def _adds_to_block_output(model: StreamedModel, index: int, module: nn.Module, s
         moved = model.run_block(hidden, args, kwargs)
     finally:
         handle.remove()
-    if len(shifts) != 1 or shifts[0].shape != base.shape:
+    if len(shifts) != 1 or shifts[0].numel() != base.numel():
         return False
+    shift = shifts[0].reshape(base.shape)  # OPT runs its MLP on [tokens, hidden], not [batch, seq, hidden]
     rounding = 8 * torch.finfo(base.dtype).eps * float(base.abs().max())
-    return float((moved - base - shifts[0]).abs().max()) <= 1e-3 * float(shifts[0].abs().max()) + rounding
+    return float((moved - base - shift).abs().max()) <= 1e-3 * float(shift.abs().max()) + rounding
 
 
 def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: float) -> torch.Tensor:
@@ -465,7 +468,10 @@ def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: f
     damped = statistics.gram.clone()
     scale = float(torch.diagonal(damped).mean())
     damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
-    return torch.linalg.lstsq(damped, statistics.cross.T).solution.T
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:  # not positive definite even damped: least squares through the pseudo-inverse
+        return torch.linalg.lstsq(damped, statistics.cross.T).solution.T
+    return torch.cholesky_solve(statistics.cross.T, factor).T
 
 
 def _save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: str) -> Path:
@@ -551,6 +557,7 @@ def apply_to_plan(plan: CutPlan, reconstruction: Reconstruction) -> None:
         cut.replace = Values.from_file(path.resolve(), tensor)
     plan.metadata["reconstruction"] = {
         "layers": len(reconstruction.layers),
+        "fitted_to_block_output": sum(r.to_block_output for r in reconstruction.layers),
         "output_error_ratio": round(reconstruction.error_ratio, 6),
     }
 

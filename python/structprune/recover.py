@@ -770,7 +770,8 @@ def _quantized_base(pruned: Path, options: RecoverOptions, device: torch.device)
             f"--load-in {options.load_in}: bitsandbytes {bitsandbytes.__version__} could not quantize {pruned} on the CPU "
             f"(CPU kernels need a recent bitsandbytes; 0.50 works): {err}"
         ) from err
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    with quiet_peft_deprecations():
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _rng_state() -> Dict[str, Any]:

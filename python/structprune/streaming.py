@@ -288,8 +288,11 @@ class StreamedModel:
         for key, value in list(vars(shell_config).items()):
             if isinstance(value, list) and len(value) == self.num_blocks:
                 setattr(shell_config, key, value[:1])
+        model_class = _model_class(shell_config)
+        # SDPA where the architecture has it; Gemma 2's soft-capped attention has only the eager path.
+        attention = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
         with _no_init(), torch.device(self.device):
-            model = _model_class(shell_config)._from_config(shell_config, dtype=self.dtype, attn_implementation="sdpa")
+            model = model_class._from_config(shell_config, dtype=self.dtype, attn_implementation=attention)
         # Skipping initialisation also skips tying; tie before loading so tied weights load once.
         model.tie_weights()
         model.eval()
