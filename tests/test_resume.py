@@ -197,3 +197,17 @@ def test_cli_resume_dir(tmp_path: Path) -> None:
     other = runner.invoke(main, [*common, "--importance", "taylor-vector"])
     assert other.exit_code == 1
     assert "holds scoring state of another run (importance: 'taylor' there, 'taylor-vector' here)" in other.output
+
+
+def test_temporaries_of_saves_a_killed_run_left_are_removed_when_the_directory_is_opened(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with Journal(state, key()) as journal:
+        journal.record(1, {"loss": 1.0})
+        journal.activations.mkdir()
+    # What SIGKILL in the middle of atomic_save leaves behind (no exception handler runs).
+    leftovers = [state / "rank-0" / ".state-2.pt.tmp-4242", state / "rank-0" / "activations" / ".3-1.pt.tmp-4242"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
+    with Journal(state, key()) as journal:
+        assert not any(leftover.exists() for leftover in leftovers)
+        assert journal.resume() is not None and (state / "rank-0" / "state-1.pt").is_file()

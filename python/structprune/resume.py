@@ -122,6 +122,14 @@ class Journal:
         except BlockingIOError:
             self._lock.close()
             raise ResumeError(f"{self.directory}: another structprune process is using this resume directory") from None
+        self._remove_interrupted_saves()
+
+    def _remove_interrupted_saves(self) -> None:
+        """Deletes the temporaries of saves a killed run never finished (``atomic_save`` removes its
+        own on an exception, not on SIGKILL): with the lock held, no live process is writing them."""
+        for folder in (self._rank_dir, self.activations):
+            for leftover in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+                leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> "Journal":
         return self

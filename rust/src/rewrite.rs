@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -815,7 +816,19 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
     }
     let mut source = open_regular(from).map_err(Error::io(from))?;
     let mut target = File::create(to).map_err(Error::io(to))?;
-    std::io::copy(&mut source, &mut target).map_err(Error::io(from))?;
+    // Not io::copy: its error does not say which side failed, and a full disk is the output's fault.
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let read = match source.read(&mut buffer) {
+            Ok(read) => read,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(Error::io(from)(err)),
+        };
+        if read == 0 {
+            break;
+        }
+        target.write_all(&buffer[..read]).map_err(Error::io(to))?;
+    }
     target.sync_all().map_err(Error::io(to))
 }
 
@@ -831,6 +844,23 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_full_disk_while_copying_a_file_names_the_output_not_the_source() {
+        let source = std::env::temp_dir().join(format!("structprune-copy-source-{}", std::process::id()));
+        fs::write(&source, vec![7u8; 200_000]).unwrap();
+        // Every write to /dev/full fails with ENOSPC, as a full disk does.
+        let outcome = copy_file(&source, Path::new("/dev/full"));
+        fs::remove_file(&source).unwrap();
+        match outcome {
+            Err(Error::Io { path, source }) => {
+                assert_eq!(path, Path::new("/dev/full"));
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+            }
+            other => panic!("expected an I/O error naming the output, got {other:?}"),
+        }
+    }
 
     #[test]
     fn a_buffer_the_allocator_cannot_give_is_an_error_not_an_abort() {
