@@ -262,7 +262,16 @@ def calib_texts() -> List[str]:
 
 
 def test_defaults() -> None:
-    assert (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SEED) == (32, 128, 0)
+    """One default calibration size everywhere: the library, prune, sweep and the CLI's flags."""
+    from structprune.cli import prune as prune_command
+    from structprune.cli import sweep as sweep_command
+    from structprune.prune import PruneOptions
+    from structprune.sweep import SweepOptions
+
+    assert (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SEED) == (128, 128, 0)
+    assert PruneOptions(ratio=0.1).samples == SweepOptions(ratios=(0.1,), importances=("l2",), ppl=Path("x")).samples == DEFAULT_SAMPLES
+    for command in (prune_command, sweep_command):
+        assert next(p.default for p in command.params if p.name == "samples") == DEFAULT_SAMPLES
 
 
 def test_batch_shape_and_windows_come_from_the_stream(tokenizer: Any, calib_texts: List[str]) -> None:
