@@ -104,14 +104,7 @@ def fit_kept_columns(
     kept = kept.to(device=w.device, dtype=torch.long)
     g_kk = g[kept][:, kept]
     target = w @ g[:, kept] if cross is None else cross.double()[:, kept]  # Y X_Kᵀ: [out, |K|]
-    damped = g_kk.clone()
-    scale = float(torch.diagonal(g_kk).mean()) if kept.numel() else 0.0
-    damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
-    factor, info = torch.linalg.cholesky_ex(damped)
-    if int(info) != 0:  # not positive definite even damped: least squares through the pseudo-inverse
-        fitted = torch.linalg.lstsq(damped, target.T).solution.T
-    else:
-        fitted = torch.cholesky_solve(target.T, factor).T
+    fitted = _damped_solve(target, g_kk, damping)
     plain = w[:, kept]
     total = float(torch.einsum("oi,ij,oj->", w, g, w)) if energy is None else float(energy)
 
@@ -123,6 +116,18 @@ def fit_kept_columns(
     if not after < before:
         return Fit(plain, before, before)
     return Fit(fitted, before, after)
+
+
+def _damped_solve(target: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``target (gram + λI)⁻¹`` with ``λ = damping · mean(diag gram)``: by Cholesky, or by least
+    squares where the damped matrix is still not positive definite."""
+    damped = gram.clone()
+    scale = float(torch.diagonal(gram).mean()) if gram.numel() else 0.0
+    damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        return torch.linalg.lstsq(damped, target.T).solution.T
+    return torch.cholesky_solve(target.T, factor).T
 
 
 @dataclass(frozen=True)
@@ -206,10 +211,8 @@ class _Statistics:
     energy: Optional[torch.Tensor] = None
 
     def add(self, other: "_Statistics") -> None:
-        self.gram.add_(other.gram)
-        if self.cross is not None and other.cross is not None and self.energy is not None and other.energy is not None:
-            self.cross.add_(other.cross)
-            self.energy.add_(other.energy)
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.add_(theirs)
 
     def tensors(self) -> List[torch.Tensor]:
         return [t for t in (self.gram, self.cross, self.energy) if t is not None]
@@ -339,12 +342,11 @@ class _Streams:
             self.dense.put((index + 1, m), model.run_block(self.dense.get((index, m), model.device), args, kwargs))
             self.dense.release((index, m))
 
-    def run_pruned(self, model: StreamedModel, index: int, *, keep_outputs: bool) -> None:
+    def run_pruned(self, model: StreamedModel, index: int) -> None:
+        """Runs the refitted block: its outputs are the next block's inputs."""
         for m, (args, kwargs) in enumerate(self.block_args):
-            out = model.run_block(self.pruned.get((index, m), model.device), args, kwargs)
-            if keep_outputs:
-                self.pruned.put((index + 1, m), out)
-                self.pruned.release((index, m))
+            self.pruned.put((index + 1, m), model.run_block(self.pruned.get((index, m), model.device), args, kwargs))
+            self.pruned.release((index, m))
 
     def close(self) -> None:
         self.pruned.close()
@@ -401,7 +403,7 @@ def _reconstruct_block(
             raise PlanError(f"reconstruction: the checkpoint has no tensor for the weight '{consumer.weight}'")
         kept_columns = fit.weight if consumer.input_dim == 1 else fit.weight.T
         tensors[stored] = kept_columns.to(device="cpu", dtype=stored_dtypes[stored]).contiguous()
-    streams.run_pruned(model, index, keep_outputs=True)
+    streams.run_pruned(model, index)
     return tensors
 
 
@@ -410,6 +412,7 @@ def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch
     weight) over every calibration micro-batch, for ``target``."""
     module = model.block.get_submodule(path)
     residual = target == "dense" and _adds_to_block_output(model, index, module, streams)
+    w = weight.double()
     total: Optional[_Statistics] = None
     for m, (args, kwargs) in enumerate(streams.block_args):
         with _captured_inputs(module) as seen:
@@ -420,7 +423,7 @@ def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch
         part = _Statistics(gram=x.T @ x)
         if residual:  # this layer's output plus what the whole block still misses
             assert streams.dense is not None
-            y = x @ weight.double().T + _rows(streams.dense.get((index + 1, m), model.device) - output)
+            y = x @ w.T + _rows(streams.dense.get((index + 1, m), model.device) - output)
             part.cross, part.energy = y.T @ x, (y * y).sum()
         if total is None:
             total = part
@@ -465,13 +468,7 @@ def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: f
     splits into the fit's own residual, which no choice changes, plus OBS's quadratic form)."""
     if statistics.cross is None:
         return weight
-    damped = statistics.gram.clone()
-    scale = float(torch.diagonal(damped).mean())
-    damped.diagonal().add_(damping * scale if scale > 0 else 1e-12)
-    factor, info = torch.linalg.cholesky_ex(damped)
-    if int(info) != 0:  # not positive definite even damped: least squares through the pseudo-inverse
-        return torch.linalg.lstsq(damped, statistics.cross.T).solution.T
-    return torch.cholesky_solve(statistics.cross.T, factor).T
+    return _damped_solve(statistics.cross, statistics.gram, damping)
 
 
 def _save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: str) -> Path:
