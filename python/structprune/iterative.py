@@ -41,7 +41,7 @@ from structprune.errors import DistributedError, OutputError, PlanError, Recover
 from structprune.graph import trace
 from structprune.loading import load_tokenizer
 from structprune.prune import Progress, PruneOptions, PruneResult, default_multiple, make_plan, reconstruction_work_dir
-from structprune.recover import RecoverOptions, check_options, load_training_data, recover
+from structprune.recover import RecoverOptions, check_options, load_training_data, recover, write_json_atomically
 from structprune.resume import model_identity
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -390,13 +390,9 @@ class WorkDir:
 
     def save(self, records: List[StepRecord]) -> None:
         """Records the finished steps, atomically: a kill leaves the previous record whole."""
-        path = self.root / _PROGRESS_FILE
-        temporary = path.with_name(f".{path.name}.tmp")
-        with open(temporary, "w") as handle:
-            json.dump({"format": _FORMAT_VERSION, "fingerprint": self._fingerprint, "steps": [asdict(r) for r in records]}, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_json_atomically(
+            self.root / _PROGRESS_FILE, {"format": _FORMAT_VERSION, "fingerprint": self._fingerprint, "steps": [asdict(r) for r in records]}
+        )
 
     def drop_step(self, step: int) -> None:
         """Removes what step ``step`` left, once the step after it has its own model."""

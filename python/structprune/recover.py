@@ -701,7 +701,7 @@ class _Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             progress = {"run": run_id, "step": history.step, "losses": history.losses, "evals": [asdict(e) for e in history.evals]}
-            _write_json_atomically(target / _STATE_DONE, progress)
+            write_json_atomically(target / _STATE_DONE, progress)
             work.drop_states_before(target)
         accelerator.wait_for_everyone()
 
@@ -787,7 +787,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_json_atomically(path: Path, data: Any) -> None:
+def write_json_atomically(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path`` through a flushed temporary sibling: a kill leaves the old file or the new one whole."""
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w") as handle:
         json.dump(data, handle, indent=1)
@@ -840,7 +841,7 @@ def _write_output(pruned: Path, output: Path, trained: torch.nn.Module, state_di
     """Saves the adapter, merges it into a fresh copy of the base and writes the checkpoint."""
     shutil.rmtree(work.adapter, ignore_errors=True)
     trained.save_pretrained(str(work.adapter), state_dict=state_dict)
-    _write_json_atomically(work.report, report)
+    write_json_atomically(work.report, report)
     merged = merged_model(pruned, work.adapter)
     write_merged(merged, pruned, output, includes=[(work.adapter, "adapter"), (work.report, "recovery.json")], max_shard_size=options.max_shard_size, overwrite=overwrite, progress=progress)
     shutil.rmtree(work.root, ignore_errors=True)
