@@ -2,7 +2,7 @@
 
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Optional, TypedDict, Union
+from typing import Any, Callable, Optional, TypedDict, Union, final
 
 _Path = Union[str, PathLike[str]]
 # (name, dtype, shape, file, nbytes)
@@ -10,11 +10,28 @@ _TensorRow = tuple[str, str, list[int], str, int]
 # (name, dtype, shape, file, nbytes, offset of the first byte in the file)
 _StoredTensorRow = tuple[str, str, list[int], str, int, int]
 
+__all__ = [
+    "__version__",
+    "MAX_MEMORY_BUDGET",
+    "MAX_THREADS",
+    "ERROR_CLASSES",
+    "parse_plan",
+    "read_checkpoint",
+    "plan_layout",
+    "apply_plan",
+    "write_checkpoint",
+    "build_structures",
+    "check_output",
+    "Staging",
+]
+
 __version__: str
 MAX_MEMORY_BUDGET: int
 """The largest ``memory_budget`` ``apply_plan`` accepts (1 TiB)."""
 MAX_THREADS: int
 """The most ``threads`` ``apply_plan`` accepts."""
+ERROR_CLASSES: tuple[str, ...]
+"""The names of the ``structprune.errors`` classes the core raises."""
 
 class _CheckpointDict(TypedDict):
     shards: list[str]
@@ -80,17 +97,22 @@ def write_checkpoint(
     path inside the output)`` copied as well. ``progress(done_bytes, total_bytes)`` is called after
     every tensor. Any error or Ctrl-C leaves no output."""
 
+def build_structures(ir_json: str) -> str:
+    """Traced-graph IR (docs/traced-graph.md) in, the prunable structures as JSON text out, tagged
+    with ``format`` and ``version`` (docs/structures-format.md). Raises ``GraphError``."""
+
 def check_output(model_dir: Optional[_Path], output_dir: _Path, overwrite: bool) -> Path:
     """Refuses an output that is, contains or lies inside ``model_dir`` (device and inode of the
     resolved paths), an existing one without ``overwrite``, and with it one that is neither an
     earlier structprune output (holding ``.structprune-output``) nor empty. Returns the resolved
     output path."""
 
+@final
 class Staging:
     """A hidden sibling of ``output_dir`` to fill, moved onto it by ``commit`` (after
     ``check_output``; leftovers of dead runs for the same output are removed first)."""
 
-    def __init__(self, output_dir: _Path, model_dir: Optional[_Path], overwrite: bool) -> None: ...
+    def __new__(cls, output_dir: _Path, model_dir: Optional[_Path], overwrite: bool) -> Staging: ...
     @property
     def path(self) -> Path: ...
     def commit(self) -> None:

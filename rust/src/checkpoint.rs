@@ -66,10 +66,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         if !dir.is_dir() {
-            return Err(Error::ShardIndex {
-                path: dir.to_owned(),
-                reason: "not a directory".into(),
-            });
+            return Err(Error::ShardIndex { path: dir.to_owned(), reason: "not a directory".into() });
         }
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
@@ -152,9 +149,13 @@ impl Checkpoint {
 /// What a directory entry is, a symbolic link followed to its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
-    File { len: u64 },
+    File {
+        len: u64,
+    },
     /// `linked`: the entry is a symbolic link to the directory.
-    Directory { linked: bool },
+    Directory {
+        linked: bool,
+    },
     /// A FIFO, socket or device: reading it could block forever or never end.
     Special(&'static str),
 }
@@ -274,7 +275,10 @@ fn check_every_shard_listed(
             continue;
         }
         if shard_number(&name).is_some_and(|(prefix, ..)| prefixes.contains(prefix)) {
-            return Err(format!("shard {name} is in the directory but the index lists no tensor in it{}: the index is partial", holds(&name)));
+            return Err(format!(
+                "shard {name} is in the directory but the index lists no tensor in it{}: the index is partial",
+                holds(&name)
+            ));
         }
     }
     Ok(())
@@ -290,20 +294,17 @@ fn open_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Shard>> {
     if !root.is_object() {
         return Err(invalid("not a JSON object".into()));
     }
-    let weight_map = root
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| invalid("missing object 'weight_map'".into()))?;
+    let weight_map = root.get("weight_map").and_then(Value::as_object).ok_or_else(|| invalid("missing object 'weight_map'".into()))?;
     if weight_map.is_empty() {
         return Err(invalid("'weight_map' lists no tensors".into()));
     }
     let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (tensor, file) in weight_map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| invalid(format!("weight_map entry of tensor '{tensor}' is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| invalid(format!("weight_map entry of tensor '{tensor}' is not a file name")))?;
         if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(invalid(format!("weight_map names '{file}' for tensor '{tensor}', which is not a file in the checkpoint directory")));
+            return Err(invalid(format!(
+                "weight_map names '{file}' for tensor '{tensor}', which is not a file in the checkpoint directory"
+            )));
         }
         by_file.entry(file.to_owned()).or_default().insert(tensor.clone());
     }

@@ -76,7 +76,7 @@ impl Dtype {
 
     /// The little-endian bytes of the element of this type nearest to `value` (ties to even), for
     /// the float types a plan can give values in; an error says why there is no such element.
-    pub fn encode_float(self, value: f64) -> std::result::Result<Vec<u8>, String> {
+    pub fn encode_float(self, value: f64) -> Result<Vec<u8>, String> {
         let (exponent_bits, mantissa_bits) = match self {
             Dtype::F64 => return Ok(value.to_le_bytes().to_vec()),
             Dtype::F32 => (8, 23),
@@ -87,8 +87,8 @@ impl Dtype {
         if !value.is_finite() {
             return Err(format!("value {value} is not a finite number"));
         }
-        let bits = round_to_binary(value, exponent_bits, mantissa_bits)
-            .ok_or_else(|| format!("value {value} is out of range for {self}"))?;
+        let bits =
+            round_to_binary(value, exponent_bits, mantissa_bits).ok_or_else(|| format!("value {value} is out of range for {self}"))?;
         let bytes = bits.to_le_bytes();
         Ok(bytes[..(exponent_bits + mantissa_bits + 1) as usize / 8].to_vec())
     }

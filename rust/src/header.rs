@@ -56,28 +56,18 @@ pub fn read_header(path: &Path) -> Result<Header> {
     // Not `File::open`: a plan may name any path as a tensor's source, a FIFO included.
     let mut file = open_regular(path).map_err(Error::io(path))?;
     let file_len = file.metadata().map_err(Error::io(path))?.len();
-    let invalid = |reason: String| Error::Header {
-        path: path.to_owned(),
-        tensor: None,
-        reason,
-    };
+    let invalid = |reason: String| Error::Header { path: path.to_owned(), tensor: None, reason };
     if file_len < LENGTH_PREFIX_BYTES {
-        return Err(invalid(format!(
-            "file is {file_len} bytes, too short for the 8-byte header length"
-        )));
+        return Err(invalid(format!("file is {file_len} bytes, too short for the 8-byte header length")));
     }
     let mut prefix = [0u8; 8];
     file.read_exact(&mut prefix).map_err(Error::io(path))?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > MAX_HEADER_BYTES {
-        return Err(invalid(format!(
-            "header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
-        )));
+        return Err(invalid(format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")));
     }
     if LENGTH_PREFIX_BYTES + header_len > file_len {
-        return Err(invalid(format!(
-            "header length {header_len} runs past the end of the {file_len}-byte file"
-        )));
+        return Err(invalid(format!("header length {header_len} runs past the end of the {file_len}-byte file")));
     }
     let mut json = vec![0u8; header_len as usize];
     file.read_exact(&mut json).map_err(Error::io(path))?;
@@ -86,13 +76,8 @@ pub fn read_header(path: &Path) -> Result<Header> {
 
 /// Validates header JSON bytes for a file of `file_len` bytes; `path` is only used in messages.
 pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
-    let invalid = |tensor: Option<&str>, reason: String| Error::Header {
-        path: path.to_owned(),
-        tensor: tensor.map(str::to_owned),
-        reason,
-    };
-    let text = std::str::from_utf8(json)
-        .map_err(|e| invalid(None, format!("header is not UTF-8: {e}")))?;
+    let invalid = |tensor: Option<&str>, reason: String| Error::Header { path: path.to_owned(), tensor: tensor.map(str::to_owned), reason };
+    let text = std::str::from_utf8(json).map_err(|e| invalid(None, format!("header is not UTF-8: {e}")))?;
     if !text.starts_with('{') {
         return Err(invalid(None, "header does not start with '{'".into()));
     }
@@ -120,10 +105,7 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
     let mut expected = 0u64;
     for t in &tensors {
         if t.begin > expected {
-            return Err(invalid(
-                Some(&t.name),
-                format!("gap: data starts at {} but the previous tensor ends at {expected}", t.begin),
-            ));
+            return Err(invalid(Some(&t.name), format!("gap: data starts at {} but the previous tensor ends at {expected}", t.begin)));
         }
         if t.begin < expected {
             return Err(invalid(
@@ -134,15 +116,11 @@ pub fn parse_header(json: &[u8], file_len: u64, path: &Path) -> Result<Header> {
         expected = t.end;
     }
     let data_start = LENGTH_PREFIX_BYTES + json.len() as u64;
-    let data_len = file_len
-        .checked_sub(data_start)
-        .ok_or_else(|| invalid(None, format!("header runs past the end of the {file_len}-byte file")))?;
+    let data_len =
+        file_len.checked_sub(data_start).ok_or_else(|| invalid(None, format!("header runs past the end of the {file_len}-byte file")))?;
     if data_len != expected {
         let how = if data_len < expected { "truncated" } else { "trailing bytes" };
-        return Err(invalid(
-            None,
-            format!("{how}: tensors end at data offset {expected} but the file holds {data_len} data bytes"),
-        ));
+        return Err(invalid(None, format!("{how}: tensors end at data offset {expected} but the file holds {data_len} data bytes")));
     }
     Ok(Header { data_start, tensors, metadata })
 }
@@ -170,27 +148,16 @@ fn parse_entry(name: &str, value: &Value) -> std::result::Result<TensorEntry, St
         .iter()
         .map(|d| d.as_u64().ok_or_else(|| format!("shape entry {d} is not a non-negative integer")))
         .collect::<std::result::Result<Vec<u64>, String>>()?;
-    let offsets = obj
-        .get("data_offsets")
-        .and_then(Value::as_array)
-        .filter(|a| a.len() == 2)
-        .ok_or("'data_offsets' is not a [begin, end] pair")?;
+    let offsets =
+        obj.get("data_offsets").and_then(Value::as_array).filter(|a| a.len() == 2).ok_or("'data_offsets' is not a [begin, end] pair")?;
     let (begin, end) = match (offsets[0].as_u64(), offsets[1].as_u64()) {
         (Some(b), Some(e)) if b <= e => (b, e),
         _ => return Err(format!("data_offsets {offsets:?} are not integers with begin <= end")),
     };
-    let numel = shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-        .ok_or("shape's element count overflows")?;
-    let span = dtype
-        .span_bytes(numel)
-        .ok_or_else(|| format!("{numel} elements of {dtype} are not a whole number of bytes"))?;
+    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or("shape's element count overflows")?;
+    let span = dtype.span_bytes(numel).ok_or_else(|| format!("{numel} elements of {dtype} are not a whole number of bytes"))?;
     if span != end - begin {
-        return Err(format!(
-            "shape {shape:?} of {dtype} needs {span} bytes but data_offsets span {}",
-            end - begin
-        ));
+        return Err(format!("shape {shape:?} of {dtype} needs {span} bytes but data_offsets span {}", end - begin));
     }
     Ok(TensorEntry { name: name.to_owned(), dtype, shape, begin, end })
 }

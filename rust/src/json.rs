@@ -24,8 +24,8 @@ pub fn from_slice(bytes: &[u8]) -> Result<Value, serde_json::Error> {
 /// `["0"]`), so the path reads like the expression that would reach the value.
 pub fn push_key(path: &mut String, key: &str) {
     let mut chars = key.chars();
-    let identifier = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let identifier =
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if identifier {
         if !path.is_empty() {
             path.push('.');

@@ -3,12 +3,15 @@
 //! `python.rs` behind the `python` feature.
 
 pub mod checkpoint;
+mod copy;
 pub mod dtype;
 pub mod error;
 pub mod gather;
 pub mod graph;
 pub mod header;
 pub mod json;
+pub mod layout;
+pub mod output;
 pub mod plan;
 pub mod rewrite;
 pub mod staging;

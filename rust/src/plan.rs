@@ -173,47 +173,47 @@ fn kind(value: &Value) -> String {
     }
 }
 
-fn object<'v>(value: &'v Value, at: &At) -> Result<&'v Map<String, Value>> {
+fn object<'v>(value: &'v Value, at: &At<'_>) -> Result<&'v Map<String, Value>> {
     value.as_object().ok_or_else(|| at.error(format!("expected an object, got {}", kind(value))))
 }
 
-fn known_fields(fields: &Map<String, Value>, at: &At, known: &[&str]) -> Result<()> {
+fn known_fields(fields: &Map<String, Value>, at: &At<'_>, known: &[&str]) -> Result<()> {
     match fields.keys().find(|key| !known.contains(&key.as_str())) {
         Some(key) => Err(at.key(key).error(format!("unknown field (expected one of {})", known.join(", ")))),
         None => Ok(()),
     }
 }
 
-fn required<'v>(fields: &'v Map<String, Value>, at: &At, name: &str) -> Result<&'v Value> {
+fn required<'v>(fields: &'v Map<String, Value>, at: &At<'_>, name: &str) -> Result<&'v Value> {
     fields.get(name).ok_or_else(|| at.field(name).error("missing (a required field)"))
 }
 
-fn string<'v>(value: &'v Value, at: &At) -> Result<&'v str> {
+fn string<'v>(value: &'v Value, at: &At<'_>) -> Result<&'v str> {
     value.as_str().ok_or_else(|| at.error(format!("expected a string, got {}", kind(value))))
 }
 
-fn boolean(value: &Value, at: &At) -> Result<bool> {
+fn boolean(value: &Value, at: &At<'_>) -> Result<bool> {
     value.as_bool().ok_or_else(|| at.error(format!("expected true or false, got {}", kind(value))))
 }
 
-fn number(value: &Value, at: &At) -> Result<f64> {
+fn number(value: &Value, at: &At<'_>) -> Result<f64> {
     // serde_json refuses NaN, infinities and numbers out of f64's range while parsing.
     value.as_f64().ok_or_else(|| at.error(format!("expected a number, got {}", kind(value))))
 }
 
-fn list<'v>(value: &'v Value, at: &At) -> Result<&'v Vec<Value>> {
+fn list<'v>(value: &'v Value, at: &At<'_>) -> Result<&'v Vec<Value>> {
     value.as_array().ok_or_else(|| at.error(format!("expected a list, got {}", kind(value))))
 }
 
 /// A non-negative integer written as one (`3`, not `3.0`, `3e0` or `"3"`).
-fn natural(value: &Value, at: &At) -> Result<u64> {
+fn natural(value: &Value, at: &At<'_>) -> Result<u64> {
     value
         .as_u64()
         .ok_or_else(|| at.error(format!("expected a non-negative integer (no fraction, exponent or quotes), got {}", kind(value))))
 }
 
 /// A list of kept indices: non-negative integers, strictly increasing.
-fn indices(value: &Value, at: &At) -> Result<Vec<u64>> {
+fn indices(value: &Value, at: &At<'_>) -> Result<Vec<u64>> {
     let items = list(value, at)?;
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -228,12 +228,12 @@ fn indices(value: &Value, at: &At) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-fn numbers(value: &Value, at: &At) -> Result<Vec<f64>> {
+fn numbers(value: &Value, at: &At<'_>) -> Result<Vec<f64>> {
     let items = list(value, at)?;
     items.iter().enumerate().map(|(i, item)| number(item, &at.index(i))).collect()
 }
 
-fn tensor_cut(name: &str, entry: &Value, at: &At, sets: &HashMap<String, KeepList>) -> Result<TensorCut> {
+fn tensor_cut(name: &str, entry: &Value, at: &At<'_>, sets: &HashMap<String, KeepList>) -> Result<TensorCut> {
     let fields = object(entry, at)?;
     known_fields(fields, at, &["keep", "drop", "rename", "add", "replace"])?;
     let drop = fields.get("drop").map(|v| boolean(v, &at.field("drop"))).transpose()?.unwrap_or(false);
@@ -272,11 +272,10 @@ fn tensor_cut(name: &str, entry: &Value, at: &At, sets: &HashMap<String, KeepLis
     Ok(TensorCut { keep, drop, rename: rename.map(str::to_owned), add: None, replace })
 }
 
-fn added(value: &Value, at: &At) -> Result<AddedTensor> {
+fn added(value: &Value, at: &At<'_>) -> Result<AddedTensor> {
     let fields = object(value, at)?;
     let dtype_text = string(required(fields, at, "dtype")?, &at.field("dtype"))?;
-    let dtype =
-        Dtype::parse(dtype_text).ok_or_else(|| at.field("dtype").error(format!("unknown safetensors dtype '{dtype_text}'")))?;
+    let dtype = Dtype::parse(dtype_text).ok_or_else(|| at.field("dtype").error(format!("unknown safetensors dtype '{dtype_text}'")))?;
     let shape_at = at.field("shape");
     let shape = list(required(fields, at, "shape")?, &shape_at)?
         .iter()
@@ -288,7 +287,7 @@ fn added(value: &Value, at: &At) -> Result<AddedTensor> {
 
 /// The contents of an `add` or a `replace`: exactly one of `values`, `fill` and `file` + `tensor`
 /// (besides the `other` fields the action has).
-fn values(value: &Value, at: &At, other: &[&str]) -> Result<Values> {
+fn values(value: &Value, at: &At<'_>, other: &[&str]) -> Result<Values> {
     let fields = object(value, at)?;
     let known: Vec<&str> = other.iter().copied().chain(["values", "fill", "file", "tensor"]).collect();
     known_fields(fields, at, &known)?;
@@ -296,10 +295,9 @@ fn values(value: &Value, at: &At, other: &[&str]) -> Result<Values> {
     match (get("values"), get("fill"), get("file"), get("tensor")) {
         (Some((v, a)), None, None, None) => Ok(Values::Each(Arc::new(numbers(v, &a)?))),
         (None, Some((v, a)), None, None) => Ok(Values::Fill(number(v, &a)?)),
-        (None, None, Some((file, file_at)), Some((tensor, tensor_at))) => Ok(Values::File {
-            path: PathBuf::from(string(file, &file_at)?),
-            tensor: string(tensor, &tensor_at)?.to_owned(),
-        }),
+        (None, None, Some((file, file_at)), Some((tensor, tensor_at))) => {
+            Ok(Values::File { path: PathBuf::from(string(file, &file_at)?), tensor: string(tensor, &tensor_at)?.to_owned() })
+        }
         (None, None, Some(_), None) | (None, None, None, Some(_)) => Err(at.error("contents from a file need both 'file' and 'tensor'")),
         _ => Err(at.error("needs exactly one of 'values' (every element), 'fill' (one value for all) and 'file' + 'tensor'")),
     }
@@ -321,20 +319,18 @@ const PICKLE_EXTENSIONS: [&str; 9] = ["bin", "pt", "pth", "pkl", "pickle", "ckpt
 /// compiled extensions, scripts): a plan writes none, except structprune's own DeciLM model code.
 const CODE_EXTENSIONS: [&str; 13] = ["py", "pyc", "pyo", "pyw", "pyd", "pyx", "so", "dylib", "dll", "exe", "sh", "bat", "cmd"];
 
-/// The model code the DeciLM output format writes beside the weights (`structprune.formats`): the
-/// only code a plan may write, byte for byte. Embedded from `python/structprune/decilm/`, the one
+/// The model code the DeciLM output format writes beside the weights (`structprune.models.formats`): the
+/// only code a plan may write, byte for byte. Embedded from `python/structprune/models/decilm/`, the one
 /// copy in the source tree (which the Python package and the sdist both carry).
 pub const DECILM_FILES: [(&str, &str); 2] = [
-    ("configuration_decilm.py", include_str!("../../python/structprune/decilm/configuration_decilm.py")),
-    ("modeling_decilm.py", include_str!("../../python/structprune/decilm/modeling_decilm.py")),
+    ("configuration_decilm.py", include_str!("../../python/structprune/models/decilm/configuration_decilm.py")),
+    ("modeling_decilm.py", include_str!("../../python/structprune/models/decilm/modeling_decilm.py")),
 ];
 
-/// The `auto_map` the DeciLM format's config patch sets (`structprune.formats.decilm_patch`): the
+/// The `auto_map` the DeciLM format's config patch sets (`structprune.models.formats.decilm_patch`): the
 /// only one a plan may set.
-pub const DECILM_AUTO_MAP: [(&str, &str); 2] = [
-    ("AutoConfig", "configuration_decilm.DeciLMConfig"),
-    ("AutoModelForCausalLM", "modeling_decilm.DeciLMForCausalLM"),
-];
+pub const DECILM_AUTO_MAP: [(&str, &str); 2] =
+    [("AutoConfig", "configuration_decilm.DeciLMConfig"), ("AutoModelForCausalLM", "modeling_decilm.DeciLMForCausalLM")];
 
 fn decilm_auto_map() -> Value {
     Value::Object(DECILM_AUTO_MAP.iter().map(|(k, v)| ((*k).to_owned(), Value::from(*v))).collect())
@@ -342,7 +338,7 @@ fn decilm_auto_map() -> Value {
 
 /// `auto_map` in a config makes transformers import the named code; a patch may only delete it or
 /// set the DeciLM format's own.
-fn check_auto_map(patch: &Map<String, Value>, at: &At) -> Result<()> {
+fn check_auto_map(patch: &Map<String, Value>, at: &At<'_>) -> Result<()> {
     match patch.get("auto_map") {
         None | Some(Value::Null) => Ok(()),
         Some(value) if *value == decilm_auto_map() => Ok(()),
@@ -471,10 +467,7 @@ pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<Out
         match (cut.add.is_some(), checkpoint.get(name).is_some()) {
             (false, false) => return Err(Error::plan(name, "the checkpoint has no tensor of this name")),
             (true, true) => {
-                return Err(Error::plan(
-                    name,
-                    "'add' names a tensor the checkpoint already has (use 'replace' to give it new values)",
-                ))
+                return Err(Error::plan(name, "'add' names a tensor the checkpoint already has (use 'replace' to give it new values)"))
             }
             _ => {}
         }
@@ -495,10 +488,7 @@ pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<Out
             }
             if let Some(&last) = list.last() {
                 if last >= entry.shape[dim] {
-                    return Err(Error::plan(
-                        &entry.name,
-                        format!("dim {dim}: index {last} is out of range for size {}", entry.shape[dim]),
-                    ));
+                    return Err(Error::plan(&entry.name, format!("dim {dim}: index {last} is out of range for size {}", entry.shape[dim])));
                 }
             }
             check_whole_byte_slices(&entry.name, entry.dtype, &entry.shape, dim)?;
@@ -507,16 +497,21 @@ pub fn output_tensors(plan: &CutPlan, checkpoint: &Checkpoint) -> Result<Vec<Out
         }
         let name = cut.and_then(|c| c.rename.clone()).unwrap_or_else(|| entry.name.clone());
         if let Some(previous) = claimed.insert(name.clone(), entry.name.clone()) {
-            return Err(Error::plan(
-                &entry.name,
-                format!("output name '{name}' is also produced by tensor '{previous}'"),
-            ));
+            return Err(Error::plan(&entry.name, format!("output name '{name}' is also produced by tensor '{previous}'")));
         }
         let numel = shape.iter().product::<u64>();
         let nbytes = entry.dtype.span_bytes(numel).expect("a sub-tensor of a valid tensor has a valid span");
         let output = match cut.and_then(|c| c.replace.as_ref()) {
             Some(values) => given(name, entry.dtype, shape, values)?,
-            None => OutputTensor { name, data: Data::Stored(source), dtype: entry.dtype, source_shape: entry.shape.clone(), shape, keep, nbytes },
+            None => OutputTensor {
+                name,
+                data: Data::Stored(source),
+                dtype: entry.dtype,
+                source_shape: entry.shape.clone(),
+                shape,
+                keep,
+                nbytes,
+            },
         };
         outputs.push(output);
     }
@@ -564,10 +559,7 @@ fn given(name: String, dtype: Dtype, shape: Vec<u64>, values: &Values) -> Result
         Values::Fill(value) => Data::Repeated(encode(*value)?),
         Values::Each(values) => {
             if values.len() as u64 != numel {
-                return Err(Error::plan(
-                    &name,
-                    format!("{} values given for shape {shape:?}, which has {numel} elements", values.len()),
-                ));
+                return Err(Error::plan(&name, format!("{} values given for shape {shape:?}, which has {numel} elements", values.len())));
             }
             let mut bytes = Vec::with_capacity(values.len() * dtype.item_bytes().unwrap_or(0) as usize);
             for &value in values.iter() {
@@ -592,12 +584,7 @@ fn external(name: &str, dtype: Dtype, shape: &[u64], path: &std::path::Path, ten
     if entry.dtype != dtype || entry.shape != shape {
         return Err(Error::plan(
             name,
-            format!(
-                "tensor '{tensor}' of {} is {} {:?}, the output needs {dtype} {shape:?}",
-                path.display(),
-                entry.dtype,
-                entry.shape
-            ),
+            format!("tensor '{tensor}' of {} is {} {:?}, the output needs {dtype} {shape:?}", path.display(), entry.dtype, entry.shape),
         ));
     }
     Ok(Data::External { path: Arc::new(path.to_path_buf()), offset: header.data_start + entry.begin })
@@ -649,9 +636,11 @@ mod tests {
 
     #[test]
     fn parses_sets_and_inline_lists() {
-        let p = plan(r#"{"format":"structprune.cut-plan","version":1,"index_sets":{"h":[0,2]},
+        let p = plan(
+            r#"{"format":"structprune.cut-plan","version":1,"index_sets":{"h":[0,2]},
             "tensors":{"a":{"keep":{"1":"h","0":[1]}},"b":{"drop":true},"c":{"rename":"d"}},
-            "config":{"hidden_size":2}}"#)
+            "config":{"hidden_size":2}}"#,
+        )
         .unwrap();
         let a = &p.tensors["a"];
         assert_eq!(a.keep.iter().map(|(d, l)| (*d, l.to_vec())).collect::<Vec<_>>(), vec![(0, vec![1]), (1, vec![0, 2])]);
@@ -662,18 +651,22 @@ mod tests {
 
     #[test]
     fn parses_added_tensors_and_replaced_values() {
-        let p = plan(r#"{"format":"structprune.cut-plan","version":1,"tensors":{
+        let p = plan(
+            r#"{"format":"structprune.cut-plan","version":1,"tensors":{
             "a.bias":{"add":{"dtype":"BF16","shape":[3],"values":[0.5,-1,2e-3]}},
             "b.bias":{"add":{"dtype":"F32","shape":[2,2],"fill":0}},
-            "c.bias":{"keep":{"0":[1]},"replace":{"values":[1.25]}}}}"#)
+            "c.bias":{"keep":{"0":[1]},"replace":{"values":[1.25]}}}}"#,
+        )
         .unwrap();
         let added = p.tensors["a.bias"].add.as_ref().unwrap();
         assert_eq!((added.dtype, added.shape.clone()), (Dtype::BF16, vec![3]));
         assert_eq!(added.values, Values::Each(Arc::new(vec![0.5, -1.0, 2e-3])));
         assert_eq!(p.tensors["b.bias"].add.as_ref().unwrap().values, Values::Fill(0.0));
         assert_eq!(p.tensors["c.bias"].replace, Some(Values::Each(Arc::new(vec![1.25]))));
-        let from_file = plan(r#"{"format":"structprune.cut-plan","version":1,"tensors":{
-            "w":{"keep":{"1":[0]},"replace":{"file":"/tmp/r.safetensors","tensor":"w"}}}}"#)
+        let from_file = plan(
+            r#"{"format":"structprune.cut-plan","version":1,"tensors":{
+            "w":{"keep":{"1":[0]},"replace":{"file":"/tmp/r.safetensors","tensor":"w"}}}}"#,
+        )
         .unwrap();
         assert_eq!(from_file.tensors["w"].replace, Some(Values::File { path: "/tmp/r.safetensors".into(), tensor: "w".into() }));
     }
@@ -717,9 +710,8 @@ mod tests {
 
     #[test]
     fn plans_are_read_strictly_naming_the_field() {
-        let with_tensor = |entry: &str| {
-            plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"model.up.weight":{entry}}}}}"#))
-        };
+        let with_tensor =
+            |entry: &str| plan(&format!(r#"{{"format":"structprune.cut-plan","version":1,"tensors":{{"model.up.weight":{entry}}}}}"#));
         let at = |suffix: &str| format!(r#"tensors["model.up.weight"]{suffix}"#);
         for (entry, path, expected) in [
             (r#"{"drop":"no"}"#, at(".drop"), "expected true or false, got the string \"no\""),
@@ -733,12 +725,12 @@ mod tests {
             (r#"{"keep":{"00":[1]}}"#, at(r#".keep["00"]"#), "without sign or leading zeros"),
             (r#"{"keep":{"+1":[1]}}"#, at(r#".keep["+1"]"#), "without sign or leading zeros"),
             (r#"{"keep":{" 1":[1]}}"#, at(r#".keep[" 1"]"#), "without sign or leading zeros"),
-            (r#"{"keep":{"x":[1]}}"#, at(r#".keep.x"#), "without sign or leading zeros"),
+            (r#"{"keep":{"x":[1]}}"#, at(".keep.x"), "without sign or leading zeros"),
             (r#"{"keep":{"0":7}}"#, at(r#".keep["0"]"#), "expected a list of indices or an index set name"),
             (r#"{"keep":[[1]]}"#, at(".keep"), "expected an object, got a list"),
             (r#"{"rename":5}"#, at(".rename"), "expected a string"),
             (r#"{"kep":{}}"#, at(".kep"), "unknown field"),
-            (r#"[]"#, at(""), "expected an object"),
+            (r"[]", at(""), "expected an object"),
         ] {
             assert_eq!(field_and_reason(with_tensor(entry)).0, path, "{entry}");
             assert!(field_and_reason(with_tensor(entry)).1.contains(expected), "{entry}: {:?}", field_and_reason(with_tensor(entry)));
@@ -765,7 +757,7 @@ mod tests {
             (r#"{"format":"structprune.cut-plan","version":"1"}"#, "version", "not supported"),
             (r#"{"format":"structprune.cut-plan"}"#, "version", "missing"),
             (r#"{"format":"x","version":1}"#, "format", "expected \"structprune.cut-plan\""),
-            (r#"[1]"#, "the top level", "expected an object"),
+            (r"[1]", "the top level", "expected an object"),
         ] {
             let (field, reason) = field_and_reason(plan(text));
             assert_eq!(field, path, "{text}");

@@ -27,17 +27,13 @@ fn to_pyerr(err: Error) -> PyErr {
             Error::Plan { field, .. } => field.clone(),
             _ => None,
         };
-        let (class, path, tensor) = match &err {
-            Error::Io { path, .. } => ("StructpruneIOError", Some(path.clone()), None),
-            Error::Header { path, tensor, .. } => ("HeaderError", Some(path.clone()), tensor.clone()),
-            Error::ShardIndex { path, .. } => ("ShardIndexError", Some(path.clone()), None),
-            Error::Plan { tensor, .. } => ("PlanError", None, tensor.clone()),
-            Error::Config { path, .. } => ("ConfigError", Some(path.clone()), None),
-            Error::OutputExists { path } => ("OutputExistsError", Some(path.clone()), None),
-            Error::Output { path, .. } => ("OutputError", Some(path.clone()), None),
-            Error::Graph { .. } => ("GraphError", None, None),
-            Error::Setting { .. } => ("SettingError", None, None),
-            Error::Cancelled => return PyKeyboardInterrupt::new_err("cancelled"),
+        let Some(class) = err.python_class() else { return PyKeyboardInterrupt::new_err("cancelled") };
+        let (path, tensor) = match &err {
+            Error::Io { path, .. } | Error::ShardIndex { path, .. } | Error::Config { path, .. } => (Some(path.clone()), None),
+            Error::OutputExists { path } | Error::Output { path, .. } => (Some(path.clone()), None),
+            Error::Header { path, tensor, .. } => (Some(path.clone()), tensor.clone()),
+            Error::Plan { tensor, .. } => (None, tensor.clone()),
+            Error::Graph { .. } | Error::Setting { .. } | Error::Cancelled => (None, None),
         };
         let build = || -> PyResult<PyErr> {
             let cls = py.import("structprune.errors")?.getattr(class)?;
@@ -219,9 +215,7 @@ fn write_checkpoint<'py>(
     };
     let options = WriteOptions { max_shard_size, overwrite };
     let state = Progress::default();
-    let mut writer = py
-        .detach(|| CheckpointWriter::create(&output_dir, specs, extras, &options, &state))
-        .map_err(to_pyerr)?;
+    let mut writer = py.detach(|| CheckpointWriter::create(&output_dir, specs, extras, &options, &state)).map_err(to_pyerr)?;
     for index in 0..writer.tensors().len() {
         py.check_signals()?;
         let data = read_tensor.call1((index,))?;
@@ -301,11 +295,11 @@ impl PyStaging {
     }
 }
 
-/// Traced-graph JSON in, prunable structures as JSON out (see docs/traced-graph.md).
+/// Traced-graph JSON in (docs/traced-graph.md), prunable structures as JSON out
+/// (docs/structures-format.md).
 #[pyfunction]
 fn build_structures(py: Python<'_>, ir_json: &str) -> PyResult<String> {
-    let set = py.detach(|| crate::graph::build_structures(ir_json)).map_err(to_pyerr)?;
-    Ok(serde_json::to_string(&set).expect("structures always serialise"))
+    py.detach(|| crate::graph::build_structures(ir_json).map(|set| set.to_json())).map_err(to_pyerr)
 }
 
 #[pymodule]
@@ -314,6 +308,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_MEMORY_BUDGET", rewrite::MAX_MEMORY_BUDGET)?;
     m.add("MAX_THREADS", rewrite::MAX_THREADS)?;
+    m.add("ERROR_CLASSES", pyo3::types::PyTuple::new(m.py(), crate::error::PYTHON_CLASSES)?)?;
     m.add_function(wrap_pyfunction!(parse_plan, m)?)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(plan_layout, m)?)?;

@@ -120,12 +120,8 @@ pub fn check_output(input: Option<&Path>, output: &Path, overwrite: bool) -> Res
 /// to the target's parent), a missing one is a directory still to be made (so `missing/..`
 /// cancels). The last component is not followed when it is a link: the link is the output.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    let absolute = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        std::env::current_dir().map_err(Error::io(path))?.join(path)
-    };
-    let components: Vec<Component> = absolute.components().collect();
+    let absolute = if path.is_absolute() { path.to_owned() } else { std::env::current_dir().map_err(Error::io(path))?.join(path) };
+    let components: Vec<Component<'_>> = absolute.components().collect();
     let mut resolved = PathBuf::from("/");
     for (i, component) in components.iter().enumerate() {
         match component {
@@ -332,10 +328,7 @@ fn remove_stale_siblings(parent: &Path, name: &str) {
         let path = entry.path();
         let Ok(Some(lock)) = lock_dir(&path) else { continue };
         if is_at(&lock, &path) && fs::remove_dir_all(&path).is_ok() {
-            eprintln!(
-                "structprune: removed {}, left behind by an interrupted run (no process holds its lock)",
-                path.display()
-            );
+            eprintln!("structprune: removed {}, left behind by an interrupted run (no process holds its lock)", path.display());
         }
         drop(lock);
     }

@@ -1,5 +1,5 @@
 //! Tensors held by the caller (a fine-tuned model in memory) written as a checkpoint, with the
-//! rewrite engine's layout, shard files, index, file copies and all-or-nothing staging.
+//! layout, shard files, index, file copies and all-or-nothing staging the rewrite engine uses too.
 //!
 //! The layout is fixed up front from names, dtypes and shapes, so every tensor has its place before
 //! any byte is written; the caller then hands in each tensor's bytes, in any order, and `finish`
@@ -15,10 +15,8 @@ use std::sync::atomic::Ordering;
 use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::rewrite::{
-    copied_bytes, create_shards, files_under, finish, other_files, place, report, ApplyReport, CopiedFile,
-    placed_from_fields, Layout, Progress,
-};
+use crate::layout::{place, placed_from_fields, Layout};
+use crate::output::{copied_bytes, create_shards, files_under, finish, other_files, report, ApplyReport, CopiedFile, Progress};
 use crate::staging::Staging;
 
 /// One tensor to write: its name, element type and shape.
@@ -34,15 +32,14 @@ impl TensorSpec {
     /// Fails when the shape's element count overflows or is not a whole number of bytes.
     pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<u64>) -> Result<TensorSpec> {
         let name = name.into();
-        let nbytes = shape
-            .iter()
-            .try_fold(1u64, |numel, &dim| numel.checked_mul(dim))
-            .and_then(|numel| dtype.span_bytes(numel))
-            .ok_or_else(|| Error::Plan {
-                tensor: Some(name.clone()),
-                field: None,
-                reason: format!("shape {shape:?} of {dtype} is not a whole number of bytes below 2^64"),
-            })?;
+        let nbytes =
+            shape.iter().try_fold(1u64, |numel, &dim| numel.checked_mul(dim)).and_then(|numel| dtype.span_bytes(numel)).ok_or_else(
+                || Error::Plan {
+                    tensor: Some(name.clone()),
+                    field: None,
+                    reason: format!("shape {shape:?} of {dtype} is not a whole number of bytes below 2^64"),
+                },
+            )?;
         Ok(TensorSpec { name, dtype, shape, nbytes })
     }
 }
@@ -137,7 +134,11 @@ impl CheckpointWriter {
         if bytes.len() as u64 != spec.nbytes {
             return Err(self.error(format!(
                 "tensor '{}' ({} {:?}) needs {} bytes, got {}",
-                spec.name, spec.dtype, spec.shape, spec.nbytes, bytes.len()
+                spec.name,
+                spec.dtype,
+                spec.shape,
+                spec.nbytes,
+                bytes.len()
             )));
         }
         if self.written[index] {
@@ -210,7 +211,7 @@ fn check_no_clashes(output: &Path, layout: &Layout<TensorSpec>, to_copy: &[Copie
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rewrite::Placed;
+    use crate::layout::Placed;
 
     #[test]
     fn specs_need_whole_bytes() {

@@ -17,7 +17,13 @@ fn write_shard(path: &Path, names: &[&str]) {
     let entries: Vec<TensorEntry> = names
         .iter()
         .enumerate()
-        .map(|(i, name)| TensorEntry { name: (*name).into(), dtype: Dtype::F32, shape: vec![1], begin: 4 * i as u64, end: 4 * i as u64 + 4 })
+        .map(|(i, name)| TensorEntry {
+            name: (*name).into(),
+            dtype: Dtype::F32,
+            shape: vec![1],
+            begin: 4 * i as u64,
+            end: 4 * i as u64 + 4,
+        })
         .collect();
     let mut bytes = serialize_header(&entries, &Map::new());
     bytes.resize(bytes.len() + 4 * names.len(), 0);
@@ -69,7 +75,7 @@ fn a_partial_or_empty_index_is_refused() {
 
     fs::write(dir.join("model.safetensors.index.json"), r#"{"metadata": {}, "weight_map": {}}"#).unwrap();
     assert!(shard_index_reason(dir).contains("lists no tensors"));
-    fs::write(dir.join("model.safetensors.index.json"), r#"[1]"#).unwrap();
+    fs::write(dir.join("model.safetensors.index.json"), r"[1]").unwrap();
     assert!(shard_index_reason(dir).contains("not a JSON object"));
     let twice = r#"{"weight_map": {"a": "model-00001-of-00003.safetensors", "a": "model-00002-of-00003.safetensors"}}"#;
     fs::write(dir.join("model.safetensors.index.json"), twice).unwrap();

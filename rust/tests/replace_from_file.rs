@@ -17,7 +17,8 @@ fn write_file(path: &Path, tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)]) {
     let entries: Vec<TensorEntry> = tensors
         .iter()
         .map(|(name, dtype, shape, data)| {
-            let entry = TensorEntry { name: (*name).into(), dtype: *dtype, shape: shape.clone(), begin: offset, end: offset + data.len() as u64 };
+            let entry =
+                TensorEntry { name: (*name).into(), dtype: *dtype, shape: shape.clone(), begin: offset, end: offset + data.len() as u64 };
             offset = entry.end;
             entry
         })
@@ -51,7 +52,11 @@ fn setup(dir: &Path) {
     fs::write(dir.join("model/config.json"), "{}").unwrap();
     write_file(
         &dir.join("new.safetensors"),
-        &[("other", Dtype::F32, vec![2], pattern(8, 3)), ("w", Dtype::F32, vec![768, 512], pattern(768 * 512 * 4, 4)), ("extra", Dtype::BF16, vec![3], pattern(6, 5))],
+        &[
+            ("other", Dtype::F32, vec![2], pattern(8, 3)),
+            ("w", Dtype::F32, vec![768, 512], pattern(768 * 512 * 4, 4)),
+            ("extra", Dtype::BF16, vec![3], pattern(6, 5)),
+        ],
     );
 }
 

@@ -226,7 +226,9 @@ fn large_ranges_copied_in_the_kernel_are_exact() {
     let entry = TensorEntry { name: "big".into(), dtype: Dtype::I16, shape: vec![rows, cols], begin: 0, end: 0 };
     write_shard(&input.join("model.safetensors"), &[(entry.clone(), data.clone()), (TensorEntry { name: "whole".into(), ..entry }, data)]);
     let kept: Vec<u64> = (0..rows).filter(|r| !(700..710).contains(r)).collect();
-    let plan = CutPlan::from_json(&json!({"format": "structprune.cut-plan", "version": 1, "tensors": {"big": {"keep": {"0": kept}}}}).to_string()).unwrap();
+    let plan =
+        CutPlan::from_json(&json!({"format": "structprune.cut-plan", "version": 1, "tensors": {"big": {"keep": {"0": kept}}}}).to_string())
+            .unwrap();
     let output = root.path().join("out");
     apply_plan(&input, &plan, &output, &options(2, 1 << 20, 1 << 30), &Progress::default()).unwrap();
     let shard = output.join("model.safetensors");
@@ -236,6 +238,44 @@ fn large_ranges_copied_in_the_kernel_are_exact() {
     assert!(cut == expected, "row-cut tensor differs");
     let (_, whole) = values(&shard, "whole");
     assert!(whole.iter().enumerate().all(|(i, &v)| v == i as u16), "uncut tensor differs");
+}
+
+/// Where the kernel cannot copy file to file (here: from tmpfs to another file system, EXDEV), the
+/// engine falls back to reads and writes, with the same bytes.
+#[test]
+fn copies_between_file_systems_fall_back_to_reads_and_writes() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return;
+    }
+    let (rows, cols) = (600u64, 1024u64);
+    let data: Vec<u8> = (0..rows * cols).flat_map(|i| (i as u16).to_le_bytes()).collect();
+    let entry = |name: &str| TensorEntry { name: name.into(), dtype: Dtype::I16, shape: vec![rows, cols], begin: 0, end: 0 };
+    let tensors = [(entry("rows"), data.clone()), (entry("cols"), data.clone()), (entry("whole"), data)];
+    let kept_rows: Vec<u64> = (0..rows).filter(|r| r % 7 != 3).collect();
+    let kept_cols: Vec<u64> = (0..cols).filter(|c| c % 5 != 0).collect();
+    let plan = CutPlan::from_json(
+        &json!({"format": "structprune.cut-plan", "version": 1,
+                "tensors": {"rows": {"keep": {"0": kept_rows}}, "cols": {"keep": {"1": kept_cols}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let here = tempfile::tempdir().unwrap();
+    let there = tempfile::Builder::new().tempdir_in(shm).unwrap();
+    let mut outputs = Vec::new();
+    for (n, root) in [here.path(), there.path()].into_iter().enumerate() {
+        let input = root.join("in");
+        fs::create_dir(&input).unwrap();
+        write_shard(&input.join("model.safetensors"), &tensors);
+        let output = here.path().join(format!("out-{n}"));
+        apply_plan(&input, &plan, &output, &options(2, 1 << 20, 1 << 30), &Progress::default()).unwrap();
+        outputs.push(fs::read(output.join("model.safetensors")).unwrap());
+    }
+    assert!(outputs[0] == outputs[1], "the output differs when the kernel cannot copy");
+    let shard = here.path().join("out-1/model.safetensors");
+    let (_, cut) = values(&shard, "rows");
+    let expected: Vec<u16> = kept_rows.iter().flat_map(|r| (0..cols).map(move |c| (r * cols + c) as u16)).collect();
+    assert!(cut == expected, "row-cut tensor differs");
 }
 
 /// `layers.0.up.weight` (I16 [4, 3]), `layers.0.down.weight` (F32 [2, 4]), `layers.0.down.bias`
@@ -289,7 +329,16 @@ fn added_and_replaced_tensors_hold_the_plans_values_in_a_fixed_place() {
     let names: Vec<String> = read_header(&shard).unwrap().tensors.into_iter().map(|t| t.name).collect();
     assert_eq!(
         names,
-        ["layers.0.up.weight", "layers.0.up.bias", "layers.0.down.weight", "layers.0.down.bias", "head.weight", "head.bias", "a.first", "layers.0.extra.scale"],
+        [
+            "layers.0.up.weight",
+            "layers.0.up.bias",
+            "layers.0.down.weight",
+            "layers.0.down.bias",
+            "head.weight",
+            "head.bias",
+            "a.first",
+            "layers.0.extra.scale"
+        ],
         "added tensors follow the last tensor of their module, the others come last in name order"
     );
     let half = |bits: &[u16]| bits.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>();

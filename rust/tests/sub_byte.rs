@@ -15,8 +15,8 @@ use structprune_core::rewrite::{apply_plan, ApplyOptions, Progress};
 use structprune_core::Error;
 
 const DTYPES: [&str; 20] = [
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32",
-    "U32", "F32", "C64", "F64", "I64", "U64",
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+    "C64", "F64", "I64", "U64",
 ];
 
 /// Bytes that differ from their neighbours and from tensor to tensor, so a byte out of place shows.
@@ -64,11 +64,8 @@ fn write_model(dir: &Path, tensors: &[Tensor]) {
 /// Every tensor of the output checkpoint in `dir`: name → (dtype, shape, bytes).
 fn read_model(dir: &Path) -> Vec<(String, Dtype, Vec<u64>, Vec<u8>)> {
     let mut out = Vec::new();
-    let mut shards: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let mut shards: Vec<_> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     shards.sort();
     for shard in shards {
         let header = read_header(&shard).unwrap();
@@ -175,8 +172,7 @@ fn dtype_and_shape() -> impl Strategy<Value = (Dtype, Vec<u64>)> {
 fn reference_cut(t: &Tensor, keep: &[Option<Vec<u64>>]) -> Vec<u8> {
     let Some(last) = keep.iter().rposition(Option::is_some) else { return t.data.clone() };
     let slice_bits = |d: usize| t.shape[d + 1..].iter().product::<u64>() * u64::from(t.dtype.bits());
-    let axes: Vec<Vec<u64>> =
-        (0..=last).map(|d| keep[d].clone().unwrap_or_else(|| (0..t.shape[d]).collect())).collect();
+    let axes: Vec<Vec<u64>> = (0..=last).map(|d| keep[d].clone().unwrap_or_else(|| (0..t.shape[d]).collect())).collect();
     let block = (slice_bits(last) / 8) as usize;
     let mut out = Vec::new();
     let mut positions: Vec<u64> = vec![0];

@@ -193,10 +193,7 @@ fn refuses_bad_requests_before_writing() {
     let err = create(&root.path().join("a"), twice, Extras::default()).unwrap_err();
     assert!(err.to_string().contains("listed twice"), "{err}");
 
-    let clash = Extras {
-        includes: vec![Include { from: source.join("tokenizer.json"), to: "config.json".into() }],
-        ..with_source.clone()
-    };
+    let clash = Extras { includes: vec![Include { from: source.join("tokenizer.json"), to: "config.json".into() }], ..with_source.clone() };
     let err = create(&root.path().join("b"), specs(), clash).unwrap_err();
     assert!(err.to_string().contains("two files would be written to 'config.json'"), "{err}");
 

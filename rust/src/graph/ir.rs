@@ -70,10 +70,7 @@ impl Graph {
         let invalid = |reason: String| Error::Graph { node: None, reason };
         let graph: Graph = serde_json::from_str(text).map_err(|e| invalid(format!("not a valid traced graph: {e}")))?;
         if graph.format != FORMAT || graph.version != 1 {
-            return Err(invalid(format!(
-                "format '{}' version {} is not '{FORMAT}' version 1",
-                graph.format, graph.version
-            )));
+            return Err(invalid(format!("format '{}' version {} is not '{FORMAT}' version 1", graph.format, graph.version)));
         }
         for (i, node) in graph.nodes.iter().enumerate() {
             for arg in node.args.iter().chain(node.kwargs.values()) {

@@ -7,6 +7,8 @@ pub mod ir;
 pub mod propagate;
 pub mod spaces;
 pub mod structures;
+#[cfg(test)]
+mod test_ir;
 
 use crate::error::Result;
 

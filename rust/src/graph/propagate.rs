@@ -20,22 +20,106 @@ enum Val {
 }
 
 const ELEMENTWISE: &[&str] = &[
-    "add", "sub", "rsub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "silu", "gelu", "relu", "tanh", "sigmoid",
-    "exp", "log", "erf", "abs", "clone", "contiguous", "alias", "to", "_to_copy", "type_as", "dropout", "where",
-    "masked_fill", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "square", "reciprocal", "softplus",
-    "sin", "cos", "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__", "bitwise_and", "bitwise_or",
-    "bitwise_not", "logical_not", "logical_and", "logical_or", "detach", "lift_fresh_copy", "fill", "mish",
-    "hardtanh", "leaky_relu", "elu", "gelu_tanh", "isinf", "isnan", "sign", "floor", "ceil", "round", "trunc",
-    "log1p", "expm1", "float", "double", "half", "bfloat16", "_autocast_to_reduced_precision",
+    "add",
+    "sub",
+    "rsub",
+    "mul",
+    "div",
+    "neg",
+    "pow",
+    "rsqrt",
+    "sqrt",
+    "silu",
+    "gelu",
+    "relu",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "log",
+    "erf",
+    "abs",
+    "clone",
+    "contiguous",
+    "alias",
+    "to",
+    "_to_copy",
+    "type_as",
+    "dropout",
+    "where",
+    "masked_fill",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "minimum",
+    "maximum",
+    "square",
+    "reciprocal",
+    "softplus",
+    "sin",
+    "cos",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "__and__",
+    "__or__",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_not",
+    "logical_not",
+    "logical_and",
+    "logical_or",
+    "detach",
+    "lift_fresh_copy",
+    "fill",
+    "mish",
+    "hardtanh",
+    "leaky_relu",
+    "elu",
+    "gelu_tanh",
+    "isinf",
+    "isnan",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "trunc",
+    "log1p",
+    "expm1",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "_autocast_to_reduced_precision",
 ];
 const CREATION: &[&str] = &[
-    "arange", "full", "zeros", "ones", "empty", "scalar_tensor", "new_ones", "new_zeros", "new_full", "new_empty",
-    "zeros_like", "ones_like", "full_like", "empty_like", "rand", "randn", "tensor", "linspace",
+    "arange",
+    "full",
+    "zeros",
+    "ones",
+    "empty",
+    "scalar_tensor",
+    "new_ones",
+    "new_zeros",
+    "new_full",
+    "new_empty",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "rand",
+    "randn",
+    "tensor",
+    "linspace",
 ];
 const RESHAPES: &[&str] = &["view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"];
-const REDUCTIONS: &[&str] = &["mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "logsumexp", "all", "any"];
+const REDUCTIONS: &[&str] =
+    &["mean", "sum", "amax", "amin", "var", "std", "max", "min", "prod", "norm", "linalg_vector_norm", "logsumexp", "all", "any"];
 const PER_DIM_SCANS: &[&str] = &["cumsum", "cumprod", "diff", "flip", "roll"];
-const IGNORED: &[&str] = &["_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "sym_stride", "sym_constrain_range_for_size", "_assert_async"];
+const IGNORED: &[&str] =
+    &["_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "sym_stride", "sym_constrain_range_for_size", "_assert_async"];
 
 /// The result of propagation: the spaces and, per parameter, the space of each dimension.
 pub struct Propagation {
@@ -167,7 +251,9 @@ impl Propagator {
                 }
                 Some(Val::Tensor(dims))
             }
-            _ if RESHAPES.contains(&op) => self.tensor_arg(node, 0).and_then(|x| Some(Val::Tensor(self.reshape(&x, out_shape.as_ref()?, &context)))),
+            _ if RESHAPES.contains(&op) => {
+                self.tensor_arg(node, 0).and_then(|x| Some(Val::Tensor(self.reshape(&x, out_shape.as_ref()?, &context))))
+            }
             _ if REDUCTIONS.contains(&op) => self.reduction(node, &context),
             _ if PER_DIM_SCANS.contains(&op) => self.scan(node, &context),
             "linear" => self.linear(node, &context),
@@ -207,10 +293,7 @@ impl Propagator {
     }
 
     fn fresh_dims(&mut self, node: &Node, id: usize) -> Result<Dims> {
-        let shape = node
-            .shape
-            .as_ref()
-            .ok_or_else(|| Error::Graph { node: Some(id), reason: format!("{} has no shape", node.op) })?;
+        let shape = node.shape.as_ref().ok_or_else(|| Error::Graph { node: Some(id), reason: format!("{} has no shape", node.op) })?;
         Ok(shape.iter().map(|&s| self.spaces.fresh(s)).collect())
     }
 
@@ -289,12 +372,8 @@ impl Propagator {
 
     fn elementwise(&mut self, node: &Node, context: &str) -> Option<Val> {
         let shape = node.shape.clone()?;
-        let scalar_buffers: Vec<String> = node
-            .args
-            .iter()
-            .filter_map(as_node)
-            .filter_map(|i| self.scalar_buffers.get(&i).cloned())
-            .collect();
+        let scalar_buffers: Vec<String> =
+            node.args.iter().filter_map(as_node).filter_map(|i| self.scalar_buffers.get(&i).cloned()).collect();
         let inputs: Vec<Dims> = node.args.iter().chain(node.kwargs.values()).filter_map(|a| self.tensor(a)).collect();
         let mut out: Vec<Option<SpaceId>> = vec![None; shape.len()];
         for input in &inputs {
@@ -314,7 +393,8 @@ impl Propagator {
         let out: Dims = out.into_iter().zip(&shape).map(|(d, &s)| d.unwrap_or_else(|| self.spaces.fresh(s))).collect();
         for name in scalar_buffers {
             for &d in &out {
-                self.spaces.note(d, format!("scaled by buffer '{name}', which the model derives from its config (it may depend on this width)"));
+                self.spaces
+                    .note(d, format!("scaled by buffer '{name}', which the model derives from its config (it may depend on this width)"));
             }
         }
         Some(Val::Tensor(out))
@@ -452,10 +532,8 @@ impl Propagator {
             "t" => out.reverse(),
             "permute" => {
                 let order = self.arg(node, 1, "dims")?.as_array()?;
-                out = order
-                    .iter()
-                    .map(|v| v.as_i64().and_then(|d| Self::normalize_dim(d, rank)).map(|d| x[d]))
-                    .collect::<Option<Dims>>()?;
+                out =
+                    order.iter().map(|v| v.as_i64().and_then(|d| Self::normalize_dim(d, rank)).map(|d| x[d])).collect::<Option<Dims>>()?;
             }
             "movedim" => {
                 let from = Self::normalize_dim(self.int_arg(node, 1, "source")?, rank)?;
@@ -600,7 +678,8 @@ impl Propagator {
     }
 
     fn cat(&mut self, node: &Node, context: &str) -> Option<Val> {
-        let inputs: Vec<Dims> = self.tensor_list(node)?.into_iter().filter(|d| !d.iter().any(|&s| self.size(s) == 0) || d.len() > 1).collect();
+        let inputs: Vec<Dims> =
+            self.tensor_list(node)?.into_iter().filter(|d| !d.iter().any(|&s| self.size(s) == 0) || d.len() > 1).collect();
         let shape = node.shape.clone()?;
         let dim = Self::normalize_dim(self.int_arg(node, 1, "dim").unwrap_or(0), shape.len())?;
         let first = inputs.first()?.clone();
@@ -754,5 +833,250 @@ impl Propagator {
             return Some(Val::Tuple(items));
         }
         Some(Val::Tensor(x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::graph::spaces::Occurrence;
+    use crate::graph::test_ir::{attention, embed, lm_head, n, swiglu, Ir, SEQ};
+
+    impl Propagation {
+        fn root(&mut self, param: &str, dim: usize) -> SpaceId {
+            let space = self.param_dims[param][dim];
+            self.spaces.find(space)
+        }
+
+        fn coupled(&mut self, a: (&str, usize), b: (&str, usize)) -> bool {
+            self.root(a.0, a.1) == self.root(b.0, b.1)
+        }
+
+        /// Same leaves at the same positions: the dimensions are cut together even where a
+        /// reshape made them distinct spaces of the same factors.
+        fn same_units(&mut self, a: (&str, usize), b: (&str, usize)) -> bool {
+            self.leaves(a.0, a.1) == self.leaves(b.0, b.1)
+        }
+
+        fn pinned_reason(&mut self, param: &str, dim: usize) -> Option<String> {
+            let space = self.param_dims[param][dim];
+            self.spaces.pinned(space)
+        }
+
+        fn leaves(&mut self, param: &str, dim: usize) -> Vec<Occurrence> {
+            let space = self.param_dims[param][dim];
+            self.spaces.occurrences(space)
+        }
+    }
+
+    fn run(ir: &Ir, outputs: &[usize]) -> Propagation {
+        propagate(&ir.graph(outputs)).expect("the test graph propagates")
+    }
+
+    /// `embedding → linear(w1, b1) → <op> → linear(w2)`, the op given as (name, extra args, output
+    /// shape), the last linear's output the model's.
+    fn between_two_linears(op: Option<(&str, Value, &[u64])>) -> (Ir, usize) {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let w1 = ir.param("w1", &[12, 8]);
+        let b1 = ir.param("b1", &[12]);
+        let w2 = ir.param("w2", &[8, 12]);
+        let mut h = ir.op("linear.default", json!([n(x), n(w1), n(b1)]), &[1, SEQ, 12]);
+        if let Some((op, extra, shape)) = op {
+            let mut args = vec![n(h)];
+            args.extend(extra.as_array().cloned().unwrap_or_default());
+            h = ir.op(op, json!(args), shape);
+        }
+        let out = ir.op("linear.default", json!([n(h), n(w2)]), &[1, SEQ, 8]);
+        (ir, out)
+    }
+
+    #[test]
+    fn linear_couples_input_channels_with_weight_columns_and_bias_with_rows() {
+        let (ir, out) = between_two_linears(None);
+        let mut p = run(&ir, &[out]);
+        assert!(p.coupled(("model.embed.weight", 1), ("w1", 1)));
+        assert!(p.coupled(("w1", 0), ("b1", 0)));
+        assert!(p.coupled(("w1", 0), ("w2", 1)));
+        assert!(!p.coupled(("w1", 0), ("w1", 1)));
+        assert_eq!(p.pinned_reason("w1", 0), None);
+        assert_eq!(p.pinned_reason("w2", 0).as_deref(), Some("model output"));
+    }
+
+    #[test]
+    fn embedding_rows_are_pinned_and_its_columns_are_the_hidden_stream() {
+        let (ir, out) = between_two_linears(None);
+        let mut p = run(&ir, &[out]);
+        assert_eq!(p.pinned_reason("model.embed.weight", 0).as_deref(), Some("embedding rows are looked up by token or position id"));
+        let hidden = p.root("model.embed.weight", 1);
+        assert!(p.spaces.tags(hidden).contains(&Tag::Hidden));
+        assert_eq!(p.pinned_reason("model.embed.weight", 1), None);
+    }
+
+    #[test]
+    fn an_elementwise_product_couples_gate_and_up_rows_with_down_columns() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = swiglu(&mut ir, x, "mlp", 8, 12);
+        let out = lm_head(&mut ir, y, 16, 8);
+        let mut p = run(&ir, &[out]);
+        assert!(p.coupled(("mlp.gate.weight", 0), ("mlp.up.weight", 0)));
+        assert!(p.coupled(("mlp.up.weight", 0), ("mlp.down.weight", 1)));
+        // The residual add puts the MLP's output rows on the hidden stream.
+        assert!(p.coupled(("mlp.down.weight", 0), ("model.embed.weight", 1)));
+        assert!(p.coupled(("mlp.gate.weight", 1), ("lm_head.weight", 1)));
+    }
+
+    #[test]
+    fn an_op_without_a_rule_pins_what_it_touches_naming_the_op_and_node() {
+        let (ir, out) = between_two_linears(Some(("fancy.default", json!([]), &[1, SEQ, 12])));
+        let mut p = run(&ir, &[out]);
+        let reason = "aten.fancy.default at node 7 has no propagation rule";
+        assert_eq!(p.pinned_reason("w1", 0).as_deref(), Some(reason));
+        assert_eq!(p.pinned_reason("w2", 1).as_deref(), Some(reason));
+        assert!(!p.coupled(("w1", 0), ("w2", 1)));
+    }
+
+    #[test]
+    fn a_softmax_pins_the_dimension_it_normalises() {
+        let (ir, out) = between_two_linears(Some(("_softmax.default", json!([-1, false]), &[1, SEQ, 12])));
+        let mut p = run(&ir, &[out]);
+        assert_eq!(p.pinned_reason("w2", 1).as_deref(), Some("normalised by aten._softmax.default at node 7"));
+    }
+
+    #[test]
+    fn selecting_one_index_pins_the_dimension() {
+        let (ir, out) = between_two_linears(Some(("select.int", json!([2, 0]), &[1, SEQ])));
+        let mut p = run(&ir, &[out]);
+        assert_eq!(p.pinned_reason("w1", 0).as_deref(), Some("a single index is selected from this dimension"));
+    }
+
+    #[test]
+    fn a_strided_slice_pins_the_sliced_dimension() {
+        let (ir, out) = between_two_linears(Some(("slice.Tensor", json!([2, 0, 12, 2]), &[1, SEQ, 6])));
+        let mut p = run(&ir, &[out]);
+        let reason = p.pinned_reason("w1", 0).expect("the sliced rows are pinned");
+        assert_eq!(reason, "aten.slice.Tensor at node 7 takes a strided or misaligned slice");
+    }
+
+    #[test]
+    fn a_reduction_notes_that_a_cut_changes_the_statistic() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let w1 = ir.param("w1", &[12, 8]);
+        let h = ir.op("linear.default", json!([n(x), n(w1)]), &[1, SEQ, 12]);
+        let mean = ir.op("mean.dim", json!([n(h), [-1], true]), &[1, SEQ, 1]);
+        let scaled = ir.op("mul.Tensor", json!([n(h), n(mean)]), &[1, SEQ, 12]);
+        let w2 = ir.param("w2", &[8, 12]);
+        let out = ir.op("linear.default", json!([n(scaled), n(w2)]), &[1, SEQ, 8]);
+        let mut p = run(&ir, &[out]);
+        let rows = p.root("w1", 0);
+        let notes = p.spaces.notes(rows);
+        assert_eq!(notes.into_iter().collect::<Vec<_>>(), ["reduced by aten.mean.dim at node 5: cutting channels changes that statistic"]);
+        assert!(p.coupled(("w1", 0), ("w2", 1)));
+        assert_eq!(p.pinned_reason("w1", 0), None);
+    }
+
+    #[test]
+    fn a_transpose_moves_dimensions_and_moving_them_back_keeps_the_coupling() {
+        let (mut ir, _) = between_two_linears(None);
+        let h = 6;
+        let t = ir.op("transpose.int", json!([n(h), 1, 2]), &[1, 12, SEQ]);
+        let back = ir.op("transpose.int", json!([n(t), -1, -2]), &[1, SEQ, 12]);
+        let w3 = ir.param("w3", &[8, 12]);
+        let out = ir.op("linear.default", json!([n(back), n(w3)]), &[1, SEQ, 8]);
+        let mut p = run(&ir, &[out]);
+        assert!(p.coupled(("w1", 0), ("w3", 1)));
+        assert_eq!(p.pinned_reason("w3", 1), None);
+    }
+
+    #[test]
+    fn a_reshape_into_heads_refines_rows_into_head_and_within_head_factors() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let q = ir.param("q", &[8, 8]);
+        let rows = ir.op("linear.default", json!([n(x), n(q)]), &[1, SEQ, 8]);
+        let heads = ir.op("view.default", json!([n(rows), [1, SEQ, 4, 2]]), &[1, SEQ, 4, 2]);
+        let merged = ir.op("view.default", json!([n(heads), [1, SEQ, 8]]), &[1, SEQ, 8]);
+        let o = ir.param("o", &[8, 8]);
+        let out = ir.op("linear.default", json!([n(merged), n(o)]), &[1, SEQ, 8]);
+        let mut p = run(&ir, &[out]);
+        let leaves = p.leaves("q", 0);
+        // Row r = 2·head + d: a head is rows {2h, 2h+1}, a within-head index d is rows {d, d+2, d+4, d+6}.
+        assert_eq!((leaves[0].offset, leaves[0].stride, leaves[0].free.as_slice()), (0, 2, [(2, 1)].as_slice()));
+        assert_eq!((leaves[1].offset, leaves[1].stride, leaves[1].free.as_slice()), (0, 1, [(4, 2)].as_slice()));
+        assert_eq!(leaves.len(), 2);
+        assert!(p.same_units(("q", 0), ("o", 1)));
+    }
+
+    #[test]
+    fn gqa_attention_nests_query_heads_in_kv_groups_and_pins_head_dim() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = attention(&mut ir, x, "attn", 4, 2, 2);
+        let out = lm_head(&mut ir, y, 16, 8);
+        let mut p = run(&ir, &[out]);
+        let q = p.leaves("attn.q.weight", 0);
+        let k = p.leaves("attn.k.weight", 0);
+        assert_eq!((q.len(), k.len()), (3, 2), "q rows: group × slot × head_dim; k rows: group × head_dim");
+        let (group, slot, head_dim) = (q[0].root, q[1].root, q[2].root);
+        assert_eq!(k[0].root, group);
+        assert_eq!(p.nested, [(slot, group)]);
+        assert_eq!(p.spaces.tags(group).into_iter().collect::<Vec<_>>(), [Tag::KvHeads]);
+        assert_eq!(p.spaces.tags(slot).into_iter().collect::<Vec<_>>(), [Tag::QueryHeads, Tag::Broadcast]);
+        // Query head h = 2·group + slot, row = 2·h + d.
+        assert_eq!((q[0].offset, q[0].stride, q[0].free.clone()), (0, 4, vec![(2, 1), (2, 2)]));
+        assert_eq!((q[1].offset, q[1].stride, q[1].free.clone()), (0, 2, vec![(2, 1), (2, 4)]));
+        assert!(p.spaces.pinned(head_dim).is_some_and(|r| r.starts_with("head_dim")));
+        assert_eq!(p.spaces.pinned(group), None);
+        // o's columns hold the same group and slot units; their head_dim is v's (pinned too).
+        let o = p.leaves("attn.o.weight", 1);
+        assert_eq!(o[..2], q[..2]);
+        assert!(p.spaces.pinned(o[2].root).is_some_and(|r| r.starts_with("head_dim")));
+        assert_eq!(p.leaves("attn.v.weight", 0)[0], k[0]);
+    }
+
+    #[test]
+    fn a_fused_projection_chunked_in_two_is_two_segments_of_its_rows() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let gate_up = ir.param("gate_up", &[24, 8]);
+        let rows = ir.op("linear.default", json!([n(x), n(gate_up)]), &[1, SEQ, 24]);
+        let halves = ir.op_tuple("chunk.default", json!([n(rows), 2, -1]), &[&[1, SEQ, 12], &[1, SEQ, 12]]);
+        let product = ir.op("mul.Tensor", json!([n(halves[0]), n(halves[1])]), &[1, SEQ, 12]);
+        let down = ir.param("down", &[8, 12]);
+        let out = ir.op("linear.default", json!([n(product), n(down)]), &[1, SEQ, 8]);
+        let mut p = run(&ir, &[out]);
+        let leaves = p.leaves("gate_up", 0);
+        let down_columns = p.root("down", 1);
+        assert_eq!(leaves.iter().map(|o| (o.root, o.offset, o.stride)).collect::<Vec<_>>(), [(down_columns, 0, 1), (down_columns, 12, 1)]);
+    }
+
+    #[test]
+    fn concatenated_projections_are_segments_of_the_consumer_columns() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let a = ir.param("a", &[4, 8]);
+        let b = ir.param("b", &[6, 8]);
+        let ya = ir.op("linear.default", json!([n(x), n(a)]), &[1, SEQ, 4]);
+        let yb = ir.op("linear.default", json!([n(x), n(b)]), &[1, SEQ, 6]);
+        let cat = ir.op("cat.default", json!([[n(ya), n(yb)], -1]), &[1, SEQ, 10]);
+        let c = ir.param("c", &[8, 10]);
+        let out = ir.op("linear.default", json!([n(cat), n(c)]), &[1, SEQ, 8]);
+        let mut p = run(&ir, &[out]);
+        let (a_rows, b_rows) = (p.root("a", 0), p.root("b", 0));
+        let leaves = p.leaves("c", 1);
+        assert_eq!(leaves.iter().map(|o| (o.root, o.offset)).collect::<Vec<_>>(), [(a_rows, 0), (b_rows, 4)]);
+    }
+
+    #[test]
+    fn a_leaf_without_a_shape_is_a_graph_error_naming_the_node() {
+        let text = r#"{"format": "structprune.traced-graph", "version": 1, "params": [],
+                       "nodes": [{"op": "input", "name": "input_ids"}], "outputs": [0]}"#;
+        let graph = Graph::from_json(text).expect("the IR itself is well formed");
+        let err = propagate(&graph).err().expect("a shapeless input cannot be propagated");
+        assert!(matches!(&err, Error::Graph { node: Some(0), reason } if reason == "input has no shape"), "{err}");
     }
 }

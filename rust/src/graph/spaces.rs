@@ -62,14 +62,7 @@ pub struct Occurrence {
 impl Spaces {
     pub fn fresh(&mut self, size: u64) -> SpaceId {
         let id = self.spaces.len();
-        self.spaces.push(Space {
-            parent: id,
-            size,
-            refinement: None,
-            pinned: None,
-            tags: BTreeSet::new(),
-            notes: BTreeSet::new(),
-        });
+        self.spaces.push(Space { parent: id, size, refinement: None, pinned: None, tags: BTreeSet::new(), notes: BTreeSet::new() });
         id
     }
 
@@ -341,17 +334,10 @@ impl Spaces {
         let root = self.find(id);
         let pinned_here = pinned_above.clone().or_else(|| self.spaces[root].pinned.clone());
         match self.spaces[root].refinement.clone() {
-            None => out.push(Occurrence {
-                root,
-                offset,
-                stride,
-                free: free.clone(),
-                pinned_by_parent: pinned_above,
-            }),
+            None => out.push(Occurrence { root, offset, stride, free: free.clone(), pinned_by_parent: pinned_above }),
             Some(Refinement::Product(parts)) => {
                 let sizes: Vec<u64> = parts.iter().map(|&p| self.size(self.find_const(p))).collect();
-                let strides: Vec<u64> =
-                    (0..parts.len()).map(|k| stride * sizes[k + 1..].iter().product::<u64>()).collect();
+                let strides: Vec<u64> = (0..parts.len()).map(|k| stride * sizes[k + 1..].iter().product::<u64>()).collect();
                 for (k, &part) in parts.iter().enumerate() {
                     let before = free.len();
                     for j in (0..parts.len()).filter(|&j| j != k && sizes[j] > 1) {

@@ -10,6 +10,12 @@ use super::ir::{Graph, Layers};
 use super::propagate::Propagation;
 use super::spaces::{SpaceId, Tag};
 
+/// Tags the JSON that `StructureSet::to_json` hands to Python (docs/structures-format.md), so that
+/// an extension built from other sources than the Python reading it fails loudly instead of being
+/// misread. Bump `VERSION` on any change a reader could notice.
+pub const FORMAT: &str = "structprune.structures";
+pub const VERSION: u64 = 1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -78,6 +84,20 @@ pub struct StructureSet {
     pub pinned: Vec<PinnedDim>,
     pub blocks: Option<Blocks>,
     pub params: BTreeMap<String, Vec<u64>>,
+}
+
+impl StructureSet {
+    /// The set as the tagged JSON document of docs/structures-format.md.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Document<'a> {
+            format: &'static str,
+            version: u64,
+            #[serde(flatten)]
+            set: &'a StructureSet,
+        }
+        serde_json::to_string(&Document { format: FORMAT, version: VERSION, set: self }).expect("structures always serialise")
+    }
 }
 
 pub fn extract(graph: &Graph, mut propagation: Propagation) -> StructureSet {
@@ -189,19 +209,14 @@ fn expand_layers(set: &mut StructureSet, layers: &Layers) {
     let template = layers.traced.saturating_sub(1);
     let extra: Vec<usize> = (layers.traced..layers.total).collect();
     let prefix = layers.prefix.clone();
-    let template_params: Vec<(String, Vec<u64>)> = set
-        .params
-        .iter()
-        .filter(|(name, _)| layer_index(&prefix, name) == Some(template))
-        .map(|(n, s)| (n.clone(), s.clone()))
-        .collect();
+    let template_params: Vec<(String, Vec<u64>)> =
+        set.params.iter().filter(|(name, _)| layer_index(&prefix, name) == Some(template)).map(|(n, s)| (n.clone(), s.clone())).collect();
     for &layer in &extra {
         for (name, shape) in &template_params {
             set.params.insert(rename_layer(&prefix, name, template, layer), shape.clone());
         }
     }
-    let pinned_template: Vec<PinnedDim> =
-        set.pinned.iter().filter(|p| layer_index(&prefix, &p.param) == Some(template)).cloned().collect();
+    let pinned_template: Vec<PinnedDim> = set.pinned.iter().filter(|p| layer_index(&prefix, &p.param) == Some(template)).cloned().collect();
     for &layer in &extra {
         for p in &pinned_template {
             set.pinned.push(PinnedDim { param: rename_layer(&prefix, &p.param, template, layer), ..p.clone() });
@@ -245,11 +260,196 @@ fn expand_layers(set: &mut StructureSet, layers: &Layers) {
         set.structures[index].nested_in = copy_of.get(&(outer, layer)).copied();
     }
     set.pinned.sort_by(|a, b| (&a.param, a.dim).cmp(&(&b.param, b.dim)));
-    let block_params: u64 = set
-        .params
-        .iter()
-        .filter(|(name, _)| layer_index(&prefix, name) == Some(template))
-        .map(|(_, s)| s.iter().product::<u64>())
-        .sum();
+    let block_params: u64 =
+        set.params.iter().filter(|(name, _)| layer_index(&prefix, name) == Some(template)).map(|(_, s)| s.iter().product::<u64>()).sum();
     set.blocks = Some(Blocks { prefix, count: layers.total, unit_params: block_params });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::test_ir::{attention, embed, lm_head, n, swiglu, Ir, SEQ};
+
+    /// The structures of `ir` with `x` fed to a 16-word head as the model output.
+    fn with_head(mut ir: Ir, x: usize) -> StructureSet {
+        let logits = lm_head(&mut ir, x, 16, 8);
+        crate::graph::build_structures(&ir.json(&[logits])).expect("the test graph builds")
+    }
+
+    fn member(param: &str, dim: usize, stride: u64, free: &[(u64, u64)]) -> Member {
+        Member { param: param.into(), dim, offset: 0, stride, free: free.to_vec() }
+    }
+
+    fn pinned(set: &StructureSet) -> Vec<(&str, usize, &str)> {
+        set.pinned.iter().map(|p| (p.param.as_str(), p.dim, p.reason.as_str())).collect()
+    }
+
+    #[test]
+    fn mlp_channels_and_the_hidden_stream_are_structures_with_their_unit_costs() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = swiglu(&mut ir, x, "mlp", 8, 12);
+        let set = with_head(ir, y);
+        assert_eq!(set.structures.len(), 2);
+        let of_kind = |kind| set.structures.iter().find(|s| s.kind == kind).expect("a structure of each kind");
+        let channels = of_kind(Kind::Channels);
+        assert_eq!((channels.kind, channels.units, channels.layer, channels.nested_in), (Kind::Channels, 12, None, None));
+        assert_eq!(
+            channels.members,
+            [member("mlp.down.weight", 1, 1, &[]), member("mlp.gate.weight", 0, 1, &[]), member("mlp.up.weight", 0, 1, &[])]
+        );
+        assert_eq!(channels.unit_params, 3 * 8);
+        let hidden = of_kind(Kind::Hidden);
+        assert_eq!((hidden.units, hidden.layer), (8, None));
+        let params: Vec<(&str, usize)> = hidden.members.iter().map(|m| (m.param.as_str(), m.dim)).collect();
+        assert_eq!(
+            params,
+            [("lm_head.weight", 1), ("mlp.down.weight", 0), ("mlp.gate.weight", 1), ("mlp.up.weight", 1), ("model.embed.weight", 1)]
+        );
+        assert_eq!(hidden.unit_params, 16 + 3 * 12 + 16);
+        assert_eq!(
+            pinned(&set),
+            [("lm_head.weight", 0, "model output"), ("model.embed.weight", 0, "embedding rows are looked up by token or position id")]
+        );
+        assert!(set.blocks.is_none());
+    }
+
+    #[test]
+    fn a_square_weight_on_both_sides_of_a_unit_loses_one_shared_element() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let square = ir.param("square", &[8, 8]);
+        let y = ir.op("linear.default", serde_json::json!([n(x), n(square)]), &[1, SEQ, 8]);
+        let sum = ir.op("add.Tensor", serde_json::json!([n(x), n(y)]), &[1, SEQ, 8]);
+        let set = with_head(ir, sum);
+        assert_eq!(set.structures.len(), 1);
+        let hidden = &set.structures[0];
+        assert_eq!(
+            hidden.members,
+            [
+                member("lm_head.weight", 1, 1, &[]),
+                member("model.embed.weight", 1, 1, &[]),
+                member("square", 0, 1, &[]),
+                member("square", 1, 1, &[])
+            ]
+        );
+        // A hidden channel is a column of the embedding and the head, and a row and a column of
+        // the square weight, which share one element.
+        assert_eq!(hidden.unit_params, 16 + 16 + (8 + 8 - 1));
+    }
+
+    #[test]
+    fn attention_without_gqa_has_heads_shared_by_q_k_and_v() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = attention(&mut ir, x, "attn", 4, 4, 2);
+        let set = with_head(ir, y);
+        let heads: Vec<&Structure> = set.structures.iter().filter(|s| s.kind == Kind::Heads).collect();
+        assert_eq!(heads.len(), 1);
+        assert_eq!(heads[0].units, 4);
+        let head = [(2, 1)];
+        let expected: Vec<Member> = ["attn.k.weight", "attn.o.weight", "attn.q.weight", "attn.v.weight"]
+            .iter()
+            .map(|p| member(p, usize::from(*p == "attn.o.weight"), 2, &head))
+            .collect();
+        assert_eq!(heads[0].members, expected);
+        assert_eq!(heads[0].unit_params, 4 * 2 * 8);
+        assert!(set.structures.iter().all(|s| s.kind != Kind::KvGroups && s.kind != Kind::QueryHeads));
+    }
+
+    #[test]
+    fn gqa_gives_kv_groups_with_query_head_slots_nested_in_them() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = attention(&mut ir, x, "attn", 4, 2, 2);
+        let set = with_head(ir, y);
+        let of_kind = |kind| set.structures.iter().find(|s| s.kind == kind).expect("a structure of each GQA kind");
+        let (groups, slots) = (of_kind(Kind::KvGroups), of_kind(Kind::QueryHeads));
+        assert_eq!((groups.units, groups.nested_in), (2, None));
+        assert_eq!((slots.units, slots.nested_in), (2, Some(groups.id)));
+        // Query head h = 2·group + slot and row = 2·h + d, so a group is 4 rows of q, 2 of k and v.
+        assert_eq!(
+            groups.members,
+            [
+                member("attn.k.weight", 0, 2, &[(2, 1)]),
+                member("attn.o.weight", 1, 4, &[(2, 1), (2, 2)]),
+                member("attn.q.weight", 0, 4, &[(2, 1), (2, 2)]),
+                member("attn.v.weight", 0, 2, &[(2, 1)]),
+            ]
+        );
+        assert_eq!(slots.members, [member("attn.o.weight", 1, 2, &[(2, 1), (2, 4)]), member("attn.q.weight", 0, 2, &[(2, 1), (2, 4)])]);
+        assert_eq!((groups.unit_params, slots.unit_params), (4 * 8 + 2 * 8 + 2 * 8 + 4 * 8, 4 * 8 + 4 * 8));
+        let head_dim: Vec<(&str, usize)> =
+            set.pinned.iter().filter(|p| p.reason.starts_with("head_dim")).map(|p| (p.param.as_str(), p.dim)).collect();
+        assert_eq!(head_dim, [("attn.k.weight", 0), ("attn.o.weight", 1), ("attn.q.weight", 0), ("attn.v.weight", 0)]);
+    }
+
+    /// Two traced blocks `layers.{0,1}` (GQA attention and a SwiGLU MLP each) of `total`.
+    fn stacked(total: usize) -> StructureSet {
+        let mut ir = Ir::default();
+        ir.layers("layers", 2, total);
+        let mut x = embed(&mut ir, 16, 8);
+        for layer in 0..2 {
+            x = attention(&mut ir, x, &format!("layers.{layer}.attn"), 4, 2, 2);
+            x = swiglu(&mut ir, x, &format!("layers.{layer}.mlp"), 8, 12);
+        }
+        with_head(ir, x)
+    }
+
+    #[test]
+    fn untraced_blocks_get_copies_of_the_last_traced_blocks_structures() {
+        let traced = stacked(2);
+        let set = stacked(4);
+        let per_layer = |set: &StructureSet, layer| set.structures.iter().filter(|s| s.layer == Some(layer)).count();
+        assert_eq!((per_layer(&traced, 1), per_layer(&set, 2), per_layer(&set, 3)), (3, 3, 3));
+        for copy in set.structures.iter().filter(|s| s.layer == Some(3)) {
+            let original = set.structures.iter().find(|s| s.layer == Some(1) && s.kind == copy.kind).expect("an original");
+            let renamed: Vec<String> = original.members.iter().map(|m| m.param.replace("layers.1.", "layers.3.")).collect();
+            assert_eq!(copy.members.iter().map(|m| m.param.clone()).collect::<Vec<_>>(), renamed);
+            assert_eq!((copy.units, copy.unit_params), (original.units, original.unit_params));
+        }
+        let block_params: u64 =
+            traced.params.iter().filter(|(name, _)| name.starts_with("layers.1.")).map(|(_, s)| s.iter().product::<u64>()).sum();
+        let blocks = set.blocks.as_ref().expect("a layer stack");
+        assert_eq!((blocks.prefix.as_str(), blocks.count, blocks.unit_params), ("layers", 4, block_params));
+        assert_eq!(set.params["layers.3.mlp.down.weight"], [8, 12]);
+        assert_eq!(set.params.len(), traced.params.len() + 2 * 7);
+        let pinned_in = |layer: &str| set.pinned.iter().filter(|p| p.param.starts_with(layer)).count();
+        assert_eq!(pinned_in("layers.3."), pinned_in("layers.1."));
+    }
+
+    #[test]
+    fn the_hidden_stream_reaches_every_untraced_block_and_copied_slots_nest_in_copied_groups() {
+        let (traced, set) = (stacked(2), stacked(4));
+        let hidden = |set: &StructureSet| set.structures.iter().find(|s| s.kind == Kind::Hidden).cloned().expect("a hidden structure");
+        let (before, after) = (hidden(&traced), hidden(&set));
+        assert_eq!(after.layer, None);
+        assert_eq!(after.members.len(), before.members.len() + 2 * 7);
+        assert!(after.members.iter().any(|m| m.param == "layers.2.mlp.up.weight" && m.dim == 1));
+        let per_block = (after.unit_params - before.unit_params) / 2;
+        // Columns of q (8 rows), k and v (4 rows each), a row of o, columns of gate and up, a row of down.
+        assert_eq!(per_block, 8 + 4 + 4 + 8 + 3 * 12);
+        for slots in set.structures.iter().filter(|s| s.kind == Kind::QueryHeads) {
+            let groups = &set.structures[slots.nested_in.expect("slots nest in groups")];
+            assert_eq!((groups.kind, groups.layer), (Kind::KvGroups, slots.layer));
+        }
+    }
+
+    #[test]
+    fn layer_index_reads_the_block_number_after_the_prefix() {
+        assert_eq!(layer_index("model.layers", "model.layers.3.mlp.up_proj.weight"), Some(3));
+        assert_eq!(layer_index("model.layers", "model.layers_extra.3.weight"), None);
+        assert_eq!(layer_index("model.layers", "model.norm.weight"), None);
+    }
+
+    #[test]
+    fn the_json_for_python_starts_with_its_format_and_version() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let set = with_head(ir, x);
+        let document: serde_json::Value = serde_json::from_str(&set.to_json()).expect("JSON");
+        let keys: Vec<&str> = document.as_object().expect("an object").keys().map(String::as_str).collect();
+        assert_eq!(keys, ["format", "version", "structures", "pinned", "blocks", "params"]);
+        assert_eq!((document["format"].as_str(), document["version"].as_u64()), (Some(FORMAT), Some(VERSION)));
+    }
 }
