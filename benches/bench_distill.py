@@ -8,7 +8,7 @@ In one run it:
    (``structprune.prune.make_plan`` + ``apply_plan``, heads + MLP, uniform widths, no
    reconstruction) and measures dense and pruned perplexity on ``demo/text/heldout.txt``
    (window 128, the first ``--heldout-chars`` characters);
-2. recovers the pruned checkpoint once per ``--runs`` entry with ``structprune.recover.recover``
+2. recovers the pruned checkpoint once per ``--runs`` entry with ``structprune.recover.training.recover``
    on ``demo/text/calib.txt`` (its first ``--train-chars`` characters if given): the same ``--steps`` × ``--batch-size`` × ``--seq-len`` examples,
    lr, LoRA rank and seed for every entry, only the objective changes. An entry is ``lm`` (LM
    loss) or ``kd`` with ``:``-separated settings ``a=ALPHA`` (distill weight), ``t=TEMPERATURE``,
@@ -79,9 +79,9 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     from structprune import apply_plan
-    from structprune.evaluate import perplexity_of_text
+    from structprune.evaluate.perplexity import perplexity_of_text
     from structprune.prune import PruneOptions, make_plan
-    from structprune.recover import RecoverOptions, recover
+    from structprune.recover.training import RecoverOptions, recover
 
     hf_logging.disable_progress_bar()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="structprune-bench-distill-"))

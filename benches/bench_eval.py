@@ -10,16 +10,16 @@ In one run it:
    heads+MLP or ``--structures``, ``--blocks`` whole blocks when blocks are among them, widths rounded
    to ``--multiple``, as ``structprune prune`` does) into a temporary
    directory (skips with a message when ``../shared`` is absent);
-2. loads both with ``structprune.loading.load_model`` (float32, CPU unless ``--device``) and
-   measures the held-out perplexity at window 128 (``structprune.evaluate``; dense reference 40.26),
-   parameters and MACs per token at 128 keys (``structprune.costs``);
-3. times both, per batch size (1 and 16), with ``structprune.costs.prefill_seconds`` (one forward
+2. loads both with ``structprune.models.loading.load_model`` (float32, CPU unless ``--device``) and
+   measures the held-out perplexity at window 128 (``structprune.evaluate.perplexity``; dense reference 40.26),
+   parameters and MACs per token at 128 keys (``structprune.evaluate.costs``);
+3. times both, per batch size (1 and 16), with ``structprune.evaluate.costs.prefill_seconds`` (one forward
    of B x 128 tokens, no cache) and ``decode_seconds_per_token`` (mean of 16 greedy one-token steps
    after an untimed 128-token prefill with a KV cache): ``--warmup`` runs of each model, then
    ``--pairs`` runs of each *interleaved run by run* (dense, pruned, pruned, dense, ...), so load
    from other processes falls on both models alike; the speedup is the median over pairs of
    dense time / pruned time, with its quartiles;
-4. measures peak memory per batch size once per model (``structprune.costs.measure_throughput``);
+4. measures peak memory per batch size once per model (``structprune.evaluate.costs.measure_throughput``);
 5. prints the table, the speedups and the issue's target (pruned >= 1.2x dense at batch 1 and 16);
    ``--json OUT`` saves every run.
 
@@ -73,7 +73,7 @@ def paired_timings(models: Dict[str, Any], args: argparse.Namespace) -> Dict[str
     and the median (and quartiles) of the per-pair ratio dense time / pruned time."""
     import torch
 
-    from structprune.costs import decode_seconds_per_token, prefill_seconds, random_prompt
+    from structprune.evaluate.costs import decode_seconds_per_token, prefill_seconds, random_prompt
 
     generator = torch.Generator().manual_seed(0)
     timings: Dict[str, Dict[str, Any]] = {}
@@ -121,10 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from structprune.calibration import load_texts, token_stream
-    from structprune.costs import TimingProtocol, count_parameters, macs_per_token, measure_throughput
-    from structprune.evaluate import perplexity
-    from structprune.loading import load_model, load_tokenizer
+    from structprune.score.calibration import load_texts, token_stream
+    from structprune.evaluate.costs import TimingProtocol, count_parameters, macs_per_token, measure_throughput
+    from structprune.evaluate.perplexity import perplexity
+    from structprune.models.loading import load_model, load_tokenizer
     from structprune.prune import PruneOptions, prune
 
     hf_logging.disable_progress_bar()

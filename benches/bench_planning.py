@@ -6,7 +6,7 @@ The model is scored once per estimator (``structprune.prune.make_plan``, 32 wind
 ``text/calib.txt``, seed 0); each variant then plans from those scores (``plan_uniform`` or
 ``plan_global`` with a normalisation and protected blocks), is written with ``apply_plan`` in the
 format ``auto`` chooses (stock, or DeciLM for per-layer widths) and evaluated with
-``structprune.evaluate.perplexity_of_text`` (window 128; dense reference 40.26). Prints one table;
+``structprune.evaluate.perplexity.perplexity_of_text`` (window 128; dense reference 40.26). Prints one table;
 ``--json OUT`` saves it. Needs ``../shared/fixtures`` (exits with a message when absent).
 
     python benches/bench_planning.py [--estimators taylor,l2] [--ratios 0.2,0.5]
@@ -50,9 +50,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def run_variant(model: Path, heldout: Path, scored: Any, options: Any, label: str, work: Path) -> Dict[str, Any]:
     from structprune.apply import apply_plan, plan_output
-    from structprune.cuts import checkpoint_cut_plan
-    from structprune.evaluate import perplexity_of_text
-    from structprune.graph import trace
+    from structprune.plan.cuts import checkpoint_cut_plan
+    from structprune.evaluate.perplexity import perplexity_of_text
+    from structprune.tracing.graph import trace
     from structprune.prune import plan_selection
 
     graph = trace(model)
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from transformers.utils import logging as hf_logging
 
-    from structprune.evaluate import perplexity_of_text
+    from structprune.evaluate.perplexity import perplexity_of_text
     from structprune.prune import PruneOptions, make_plan
 
     hf_logging.disable_progress_bar()

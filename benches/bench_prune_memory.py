@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Peak memory of structprune's layer-streamed Taylor scoring on a checkpoint far larger than RAM
-budget (``StreamedModel`` + ``structprune.scoring.score`` with ``estimator("taylor")``).
+budget (``StreamedModel`` + ``structprune.score.scorer.score`` with ``estimator("taylor")``).
 
 In one run it:
 
@@ -293,11 +293,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import structprune
-    from structprune import float32_compute
-    from structprune.graph import KINDS
-    from structprune.importance import estimator
-    from structprune.scoring import score
-    from structprune.streaming import ActivationStore, StreamedModel
+    from structprune.score import float32_compute
+    from structprune.tracing.graph import KINDS
+    from structprune.score.importance import estimator
+    from structprune.score.scorer import score
+    from structprune.score.streaming import ActivationStore, StreamedModel
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     result["imports_s"] = time.perf_counter() - t_start
@@ -307,7 +307,7 @@ def worker(args: argparse.Namespace) -> None:
     model_dir = Path(args.model)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
     if args.half_matmul == "float32":
-        # What a CPU without bfloat16/float16 matrix units runs (structprune.float32_compute).
+        # What a CPU without bfloat16/float16 matrix units runs (structprune.score.float32_compute).
         float32_compute.needs_float32_compute = lambda device, dtype: device.type == "cpu" and dtype in float32_compute.HALF_DTYPES
     result["float32_compute"] = float32_compute.needs_float32_compute(torch.device(args.device), dtype)
 
@@ -344,7 +344,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_score = time.perf_counter()
-    from structprune.sizes import parse_size
+    from structprune.io.sizes import parse_size
 
     store = ActivationStore(parse_size(args.activation_memory, allow_zero=True))
     # The kinds make_plan scores for --structures heads,mlp (the default): hidden channels only when pruned.
@@ -576,7 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        f"{spec.params / 1e9:.2f} B params, {len(wanted['files'])} shards"],
         ["calibration", f"{args.samples} x {args.seq_len} random token ids, micro-batch {args.micro_batch}, compute {args.dtype}, "
                         f"{data.get('torch_threads')} torch threads"],
-        ["half-precision matmuls", "float32 path (structprune.float32_compute)" if data.get("float32_compute") else "native"],
+        ["half-precision matmuls", "float32 path (structprune.score.float32_compute)" if data.get("float32_compute") else "native"],
         ["saved block inputs", f"in memory up to {args.activation_memory}; {data.get('activations_spilled', 0)} went to disk"],
         ["peak RSS (wait4 ru_maxrss)", f"{fmt_mib(peak)} = {peak / GB:.2f} GB"],
         ["peak RSS (worker VmHWM)", fmt_mib(data.get("vm_hwm"))],

@@ -9,13 +9,13 @@ In one run it:
    MLP 704, vocab 4096, untied; ``../shared/fixtures/README.md``), its calibration text
    ``text/calib.txt`` and held-out text ``text/heldout.txt`` (skips with a message when ``../shared``
    is absent), and measures the dense held-out perplexity (window 128; reference 40.26);
-2. for every estimator in ``structprune.importance.ESTIMATORS``, and ``flap+bias`` (FLAP with bias
+2. for every estimator in ``structprune.score.importance.ESTIMATORS``, and ``flap+bias`` (FLAP with bias
    compensation, ``PruneOptions(bias_compensation=True)``), and every ratio, with structures
    ("heads", "mlp") and both GQA modes ("query-heads", the default, and "kv-groups"):
    ``structprune.prune.make_plan`` (PruneOptions(ratio, importance, structures, gqa, calib, samples
    32, seq_len 128, seed 0)), ``structprune.apply_plan`` into a temporary directory, then
    ``AutoModelForCausalLM.from_pretrained`` of the result and its held-out perplexity
-   (``structprune.evaluate.perplexity``, the protocol of ``perplexity_of_text``);
+   (``structprune.evaluate.perplexity.perplexity``, the protocol of ``perplexity_of_text``);
 3. for the best estimator (lowest mean log-perplexity over the ratios), also structures
    ("heads", "mlp", "hidden") in both GQA modes and ("mlp",) alone;
 4. Torch-Pruning (1.6.x): the dense model in memory (eager attention), gradients of the
@@ -101,7 +101,7 @@ class Context:
         import transformers
         from transformers import AutoTokenizer
 
-        from structprune.calibration import calibration_batch, load_texts, token_stream
+        from structprune.score.calibration import calibration_batch, load_texts, token_stream
 
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars, one per model load
 
@@ -127,7 +127,7 @@ class Context:
         return model
 
     def perplexity(self, model: Any) -> Tuple[Any, float]:
-        from structprune.evaluate import perplexity
+        from structprune.evaluate.perplexity import perplexity
 
         started = time.perf_counter()
         result = perplexity(model, self.stream, window=self.args.window, batch_size=self.args.eval_batch)
@@ -394,10 +394,10 @@ def run_matched(ctx: Context, est: str, tp_row: Row, work: Path, tracebacks: Dic
     make_plan: trace, StreamedModel + score on the same calibration batch, a Selection of the
     lowest-scoring units, checkpoint_cut_plan, apply_plan."""
     import structprune
-    from structprune.cuts import Selection, checkpoint_cut_plan
-    from structprune.importance import estimator
-    from structprune.scoring import score
-    from structprune.streaming import ActivationStore, StreamedModel
+    from structprune.plan.cuts import Selection, checkpoint_cut_plan
+    from structprune.score.importance import estimator
+    from structprune.score.scorer import score
+    from structprune.score.streaming import ActivationStore, StreamedModel
 
     row = Row("structprune@TP-widths", est, "heads+mlp", "query-heads", tp_row.target)
     out = work / f"matched-{est}-{tp_row.target}"
@@ -520,7 +520,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--calib", default=from_root("text/calib.txt"))
     p.add_argument("--heldout", default=from_root("text/heldout.txt"))
     p.add_argument("--ratios", default="0.2,0.5", help="fractions of all parameters to remove (default 0.2,0.5)")
-    p.add_argument("--estimators", default="", help="comma list; NAME+bias adds bias compensation (default: all of structprune.importance.ESTIMATORS and flap+bias)")
+    p.add_argument("--estimators", default="", help="comma list; NAME+bias adds bias compensation (default: all of structprune.score.importance.ESTIMATORS and flap+bias)")
     p.add_argument("--gqa-modes", default="query-heads,kv-groups")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
@@ -548,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     import torch
 
-    from structprune.importance import ESTIMATORS
+    from structprune.score.importance import ESTIMATORS
 
     ratios = [float(x) for x in args.ratios.split(",") if x]
     estimators = [e for e in (args.estimators.split(",") if args.estimators else [*ESTIMATORS, "flap" + BIAS_SUFFIX]) if e]

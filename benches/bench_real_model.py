@@ -10,7 +10,7 @@ Protocol (printed with the table):
   tokens drawn with ``--seed`` (structprune's ``calibration_batch``; the same batch for
   Torch-Pruning's gradients);
 * evaluation: ``text/heldout.txt`` as one token stream, the first ``--tokens`` tokens (default:
-  all), non-overlapping 128-token windows, mean window loss, exp (``structprune.evaluate``);
+  all), non-overlapping 128-token windows, mean window loss, exp (``structprune.evaluate.perplexity``);
   the dense model is measured in the same run;
 * every structprune configuration runs in a subprocess of its own (``prune.prune``: trace, score,
   plan, reconstruct when asked, apply into a temporary directory, then ``load_pruned`` and the
@@ -28,7 +28,10 @@ A configuration is written ``ESTIMATOR[+option...]``: ``+rec`` reconstruction, `
 global planning (its default protection), ``+bias`` FLAP's bias compensation, ``+kv`` whole KV
 groups instead of query heads, ``+dense``/``+layer`` the reconstruction target, ``+s128`` 128 calibration samples, ``+d0.1`` damping 0.1,
 ``+it2r16`` iterative pruning in 2 steps with 16 distillation steps (batch 8) between them,
-``blocks`` the Block-Influence baseline (whole blocks only). Usage:
+``blocks`` the Block-Influence baseline (whole blocks only). For contrast, ``sparse-METHOD``
+(magnitude, wanda, sparsegpt) zeroes RATIO of every row's weights with ``structprune sparsify`` and
+``sparse-METHOD+2:4`` applies the 2:4 pattern whatever the ratio; their "removed" column is the
+zeroed fraction (nothing is removed: the checkpoint keeps its size and dense-kernel speed). Usage:
 
     PY=.venv/bin/python bash ../shared/fixtures/make-smollm2.sh
     .venv/bin/python benches/bench_real_model.py --configs taylor,taylor+rec,blocks --ratios 0.2,0.5 \\
@@ -88,15 +91,15 @@ def parse_config(name: str) -> Dict[str, Any]:
 
 
 def heldout_stream(model: Path, heldout: Path, tokens: Optional[int]) -> Any:
-    from structprune.calibration import load_texts, token_stream
-    from structprune.loading import load_tokenizer
+    from structprune.score.calibration import load_texts, token_stream
+    from structprune.models.loading import load_tokenizer
 
     stream = token_stream(load_texts(heldout), load_tokenizer(model))
     return stream[:tokens] if tokens else stream
 
 
 def measure(model: Any, stream: Any) -> Dict[str, float]:
-    from structprune.evaluate import perplexity
+    from structprune.evaluate.perplexity import perplexity
 
     started = time.perf_counter()
     result = perplexity(model, stream, window=WINDOW)
@@ -105,20 +108,44 @@ def measure(model: Any, stream: Any) -> Dict[str, float]:
 
 def block_fraction(model_dir: Path, params_after: int, params_before: int) -> float:
     """The removed fraction of the parameters inside the blocks (embeddings and head are never cut)."""
-    from structprune.checkpoint import read_checkpoint
+    from structprune.io.checkpoint import read_checkpoint
 
     outside = sum(math.prod(t.shape) for n, t in read_checkpoint(model_dir).tensors.items() if ".layers." not in n)
     return (params_before - params_after) / (params_before - outside)
+
+
+def run_sparse(args: argparse.Namespace) -> Dict[str, Any]:
+    """A ``sparse-METHOD[+N:M]`` configuration, in this (child) process: sparsify, load, evaluate."""
+    from structprune.models.loading import load_pruned
+    from structprune.plan.sparsify import SparsifyOptions, sparsify
+
+    method, _, pattern = args.one[len("sparse-"):].partition("+")
+    options = SparsifyOptions(
+        sparsity=None if pattern else args.ratio, pattern=pattern or None, method=method, calib=args.calib, samples=args.samples,
+        seq_len=args.seq_len, seed=args.seed,
+    )
+    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+        out = Path(scratch) / "sparse"
+        started = time.perf_counter()
+        result = sparsify(args.model, out, options)
+        row = {
+            "config": args.one, "ratio": args.ratio, "removed_all": result.zeroed_fraction,
+            "removed_blocks": result.zeroed / result.sparsified_parameters, "prune_s": time.perf_counter() - started,
+            "prune_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "widths": {}, "blocks_removed": [],
+        }
+        row.update(measure(load_pruned(out), heldout_stream(args.model, args.heldout, args.tokens)))
+    return row
 
 
 def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     """One configuration, in this (child) process: prune, load, evaluate; a JSON row."""
     import torch
 
-    from structprune.checkpoint import read_checkpoint
-    from structprune.iterative import IterativeOptions, prune_iteratively
-    from structprune.loading import load_pruned
+    from structprune.io.checkpoint import read_checkpoint
+    from structprune.recover.iterative import IterativeOptions, prune_iteratively
+    from structprune.models.loading import load_pruned
     from structprune.prune import PruneOptions, prune
+    from structprune.score.importance import ESTIMATORS
 
     torch.manual_seed(0)
     options = parse_config(args.one)
@@ -133,7 +160,9 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
             result = prune_iteratively(args.model, out, prune_options, IterativeOptions(**iterative)).final
             result.params_before = read_checkpoint(args.model).parameters
         else:
-            result = prune(args.model, out, prune_options, resume=Path(args.work) / "scores" / key)
+            # Perturbative scoring (bonsai) keeps no journal, so it is not cached.
+            cache = False if ESTIMATORS[prune_options.importance].perturbs else Path(args.work) / "scores" / key
+            result = prune(args.model, out, prune_options, resume=cache)
         prune_s = time.perf_counter() - started
         prune_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the evaluation loads the model
         row = {
@@ -233,11 +262,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.one or args.tp or args.dense:
         if args.dense:
-            from structprune.loading import load_pruned
+            from structprune.models.loading import load_pruned
 
             row = {"config": "dense", **measure(load_pruned(args.model), heldout_stream(args.model, args.heldout, args.tokens))}
         else:
-            row = run_one(args) if args.one else run_torch_pruning(args)
+            row = (run_sparse(args) if args.one.startswith("sparse-") else run_one(args)) if args.one else run_torch_pruning(args)
         print(json.dumps(row), flush=True)
         return 0
     if not (args.model / "config.json").is_file():

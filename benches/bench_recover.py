@@ -12,7 +12,7 @@ In one run it:
    other options at their defaults: heads and MLP unless ``--structures``/``--blocks`` say otherwise,
    uniform widths, 32 × 128-token samples)) into a temporary directory and measures the pruned
    perplexity;
-3. runs ``structprune.recover.recover`` on the pruned checkpoint with the defaults of
+3. runs ``structprune.recover.training.recover`` on the pruned checkpoint with the defaults of
    ``RecoverOptions`` (what ``structprune recover PRUNED -o OUT --data calib.txt`` does) unless
    flags change them, timing it from the call to the complete output directory (loading,
    tokenizing, training, merging and writing), then loads the written checkpoint with plain
@@ -48,7 +48,7 @@ TARGET_SECONDS = 600.0
 
 
 def held_out_perplexity(model_dir: Path) -> float:
-    from structprune.evaluate import perplexity_of_text
+    from structprune.evaluate.perplexity import perplexity_of_text
 
     return perplexity_of_text(model_dir, HELDOUT, window=WINDOW).perplexity
 
@@ -76,7 +76,7 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     from structprune.prune import PruneOptions, prune
-    from structprune.recover import RecoverOptions, recover
+    from structprune.recover.training import RecoverOptions, recover
 
     hf_logging.disable_progress_bar()
     changes = {name: getattr(args, name) for name in ("max_steps", "epochs", "lr", "rank", "alpha", "batch_size", "seq_len") if getattr(args, name) is not None}

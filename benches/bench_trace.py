@@ -7,9 +7,9 @@ In one run it:
    times, each in a fresh subprocess whose own peak RSS is taken, with imports done before the
    clock starts and ``--repeat`` calls per process (median reported, first call shown apart):
    - ``structprune.trace(config)``: end to end (meta-device trace, IR, Rust grouping, Python objects);
-   - ``structprune.tracing.trace_model(config)``: the trace alone, with a per-phase breakdown (config,
+   - ``structprune.tracing.export.trace_model(config)``: the trace alone, with a per-phase breakdown (config,
      meta-device model builds, layer checks, ``torch.export``, FX -> IR conversion, ``to_json``);
-   - ``structprune.graph.structures_from_ir(ir_json)`` and ``structprune._core.build_structures(ir_json)``
+   - ``structprune.tracing.graph.structures_from_ir(ir_json)`` and ``structprune._core.build_structures(ir_json)``
      on the saved IR (a process that never imports torch): the grouping with and without the Python
      side (JSON parse, dataclasses);
    and counts the structures found per kind against what a Llama of that shape must give;
@@ -169,15 +169,15 @@ def import_torch_side() -> float:
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
 
     import structprune  # noqa: F401
-    import structprune.graph  # noqa: F401
-    import structprune.tracing  # noqa: F401
+    import structprune.tracing.graph  # noqa: F401
+    import structprune.tracing.export  # noqa: F401
 
     return time.perf_counter() - t0
 
 
 def kind_counts(graph: Any) -> Dict[str, int]:
-    """Structures per kind, in ``structprune.graph.KINDS`` order."""
-    from structprune.graph import KINDS
+    """Structures per kind, in ``structprune.tracing.graph.KINDS`` order."""
+    from structprune.tracing.graph import KINDS
 
     counts: Dict[str, int] = {}
     for s in graph.structures:
@@ -202,15 +202,15 @@ def worker_e2e(shape: LlamaShape, repeat: int, events: Events) -> None:
     )
 
 
-# Functions of structprune.tracing whose time is reported as a phase of trace_model.
+# Functions of structprune.tracing.export whose time is reported as a phase of trace_model.
 TRACE_PHASES = ("_load_config", "_model_class", "_instantiate", "_find_layer_stack", "_homogeneous",
                 "_truncated_config", "_truncation_ok", "_export", "_to_ir")
 
 
 def instrument_tracing(log: List[Tuple[str, float]]) -> None:
-    """Wraps ``structprune.tracing``'s phase functions (looked up as globals by ``trace_model``) so
+    """Wraps ``structprune.tracing.export``'s phase functions (looked up as globals by ``trace_model``) so
     that each call appends ``(name, seconds)`` to ``log``."""
-    import structprune.tracing as tracing
+    import structprune.tracing.export as tracing
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -251,7 +251,7 @@ def phase_breakdown(log: Sequence[Tuple[str, float]], total_s: float, to_json_s:
 
 def worker_trace(shape: LlamaShape, repeat: int, events: Events, ir_path: Path) -> None:
     imports_s = import_torch_side()
-    from structprune.tracing import trace_model
+    from structprune.tracing.export import trace_model
 
     log: List[Tuple[str, float]] = []
     instrument_tracing(log)
@@ -288,7 +288,7 @@ def worker_grouping(repeat: int, events: Events, ir_path: Path, rust_only: bool)
     light by design)."""
     t0 = time.perf_counter()
     import structprune._core as core
-    import structprune.graph as graph_mod
+    import structprune.tracing.graph as graph_mod
 
     imports_s = time.perf_counter() - t0
     torch_loaded = "torch" in sys.modules

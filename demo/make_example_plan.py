@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import structprune
-from structprune.cuts import Selection, checkpoint_cut_plan
+from structprune.plan.cuts import Selection, checkpoint_cut_plan
 
 DEMO = Path(__file__).resolve().parent
 

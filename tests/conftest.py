@@ -66,6 +66,15 @@ def make_checkpoint(tmp_path: Path) -> CheckpointFactory:
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "model"
 
 
+@pytest.fixture(autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own $XDG_CACHE_HOME: `inspect` caches traces and `--resume` keeps state
+    there, and a test must neither read nor write the user's cache."""
+    cache_home = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    return cache_home
+
+
 @pytest.fixture(scope="session")
 def demo_graph() -> Any:
     """The bundled demo model's structure graph (traced on the meta device, no weights read)."""

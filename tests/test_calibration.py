@@ -10,7 +10,7 @@ from typing import Any, List
 import pytest
 import torch
 
-from structprune.calibration import (
+from structprune.score.calibration import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,
     DEFAULT_SAMPLES,
@@ -266,10 +266,9 @@ def test_defaults() -> None:
     from structprune.cli import prune as prune_command
     from structprune.cli import sweep as sweep_command
     from structprune.prune import PruneOptions
-    from structprune.sweep import SweepOptions
 
     assert (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SEED) == (128, 128, 0)
-    assert PruneOptions(ratio=0.1).samples == SweepOptions(ratios=(0.1,), importances=("l2",), ppl=Path("x")).samples == DEFAULT_SAMPLES
+    assert PruneOptions(ratio=0.1).samples == DEFAULT_SAMPLES  # a sweep's runs are PruneOptions too
     for command in (prune_command, sweep_command):
         assert next(p.default for p in command.params if p.name == "samples") == DEFAULT_SAMPLES
 

@@ -93,7 +93,7 @@ def test_info_refuses_a_malformed_config_with_a_typed_error(config: bytes, expec
 
 
 def test_config_past_the_size_limit_is_refused(model_dir: Path) -> None:
-    from structprune.checkpoint import MAX_CONFIG_BYTES, read_config
+    from structprune.io.checkpoint import MAX_CONFIG_BYTES, read_config
     from structprune.errors import ConfigError
 
     with open(model_dir / "config.json", "r+b") as config:

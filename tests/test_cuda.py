@@ -18,9 +18,9 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA is not available (these tests check the GPU paths)", allow_module_level=True)
 
 import structprune  # noqa: E402
-from structprune.evaluate import perplexity_of_text  # noqa: E402
+from structprune.evaluate.perplexity import perplexity_of_text  # noqa: E402
 from structprune.prune import PruneOptions, make_plan  # noqa: E402
-from structprune.streaming import ActivationStore, StreamedModel, backward_pass, forward_pass  # noqa: E402
+from structprune.score.streaming import ActivationStore, StreamedModel, backward_pass, forward_pass  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -81,7 +81,7 @@ def pruned_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("mixed_precision", "load_in"), [("bf16", None), ("fp16", None), ("no", "4bit"), ("no", "8bit")])
 def test_recover_on_cuda_lowers_the_loss_and_writes_a_stock_checkpoint(pruned_demo: Path, tmp_path: Path, mixed_precision: str, load_in: Optional[str]) -> None:
-    from structprune.recover import RecoverOptions, recover
+    from structprune.recover.training import RecoverOptions, recover
 
     options = RecoverOptions(data=CALIB, seq_len=64, batch_size=8, max_steps=12, lr=3e-3, dropout=0.0, device="cuda",
                              mixed_precision=mixed_precision, load_in=load_in)

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from structprune import apply_plan
-from structprune.distill import LiveTeacher, distillation_loss
-from structprune.errors import RecoveryError
-from structprune.evaluate import perplexity_of_text
+from structprune.recover.distill import LiveTeacher, distillation_loss
+from structprune.errors import RecoveryError, SettingError
+from structprune.evaluate.perplexity import perplexity_of_text
 from structprune.prune import PruneOptions, make_plan
-from structprune.recover import IGNORE_INDEX, RecoverOptions, load_training_data, recover
+from structprune.recover.training import IGNORE_INDEX, RecoverOptions, load_training_data, recover
 from test_recover import DEMO_CALIB, DEMO_HELDOUT, DEMO_MODEL, _assert_same_training, _run_two_processes, recover_interrupted_at
 
 VOCABULARY = 4096  # the demo model's
@@ -51,7 +51,7 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_and_zero_adapter_gradient(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from structprune.loading import load_model
+    from structprune.models.loading import load_model
 
     pruned = workspace["pruned"]
     data = load_training_data(workspace["train"], AutoTokenizer.from_pretrained(pruned), seq_len=32)
@@ -146,7 +146,7 @@ def test_top_k_cache_trains_and_an_interrupted_cache_is_completed(workspace: Dic
 def test_processes_fill_a_cache_by_turns_as_one_process_does(workspace: Dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from structprune.distill import CacheKey, TeacherLogitsCache, teacher_sha256
+    from structprune.recover.distill import CacheKey, TeacherLogitsCache, teacher_sha256
 
     data = load_training_data(workspace["train"], AutoTokenizer.from_pretrained(workspace["pruned"]), seq_len=32)
     key = CacheKey(teacher_sha256(DEMO_MODEL), "float32", data.sha256(), 32, 8)
@@ -224,7 +224,7 @@ def test_two_processes_distil_like_one_from_a_cache_they_compute_together(worksp
     ],
 )
 def test_bad_distillation_options_are_refused_before_training(workspace: Dict[str, Path], tmp_path: Path, changes: Dict[str, object], message: str) -> None:
-    with pytest.raises(RecoveryError, match=message):
+    with pytest.raises(SettingError, match=message):
         recover(workspace["pruned"], tmp_path / "out", distill_options(workspace, **changes))
     assert not (tmp_path / "out").exists()
 

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from structprune.distributed import Workers  # noqa: E402
+from structprune.score.distributed import Workers  # noqa: E402
 from structprune.errors import DistributedError  # noqa: E402
 from structprune.prune import PruneOptions, PruneResult, make_plan  # noqa: E402
 
@@ -86,7 +86,7 @@ def test_two_processes_reconstruct_like_one(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from structprune import apply_plan
-    from structprune.plan import CutPlan
+    from structprune.plan.cut_plan import CutPlan
 
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(tmp_path), "reconstruct"],
@@ -130,7 +130,7 @@ def run_worker(out: Path, task: str) -> None:
     """One torchrun process: Wanda-sp through the library, then taylor2 through the CLI; or
     (``reconstruct``) the default OBS selection and reconstruction, whose plan process 0 saves."""
     from structprune.cli import main
-    from structprune.distributed import joined
+    from structprune.score.distributed import joined
 
     with joined("cpu") as workers:
         if task == "reconstruct":

@@ -25,9 +25,10 @@ import inspect
 import json
 import math
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -41,8 +42,8 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import structprune  # noqa: E402
 from structprune import PlanError, apply_plan, read_checkpoint  # noqa: E402
-from structprune.cuts import Selection, checkpoint_cut_plan, stock_config_check  # noqa: E402
-from structprune.graph import Member, StructureGraph  # noqa: E402
+from structprune.plan.cuts import Selection, _blocks_worth_building, _key_names, checkpoint_cut_plan, cut_plan, stock_config_check  # noqa: E402
+from structprune.tracing.graph import Member, StructureGraph  # noqa: E402
 
 BATCH, SEQ = 2, 11
 ATOL = RTOL = 1e-4
@@ -390,6 +391,41 @@ def test_stock_config_check(built: Callable[[str], Built], arch: str) -> None:
             assert reason is None, (kind, reason)
     for kind in sorted({"heads", "kv_groups", "query_heads", "hidden", "channels"} - KINDS[arch]):
         assert stock_config_check(b.graph, b.config, kind) == f"the model has no {kind} structure"
+
+
+def full_plan_answer(graph: StructureGraph, config: Dict[str, Any], kind: str) -> Optional[str]:
+    """The stock check as it was: the whole plan (every kept index of every tensor) verified
+    against the whole model."""
+    selection = Selection()
+    if kind == "blocks":
+        selection.blocks = [graph.blocks.count - 1]
+    else:
+        step = int(config[_key_names(config)["num_attention_heads"]]) if kind == "hidden" else 1
+        selection.units = {s.id: list(range(s.units - step, s.units)) for s in graph.by_kind(kind)}
+    try:
+        cut_plan(graph, config, selection, list(graph.params))
+    except PlanError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_stock_config_check_from_widths_agrees_with_the_full_plan(built: Callable[[str], Built], arch: str) -> None:
+    b = built(arch)
+    # The fast check builds two of the three blocks: the path under test.
+    assert _blocks_worth_building(b.graph, b.config) == 2
+    for kind in sorted(KINDS[arch]):
+        assert stock_config_check(b.graph, b.config, kind) == full_plan_answer(b.graph, b.config, kind), kind
+
+
+def test_blocks_that_differ_are_all_built(built: Callable[[str], Built]) -> None:
+    b = built("llama")
+    last = f"model.layers.{b.graph.blocks.count - 1}.mlp.up_proj.weight"
+    params = {**b.graph.params, last: (b.graph.params[last][0] + 1, b.graph.params[last][1])}
+    assert _blocks_worth_building(dataclasses.replace(b.graph, params=params), b.config) is None
+    # Tensors outside the blocks that the config cut to two blocks does not build as the graph has them.
+    params = {**b.graph.params, "model.norm.weight": (b.graph.params["model.norm.weight"][0] + 1,)}
+    assert _blocks_worth_building(dataclasses.replace(b.graph, params=params), b.config) is None
 
 
 NOT_EXPRESSIBLE_CASES = [(arch, kind) for arch in CONFIGS for kind in sorted(NOT_EXPRESSIBLE[arch])]

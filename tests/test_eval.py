@@ -17,11 +17,11 @@ from arch_configs import CONFIGS
 from click.testing import CliRunner, Result
 
 import structprune
-from structprune.calibration import load_texts
+from structprune.score.calibration import load_texts
 from structprune.cli import main
-from structprune.costs import TimingProtocol, count_parameters, macs_per_token, measure_throughput
-from structprune.errors import EvaluationError, MissingDependencyError, ModelLoadError
-from structprune.loading import load_model
+from structprune.evaluate.costs import TimingProtocol, count_parameters, macs_per_token, measure_throughput
+from structprune.errors import EvaluationError, MissingDependencyError, ModelLoadError, SettingError
+from structprune.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "model"
@@ -169,7 +169,7 @@ def test_eval_compare_prints_ratios(heldout: Path, half_mlp_model: Path) -> None
 
 def test_tasks_without_lm_eval_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    from structprune.zeroshot import run_tasks
+    from structprune.evaluate.zeroshot import run_tasks
 
     with pytest.raises(MissingDependencyError, match="pip install lm-eval"):
         run_tasks(torch.nn.Linear(1, 1), None, ["hellaswag"], batch_size=1)  # type: ignore[arg-type]
@@ -257,9 +257,9 @@ def test_load_model_refuses_what_it_cannot_load(tmp_path: Path) -> None:
     (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 7}))
     with pytest.raises(ModelLoadError, match="lacks weights the config needs: model.layers.6"):
         load_model(deeper, dtype="float32", device="cpu")
-    with pytest.raises(ModelLoadError, match="dtype must be one of"):
+    with pytest.raises(SettingError, match="--dtype: must be one of"):
         load_model(DEMO_MODEL, dtype="int8", device="cpu")
-    with pytest.raises(ModelLoadError, match="device must be cpu or cuda"):
+    with pytest.raises(SettingError, match="--device: must be cpu or cuda"):
         load_model(DEMO_MODEL, dtype="float32", device="tpu")
     model = load_model(DEMO_MODEL, dtype="bfloat16", device="cpu")
     assert not model.training and {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -313,7 +313,7 @@ def test_sweep_writes_table_and_plot(tmp_path: Path, heldout: Path) -> None:
     inside = invoke("sweep", DEMO_MODEL, "--ratios", "0.1", "--importance", "l2", "--ppl", heldout, "-o", DEMO_MODEL / "sweep")
     assert inside.exit_code == 1 and "outside the model directory" in inside.stderr
     bad = invoke("sweep", DEMO_MODEL, "--ratios", "0.1,1.5", "--importance", "l2", "--ppl", heldout, "-o", tmp_path / "bad")
-    assert bad.exit_code == 1 and "strictly between 0 and 1" in bad.stderr
+    assert bad.exit_code == 2 and "strictly between 0 and 1" in bad.stderr
 
 
 def test_sweep_with_global_planning_measures_non_uniform_checkpoints(tmp_path: Path, heldout: Path) -> None:
@@ -323,4 +323,4 @@ def test_sweep_with_global_planning_measures_non_uniform_checkpoints(tmp_path: P
     rows = read_csv(output / "sweep.csv")
     assert [r["importance"] for r in rows] == ["dense", "l2"]
     assert 0.17 < float(rows[1]["removed_fraction"]) < 0.23
-    assert json.loads((output / "sweep.json").read_text())["options"]["planning"] == "global"
+    assert json.loads((output / "sweep.json").read_text())["options"]["pruning"]["planning"] == "global"

@@ -10,9 +10,9 @@ from typing import Any, Dict, Tuple
 import pytest
 import torch
 
-from structprune.calibration import load_texts, token_stream
+from structprune.score.calibration import load_texts, token_stream
 from structprune.errors import CalibrationError
-from structprune.evaluate import PerplexityResult, perplexity, perplexity_of_text
+from structprune.evaluate.perplexity import PerplexityResult, perplexity, perplexity_of_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "model"
@@ -51,8 +51,8 @@ def _free_models() -> Any:
 # The reference figures: demo/README.md ("Held-out perplexity") and ../shared/fixtures/README.md.
 # Stream lengths are what the file tokenizes to as one string (demo/README.md states 134,561).
 REFERENCES = [
-    pytest.param(DEMO_MODEL, DEMO_HELDOUT, 134_561, 128, 1051, 83.96, id="demo-128"),
-    pytest.param(DEMO_MODEL, DEMO_HELDOUT, 134_561, 256, 525, 81.75, id="demo-256"),
+    pytest.param(DEMO_MODEL, DEMO_HELDOUT, 134_561, 128, 1051, 83.96, id="demo-128", marks=pytest.mark.slow),
+    pytest.param(DEMO_MODEL, DEMO_HELDOUT, 134_561, 256, 525, 81.75, id="demo-256", marks=pytest.mark.slow),
     pytest.param(FIXTURE_MODEL, FIXTURE_HELDOUT, 51_890, 128, 405, 40.26, id="tiny-llama-128", marks=needs_fixture),
     pytest.param(FIXTURE_MODEL, FIXTURE_HELDOUT, 51_890, 256, 202, 38.84, id="tiny-llama-256", marks=needs_fixture),
 ]

@@ -27,16 +27,16 @@ from ckpt import CheckpointFactory  # noqa: E402
 from torch import nn  # noqa: E402
 
 import structprune  # noqa: E402
-from structprune import PlanError, apply_plan  # noqa: E402
-from structprune.calibration import calibration_batch, load_texts  # noqa: E402
-from structprune.compensation import compensate_biases  # noqa: E402
-from structprune.cuts import Selection, checkpoint_cut_plan  # noqa: E402
-from structprune.importance import estimator  # noqa: E402
-from structprune.loading import load_pruned, load_tokenizer  # noqa: E402
-from structprune.plan import CutPlan  # noqa: E402
+from structprune import PlanError, SettingError, apply_plan  # noqa: E402
+from structprune.score.calibration import calibration_batch, load_texts  # noqa: E402
+from structprune.plan.compensation import compensate_biases  # noqa: E402
+from structprune.plan.cuts import Selection, checkpoint_cut_plan  # noqa: E402
+from structprune.score.importance import estimator  # noqa: E402
+from structprune.models.loading import load_tokenizer  # noqa: E402
+from structprune.plan.cut_plan import CutPlan  # noqa: E402
 from structprune.prune import PruneOptions, PruneResult, make_plan  # noqa: E402
-from structprune.scoring import score  # noqa: E402
-from structprune.streaming import StreamedModel  # noqa: E402
+from structprune.score.scorer import score  # noqa: E402
+from structprune.score.streaming import StreamedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -200,11 +200,11 @@ def test_global_plans_with_compensation_use_the_layers_format() -> None:
 
 def test_refusals_before_scoring(tmp_path: Path) -> None:
     base = dict(ratio=0.3, importance="flap", calib=CALIB, samples=4, seq_len=32, bias_compensation=True)
-    with pytest.raises(PlanError, match="hidden channels"):
+    with pytest.raises(SettingError, match="hidden channels"):
         make_plan(DEMO, PruneOptions(structures=("heads", "hidden"), **base))  # type: ignore[arg-type]
-    with pytest.raises(PlanError, match="DeciLM"):
+    with pytest.raises(SettingError, match="DeciLM"):
         make_plan(DEMO, PruneOptions(layout="decilm", planning="global", **base))  # type: ignore[arg-type]
-    with pytest.raises(PlanError, match="with bias compensation needs calibration text"):
+    with pytest.raises(SettingError, match="with bias compensation needs calibration text"):
         make_plan(DEMO, PruneOptions(ratio=0.3, importance="l1", bias_compensation=True))
 
 

@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402
 
-from structprune import float32_compute  # noqa: E402
-from structprune.float32_compute import Float32Linear, float32_linears, needs_float32_compute  # noqa: E402
-from structprune.streaming import ActivationStore, ParamStats, StreamedModel, backward_pass, forward_pass  # noqa: E402
+from structprune.score import float32_compute  # noqa: E402
+from structprune.score.float32_compute import Float32Linear, float32_linears, needs_float32_compute  # noqa: E402
+from structprune.score.streaming import ActivationStore, ParamStats, StreamedModel, backward_pass, forward_pass  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "model"
 

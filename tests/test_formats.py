@@ -17,14 +17,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import structprune  # noqa: E402
-from structprune.checkpoint import read_config  # noqa: E402
+from structprune.io.checkpoint import read_config  # noqa: E402
 from structprune.cli import main  # noqa: E402
-from structprune.cuts import Selection, checkpoint_cut_plan  # noqa: E402
+from structprune.plan.cuts import Selection, checkpoint_cut_plan  # noqa: E402
 from structprune.errors import PlanError  # noqa: E402
-from structprune.loading import load_pruned  # noqa: E402
-from structprune.planner import Target, default_protection, normalized, plan_global, plan_uniform  # noqa: E402
+from structprune.models.loading import load_pruned  # noqa: E402
+from structprune.plan.selection import Target, default_protection, normalized, plan_global, plan_uniform  # noqa: E402
 from structprune.prune import PruneOptions, make_plan  # noqa: E402
-from structprune.scoring import Scores  # noqa: E402
+from structprune.score.scorer import Scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -112,7 +112,7 @@ def test_format_choice_and_refusals(demo_graph: structprune.StructureGraph) -> N
 def masked_dense(weights: Dict[str, torch.Tensor], selection: Selection, graph: structprune.StructureGraph) -> torch.nn.Module:
     """The dense demo model with the selected units' weights zeroed: it computes what the pruned
     model must compute (a zero MLP channel or a zero query head adds nothing)."""
-    from structprune.cuts import removed_indices
+    from structprune.plan.cuts import removed_indices
 
     state = {k: v.clone() for k, v in weights.items()}
     for param, dims in removed_indices(graph, selection).items():
@@ -154,7 +154,7 @@ def test_decilm_checkpoint_loads_with_plain_transformers_remote_code(tmp_path: P
     structprune.apply_plan(DEMO, plan, out)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
-    assert (out / "modeling_decilm.py").read_text() == (ROOT / "python/structprune/decilm/modeling_decilm.py").read_text()
+    assert (out / "modeling_decilm.py").read_text() == (ROOT / "python/structprune/models/decilm/modeling_decilm.py").read_text()
     script = (
         "import sys, torch\n"
         "from transformers import AutoConfig, AutoModelForCausalLM\n"
@@ -176,8 +176,8 @@ def test_decilm_checkpoint_loads_with_plain_transformers_remote_code(tmp_path: P
 
 
 def test_decilm_no_op_sublayers_are_skipped() -> None:
-    from structprune.decilm.configuration_decilm import DeciLMConfig
-    from structprune.decilm.modeling_decilm import DeciLMForCausalLM
+    from structprune.models.decilm.configuration_decilm import DeciLMConfig
+    from structprune.models.decilm.modeling_decilm import DeciLMForCausalLM
 
     base = json.loads((DEMO / "config.json").read_text())
     blocks = [

@@ -21,9 +21,9 @@ from click.testing import CliRunner  # noqa: E402
 import structprune  # noqa: E402
 from structprune import PlanError, StructpruneError, apply_plan, read_checkpoint  # noqa: E402
 from structprune.cli import main  # noqa: E402
-from structprune.cuts import Selection, checkpoint_cut_plan, cut_plan  # noqa: E402
-from structprune.tracing import checkpoint_name_map  # noqa: E402
-from structprune.graph import Structure, StructureGraph, summarize  # noqa: E402
+from structprune.plan.cuts import Selection, checkpoint_cut_plan, cut_plan  # noqa: E402
+from structprune.tracing.export import checkpoint_name_map  # noqa: E402
+from structprune.tracing.graph import Structure, StructureGraph, summarize  # noqa: E402
 
 PER_LAYER_KINDS = ("heads", "kv_groups", "query_heads", "channels")
 

@@ -19,11 +19,11 @@ transformers = pytest.importorskip("transformers")
 from ckpt import tree_bytes  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-import structprune.iterative  # noqa: E402
-from structprune.checkpoint import read_checkpoint  # noqa: E402
+import structprune.recover.iterative  # noqa: E402
+from structprune.io.checkpoint import read_checkpoint  # noqa: E402
 from structprune.cli import main  # noqa: E402
 from structprune.errors import OutputError, PlanError  # noqa: E402
-from structprune.iterative import REPORT_FILE, IterativeOptions, prune_iteratively  # noqa: E402
+from structprune.recover.iterative import REPORT_FILE, IterativeOptions, prune_iteratively  # noqa: E402
 from structprune.prune import PruneOptions, make_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,15 +108,15 @@ def test_an_interrupted_run_resumes_after_its_last_finished_step(tiny: Path, pru
     output = tiny.parent / "resumed"
     plans: List[Path] = []
     recoveries: List[Path] = []
-    monkeypatch.setattr(structprune.iterative, "make_plan", counting(make_plan, plans, fail_on=2))
-    monkeypatch.setattr(structprune.iterative, "recover", counting(structprune.iterative.recover, recoveries))
+    monkeypatch.setattr(structprune.recover.iterative, "make_plan", counting(make_plan, plans, fail_on=2))
+    monkeypatch.setattr(structprune.recover.iterative, "recover", counting(structprune.recover.iterative.recover, recoveries))
     with pytest.raises(Interrupted):
         prune_iteratively(tiny, output, OPTIONS, ITERATIVE)
     assert not output.exists() and work_dir(output).is_dir() and len(recoveries) == 1
 
     plans.clear()
     recoveries.clear()
-    monkeypatch.setattr(structprune.iterative, "make_plan", counting(make_plan, plans))
+    monkeypatch.setattr(structprune.recover.iterative, "make_plan", counting(make_plan, plans))
     result = prune_iteratively(tiny, output, OPTIONS, ITERATIVE, resume=True)
     assert len(plans) == 1 and plans[0] != tiny and not recoveries, "step one was neither pruned nor recovered again"
     assert result.resumed_steps == 1 and [s.step for s in result.steps] == [1, 2]
@@ -137,11 +137,11 @@ def test_an_earlier_runs_work_directory_is_removed_unless_resumed(tiny: Path, tm
     prune_iteratively(tiny, output, QUICK, IterativeOptions(iterations=2))
     assert "removing" in capsys.readouterr().err and not work_dir(output).exists()
 
-    monkeypatch.setattr(structprune.iterative, "make_plan", counting(make_plan, [], fail_on=2))
+    monkeypatch.setattr(structprune.recover.iterative, "make_plan", counting(make_plan, [], fail_on=2))
     with pytest.raises(Interrupted):
         prune_iteratively(tiny, tmp_path / "other", QUICK, IterativeOptions(iterations=2))
     assert "rerun with --resume" in capsys.readouterr().err
-    monkeypatch.setattr(structprune.iterative, "make_plan", make_plan)
+    monkeypatch.setattr(structprune.recover.iterative, "make_plan", make_plan)
     # Other options than the saved run's: its steps are not reused.
     result = prune_iteratively(tiny, tmp_path / "other", replace(QUICK, ratio=0.15), IterativeOptions(iterations=2), resume=True)
     assert "starting over" in capsys.readouterr().err and result.resumed_steps == 0

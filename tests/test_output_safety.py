@@ -100,7 +100,7 @@ def test_prune_recover_and_sweep_share_the_check(workspace: Path) -> None:
     """Each writer refuses the input as its output before any scoring, training or measuring."""
     (workspace / "text.txt").write_text("some text\n")
     commands = [
-        ["prune", "model", "--ratio", "0.2", "-o", "newdir/../model", "--overwrite"],
+        ["prune", "model", "--ratio", "0.2", "--calib", "text.txt", "-o", "newdir/../model", "--overwrite"],
         ["recover", "model", "--data", "text.txt", "-o", "newdir/../model", "--overwrite"],
         ["sweep", "model", "--ratios", "0.2", "--importance", "l2", "--ppl", "text.txt", "-o", "newdir/../model", "--overwrite"],
     ]

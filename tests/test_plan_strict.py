@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from ckpt import CheckpointFactory, tree_bytes
 from click.testing import CliRunner
-from structprune import CutPlan, apply_plan, formats
+from structprune import CutPlan, apply_plan
+from structprune.models import formats
 from structprune.cli import main
 from structprune.errors import PlanError
 

@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 import structprune  # noqa: E402
 from structprune.cli import main  # noqa: E402
-from structprune.importance import ESTIMATORS, estimator  # noqa: E402
+from structprune.score.importance import ESTIMATORS, estimator  # noqa: E402
 from structprune.prune import PruneOptions, make_plan  # noqa: E402
-from structprune.scoring import score  # noqa: E402
-from structprune.streaming import ParamStats, StreamedModel  # noqa: E402
+from structprune.score.scorer import score  # noqa: E402
+from structprune.score.streaming import ParamStats, StreamedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -38,7 +38,7 @@ def test_estimator_formulas() -> None:
     first = estimator("random", seed=3).index_scores(stats, 0, None)
     assert torch.equal(first, estimator("random", seed=3).index_scores(stats, 0, None))
     assert not torch.equal(first, estimator("random", seed=4).index_scores(stats, 0, None))
-    with pytest.raises(ValueError, match="unknown importance"):
+    with pytest.raises(structprune.SettingError, match="--importance: unknown estimator"):
         estimator("nope")
 
 
@@ -133,10 +133,10 @@ def test_cli_prune_dry_run_and_errors(tmp_path: Path) -> None:
     assert dry.exit_code == 0, dry.output
     assert "dry run" in dry.output and not list(tmp_path.iterdir())
     no_calib = runner.invoke(main, ["prune", str(DEMO), "--ratio", "0.3", "-o", str(tmp_path / "x")])
-    assert no_calib.exit_code == 1 and "--calib" in no_calib.output
+    assert no_calib.exit_code == 2 and "--calib" in no_calib.output
     assert not (tmp_path / "x").exists()
     bad = runner.invoke(main, ["prune", str(DEMO), "--ratio", "0.3", "--importance", "l1", "--structures", "wings", "--dry-run"])
-    assert bad.exit_code == 1 and "unknown structure 'wings'" in bad.output
+    assert bad.exit_code == 2 and "--structures: 'wings' given" in bad.output
 
 
 def test_cli_prune_combines_blocks_and_widths() -> None:

@@ -22,12 +22,12 @@ transformers = pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 
 import structprune  # noqa: E402
-from structprune import PlanError  # noqa: E402
-from structprune.calibration import calibration_batch, load_texts  # noqa: E402
-from structprune.loading import load_tokenizer  # noqa: E402
-from structprune.plan import CutPlan  # noqa: E402
+from structprune import SettingError  # noqa: E402
+from structprune.score.calibration import calibration_batch, load_texts  # noqa: E402
+from structprune.models.loading import load_tokenizer  # noqa: E402
+from structprune.plan.cut_plan import CutPlan  # noqa: E402
 from structprune.prune import PruneOptions, PruneResult, make_plan, prune  # noqa: E402
-from structprune.reconstruct import fit_kept_columns, obs_removals  # noqa: E402
+from structprune.plan.reconstruct import fit_kept_columns, obs_removals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -248,10 +248,10 @@ def test_every_decoder_architecture_reconstructs_and_only_residual_layers_take_t
     from arch_configs import CONFIGS, VOCAB
 
     from structprune import apply_plan, trace
-    from structprune.cuts import Selection, checkpoint_cut_plan
-    from structprune.reconstruct import apply_to_plan, reconstruct, stored_dtype_map
-    from structprune.streaming import StreamedModel
-    from structprune.tracing import checkpoint_name_map
+    from structprune.plan.cuts import Selection, checkpoint_cut_plan
+    from structprune.plan.reconstruct import apply_to_plan, reconstruct, stored_dtype_map
+    from structprune.score.streaming import StreamedModel
+    from structprune.tracing.export import checkpoint_name_map
 
     transformers.logging.set_verbosity_error()
     ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
@@ -325,18 +325,18 @@ def test_cli_reconstruct_is_byte_reproducible_and_keeps_its_weights_beside_the_p
 
 
 def test_reconstruction_refuses_what_it_cannot_do() -> None:
-    with pytest.raises(PlanError, match="hidden"):
+    with pytest.raises(SettingError, match="hidden"):
         make_plan(DEMO, options(structures=("heads", "mlp", "hidden")), reconstruction_dir=Path("/nonexistent"))
-    with pytest.raises(PlanError, match="bias compensation"):
+    with pytest.raises(SettingError, match="bias compensation"):
         make_plan(DEMO, options(bias_compensation=True), reconstruction_dir=Path("/nonexistent"))
-    with pytest.raises(PlanError, match="rules out --no-reconstruct"):
+    with pytest.raises(SettingError, match="rules out --no-reconstruct"):
         make_plan(DEMO, options(importance="obs", reconstruct=False))
 
 
 def test_a_plan_naming_a_missing_reconstruction_file_is_refused_before_writing(tmp_path: Path) -> None:
     from structprune import TensorCut, apply_plan
     from structprune.errors import StructpruneError
-    from structprune.plan import Values
+    from structprune.plan.cut_plan import Values
 
     name = "model.layers.0.mlp.down_proj.weight"
     plan = CutPlan(tensors={name: TensorCut(replace=Values.from_file(tmp_path / "gone.safetensors", name))})

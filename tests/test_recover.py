@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from structprune import _core, apply_plan, read_checkpoint
-from structprune.errors import CalibrationError, OutputError, OutputExistsError, RecoveryError
-from structprune.recover import IGNORE_INDEX, RecoverOptions, Schedule, StepReport, load_training_data, recover
+from structprune.errors import CalibrationError, OutputError, OutputExistsError, RecoveryError, SettingError
+from structprune.recover.training import IGNORE_INDEX, RecoverOptions, Schedule, StepReport, load_training_data, recover
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "model"
@@ -93,7 +93,7 @@ assert "peft" not in sys.modules, "loading the merged checkpoint imported peft"
 def test_merged_checkpoint_loads_without_peft_and_equals_base_plus_adapter(workspace: Dict[str, Path], recovered: Path) -> None:
     from peft import PeftModel
 
-    from structprune.loading import load_model
+    from structprune.models.loading import load_model
 
     logits_file = workspace["root"] / "plain-logits.pt"
     done = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, str(recovered), str(logits_file)], capture_output=True, text=True, timeout=120)
@@ -264,7 +264,7 @@ def test_quantized_base_trains_an_adapter_merged_into_the_full_precision_base(wo
     pytest.importorskip("bitsandbytes", reason="--load-in needs bitsandbytes (in the test extra)")
     from peft import PeftModel
 
-    from structprune.loading import load_model
+    from structprune.models.loading import load_model
 
     result = recover(workspace["pruned"], tmp_path / "out", small_options(workspace, load_in=bits, max_steps=3, lr=3e-3))
     assert result.steps == 3 and all(np.isfinite(result.losses))
@@ -287,9 +287,9 @@ def test_quantized_base_trains_an_adapter_merged_into_the_full_precision_base(wo
 
 def test_bad_options_are_refused_before_training(workspace: Dict[str, Path], tmp_path: Path) -> None:
     pruned = workspace["pruned"]
-    with pytest.raises(RecoveryError, match="needs a CUDA device"):
+    with pytest.raises(SettingError, match="needs a CUDA device"):
         recover(pruned, tmp_path / "a", small_options(workspace, mixed_precision="fp16"))
-    with pytest.raises(RecoveryError, match="scheduler must be one of"):
+    with pytest.raises(SettingError, match="scheduler must be one of"):
         recover(pruned, tmp_path / "a", small_options(workspace, scheduler="exponential"))
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputExistsError):
@@ -319,9 +319,9 @@ def test_shard_writer_refuses_wrong_tensor_bytes_and_leaves_nothing(tmp_path: Pa
 def test_recovers_a_non_uniform_checkpoint(tmp_path: Path) -> None:
     """A global plan written as DeciLM: recovery loads it without remote code, and the merged
     output keeps the DeciLM config and model code, so it loads like its input."""
-    from structprune.cuts import Selection, checkpoint_cut_plan
-    from structprune.graph import trace
-    from structprune.loading import load_pruned
+    from structprune.plan.cuts import Selection, checkpoint_cut_plan
+    from structprune.tracing.graph import trace
+    from structprune.models.loading import load_pruned
 
     graph = trace(DEMO_MODEL)
     channels = graph.by_kind("channels")

@@ -99,7 +99,8 @@ def test_load_pruned_never_runs_a_model_directorys_code(
 
 
 def test_trace_never_runs_a_model_directorys_code(hostile: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from structprune.tracing import TraceError, trace_model
+    from structprune.errors import TraceError
+    from structprune.tracing.export import trace_model
 
     model, marker = hostile
     monkeypatch.setattr(sys, "stdin", io.StringIO(ANSWERS))

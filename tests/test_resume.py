@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from structprune.distributed import Workers  # noqa: E402
+from structprune.score.distributed import Workers  # noqa: E402
 from structprune.errors import ResumeError  # noqa: E402
 from structprune.prune import PruneOptions, PruneResult, make_plan  # noqa: E402
-from structprune.resume import Journal, default_directory, run_key  # noqa: E402
-from structprune.streaming import StreamedModel  # noqa: E402
+from structprune.score.journal import Journal, default_directory, run_key  # noqa: E402
+from structprune.score.streaming import StreamedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "model"
@@ -204,7 +204,7 @@ def test_temporaries_of_saves_a_killed_run_left_are_removed_when_the_directory_i
     with Journal(state, key()) as journal:
         journal.record(1, {"loss": 1.0})
         journal.activations.mkdir()
-    # What SIGKILL in the middle of atomic_save leaves behind (no exception handler runs).
+    # What SIGKILL in the middle of write_atomically leaves behind (no exception handler runs).
     leftovers = [state / "rank-0" / ".state-2.pt.tmp-4242", state / "rank-0" / "activations" / ".3-1.pt.tmp-4242"]
     for leftover in leftovers:
         leftover.write_bytes(b"partial")

@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import structprune  # noqa: E402
-from structprune.cuts import Selection, checkpoint_cut_plan  # noqa: E402
+from structprune.plan.cuts import Selection, checkpoint_cut_plan  # noqa: E402
 from structprune.errors import PlanError  # noqa: E402
-from structprune.loading import load_pruned  # noqa: E402
+from structprune.models.loading import load_pruned  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "model"
 HEAD_DIM, LAYERS = 32, 6
@@ -109,12 +109,12 @@ def test_per_layer_formats_are_checked_against_what_load_pruned_builds(layout: s
     report = structprune.apply_plan(DEMO, plan, tmp_path / "good")
     assert report.shape_check.checked
     assert report.shape_check.model == ("DeciLMForCausalLM" if layout == "decilm" else "LlamaForCausalLM")
-    assert (structprune.formats.LAYERS_KEY in report.shape_check.note) == (layout == "layers")
+    assert (structprune.models.formats.LAYERS_KEY in report.shape_check.note) == (layout == "layers")
     # The same cut, but the config no longer says layer 2 is narrower.
     if layout == "decilm":
         plan.config["block_configs"][2]["ffn"]["intermediate_size"] = 512
     else:
-        plan.config[structprune.formats.LAYERS_KEY]["layers"][2] = {}
+        plan.config[structprune.models.formats.LAYERS_KEY]["layers"][2] = {}
     with pytest.raises(PlanError) as caught:
         structprune.apply_plan(DEMO, plan, tmp_path / "bad")
     assert caught.value.tensor is not None and caught.value.tensor.startswith("model.layers.2.mlp.")

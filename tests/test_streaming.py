@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from structprune.streaming import ActivationStore, ParamStats, StreamedModel, backward_pass, forward_pass  # noqa: E402
+from structprune.score.streaming import ActivationStore, ParamStats, StreamedModel, backward_pass, forward_pass  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "model"
 
@@ -87,7 +87,7 @@ def test_spilled_activations_give_the_same_gradients(batch: torch.Tensor) -> Non
 
 
 def test_second_order_needs_single_sample_micro_batches(batch: torch.Tensor) -> None:
-    from structprune.streaming import StreamingError
+    from structprune.errors import StreamingError
 
     model = StreamedModel(DEMO, blocks_prefix="model.layers")
     store = ActivationStore()

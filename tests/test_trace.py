@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from structprune.tracing import SEQ_LEN, TracedGraph, TraceError, trace_model, trace_to_file  # noqa: E402
+from structprune.errors import TraceError  # noqa: E402
+from structprune.tracing.export import SEQ_LEN, TracedGraph, trace_model, trace_to_file  # noqa: E402
 
 from arch_configs import CONFIGS, LAYERS, NO_SPECIAL_TOKENS, PREFIX  # noqa: E402
 
@@ -315,10 +316,11 @@ def test_grad_mode_wrappers_are_inlined() -> None:
     """Exported with grad enabled, HF's no_grad rotary embedding becomes a
     wrap_with_set_grad_enabled higher-order op around a submodule (torch < 2.15 with transformers
     < 5.24): the IR inlines it and comes out the same as the no_grad export trace_model does."""
-    from structprune import tracing as tr
+    from structprune.models.meta import instantiate_on_meta, model_class
+    from structprune.tracing import export as tr
 
     cfg = CONFIGS["llama"]()
-    model, _ = tr._instantiate(tr._model_class(cfg), cfg, None)
+    model, _ = instantiate_on_meta(model_class(cfg), cfg, None)
     model.eval()
     ids = torch.zeros((1, SEQ_LEN), dtype=torch.long, device="meta")
     ep = torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=False)
@@ -332,7 +334,7 @@ def test_grad_mode_wrappers_are_inlined() -> None:
 
 
 def test_non_finite_floats_are_encoded() -> None:
-    from structprune.tracing import _encode_float
+    from structprune.tracing.export import _encode_float
 
     assert _encode_float(float("-inf")) == {"float": "-inf"}
     assert _encode_float(float("inf")) == {"float": "inf"}

@@ -2,14 +2,14 @@
 
 Importing the package stays light (no torch): the shard engine and the CLI's ``info``/``apply`` run
 in a few megabytes of Python (``apply``'s shape check imports torch when it runs; see
-``structprune.shape_check``).
+``structprune.models.shape_check``).
 """
 
 from typing import Any
 
 from structprune._core import __version__
 from structprune.apply import ApplyReport, PlannedOutput, apply_plan, check_output, plan_output
-from structprune.checkpoint import Checkpoint, TensorInfo, read_checkpoint
+from structprune.io.checkpoint import Checkpoint, TensorInfo, read_checkpoint
 from structprune.errors import (
     CheckpointError,
     ConfigError,
@@ -23,16 +23,20 @@ from structprune.errors import (
     StructpruneError,
     StructpruneIOError,
 )
-from structprune.graph import StructureGraph, trace
-from structprune.plan import CutPlan, TensorCut
+from structprune.tracing.graph import StructureGraph, trace
+from structprune.plan.cut_plan import CutPlan, TensorCut
 
 
 def __getattr__(name: str) -> Any:
-    # load_pruned needs torch and transformers: imported on first use, so `import structprune` stays light.
+    # These need torch and transformers: imported on first use, so `import structprune` stays light.
     if name == "load_pruned":
-        from structprune.loading import load_pruned
+        from structprune.models.loading import load_pruned
 
         return load_pruned
+    if name in ("sparsify", "SparsifyOptions"):
+        from structprune.plan import sparsify
+
+        return getattr(sparsify, name)
     raise AttributeError(f"module 'structprune' has no attribute {name!r}")
 
 
@@ -50,6 +54,7 @@ __all__ = [
     "PlanError",
     "PlannedOutput",
     "SettingError",
+    "SparsifyOptions",
     "ShardIndexError",
     "StructureGraph",
     "StructpruneError",
@@ -61,5 +66,6 @@ __all__ = [
     "load_pruned",
     "plan_output",
     "read_checkpoint",
+    "sparsify",
     "trace",
 ]

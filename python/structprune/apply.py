@@ -8,15 +8,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Callable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from structprune import _core
-from structprune.checkpoint import TensorInfo
+from structprune.io.checkpoint import TensorInfo
 from structprune.errors import PlanError, SettingError
-from structprune.plan import CutPlan, PlanLike
-from structprune.shape_check import PLAN_WITHOUT_FILE, ShapeCheck, check_output_shapes, skipped
-from structprune.sizes import parse_size
-from structprune.termination import cleanup_on_sigterm
+from structprune.plan.cut_plan import CutPlan, PlanLike
+from structprune.models.sentence import copy_module_folders
+from structprune.models.shape_check import PLAN_WITHOUT_FILE, ShapeCheck, check_output_shapes, skipped
+from structprune.io.sizes import parse_size
+from structprune.io.termination import cleanup_on_sigterm
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_MEMORY_BUDGET = "64MiB"
@@ -89,13 +90,14 @@ def apply_plan(
     when complete (an error, Ctrl-C or SIGTERM leaves nothing; see :func:`check_output` for what
     may be replaced); the input is never modified; the same input and plan give byte-identical
     output. Only the checkpoint's own files are copied besides the weights (``skipped_files``
-    lists what was left out). ``progress`` is ``True`` for a progress bar on stderr or a
+    lists what was left out), and a sentence-transformers checkpoint's module folders
+    (``1_Pooling``…; each staged and renamed once complete, after the checkpoint itself). ``progress`` is ``True`` for a progress bar on stderr or a
     callable receiving ``(done_bytes, total_bytes)``.
 
     ``check_shapes``: before anything is written, build the model the output's config describes on
     the meta device and refuse (:class:`~structprune.errors.PlanError` naming the plan file and the
     first tensor that disagrees) unless every tensor has the shape it needs, so that the output
-    loads (``structprune.shape_check``; skipped, with the reason in ``shape_check``, for an
+    loads (``structprune.models.shape_check``; skipped, with the reason in ``shape_check``, for an
     architecture transformers does not know). Imports torch and transformers when it runs.
     """
     thread_count = DEFAULT_THREADS if threads is None else threads
@@ -114,21 +116,46 @@ def apply_plan(
         thread_count,
         overwrite,
     )
-    with cleanup_on_sigterm(), naming_plan(name):
-        if progress is True:
-            raw = _apply_with_bar(arguments)
-        else:
-            raw = _core.apply_plan(*arguments, progress=progress or None)
+    with cleanup_on_sigterm(), naming_plan(name), _progress_reporter(progress) as report_progress:
+        raw = _core.apply_plan(*arguments, progress=report_progress)
+    # The engine copies the checkpoint's top-level files; a sentence-transformers checkpoint also
+    # keeps its pooling (and other modules') settings in folders.
+    folders = copy_module_folders(model_dir, raw["output_dir"])
     return ApplyReport(
         output_dir=Path(raw["output_dir"]),
         tensors=raw["tensors"],
         bytes_written=raw["bytes_written"],
         total_size=raw["total_size"],
         shards=list(raw["shards"]),
-        copied_files=list(raw["copied_files"]),
+        copied_files=list(raw["copied_files"]) + [f"{folder}/" for folder in folders],
         skipped_files=list(raw["skipped_files"]),
         shape_check=shape_check,
     )
+
+
+def write_checkpoint(
+    output_dir: _PathLike,
+    tensors: Sequence[Tuple[str, str, Sequence[int]]],
+    read_tensor: Callable[[int], bytes],
+    source_dir: _PathLike,
+    *,
+    includes: Sequence[Tuple[_PathLike, str]] = (),
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: Union[bool, ProgressCallback] = False,
+) -> Path:
+    """Writes tensors the caller holds as a checkpoint in the engine's layout and staging (what
+    ``recover`` writes its merged weights with): ``tensors`` are ``(name, safetensors dtype,
+    shape)`` in output order, ``read_tensor(i)`` gives tensor ``i``'s raw little-endian bytes, and
+    ``source_dir``'s other files (config, tokenizer…) and ``includes`` (``(path, name inside the
+    output)``) are copied beside them. The output appears only when complete; returns its path."""
+    with cleanup_on_sigterm(), _progress_reporter(progress) as report_progress:
+        raw = _core.write_checkpoint(
+            str(output_dir), [(name, dtype, list(shape)) for name, dtype, shape in tensors], read_tensor, str(source_dir),
+            [(str(path), name) for path, name in includes], None, parse_size(max_shard_size, what="max_shard_size"), overwrite,
+            progress=report_progress,
+        )
+    return Path(raw["output_dir"])
 
 
 def check_plan_shapes(model_dir: _PathLike, plan: PlanLike, plan_name: Optional[str] = None, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> ShapeCheck:
@@ -164,7 +191,13 @@ def naming_plan(name: str) -> Iterator[None]:
         raise located from None
 
 
-def _apply_with_bar(arguments: tuple) -> "_core._ReportDict":
+@contextmanager
+def _progress_reporter(progress: Union[bool, ProgressCallback]) -> Iterator[Optional[ProgressCallback]]:
+    """The engine's ``progress`` argument: the caller's callable, none, or (``True``) a byte bar on
+    stderr, closed when the write ends."""
+    if progress is not True:
+        yield progress or None
+        return
     from tqdm.auto import tqdm
 
     bars: List[tqdm] = []
@@ -183,7 +216,8 @@ def _apply_with_bar(arguments: tuple) -> "_core._ReportDict":
         bar.update(done - bar.n)
 
     try:
-        return _core.apply_plan(*arguments, progress=update)
+        yield update
     finally:
         for bar in bars:
             bar.close()
+

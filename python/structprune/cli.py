@@ -7,30 +7,28 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 from functools import wraps
 from math import prod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import click
 
 from structprune._core import MAX_MEMORY_BUDGET, MAX_THREADS
 from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, check_output, check_plan_shapes, plan_output
-from structprune.checkpoint import Checkpoint, read_checkpoint
-from structprune.errors import StructpruneError
-from structprune.formats import FORMATS
-from structprune.planner import NORMALIZATIONS
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, DEFAULT_SAMPLES, RECONSTRUCTION_TARGETS, format_size, parse_size
-from structprune.termination import Terminated, cleanup_on_sigterm
+from structprune.errors import SettingError, StructpruneError
+from structprune.io.checkpoint import Checkpoint, read_checkpoint
+from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, DEFAULT_SAMPLES, RECONSTRUCTION_TARGETS, format_size, parse_size
+from structprune.io.termination import Terminated, cleanup_on_sigterm
+from structprune.models.formats import FORMATS
+from structprune.plan.selection import NORMALIZATIONS
 
 if TYPE_CHECKING:  # the CLI imports torch only in the commands that need it
-    from structprune.iterative import IterativeOptions
+    from structprune.tracing.graph import StructureGraph
+    from structprune.recover.iterative import IterativeOptions
     from structprune.prune import PruneOptions, PruneResult
 
 F = TypeVar("F", bound=Callable[..., Any])
-RECONSTRUCTED_DIR = "structprune-reconstructed"
-"""Beside a saved plan: the refitted weights it reads (files named by their content's hash)."""
 # A numeric path component marks a tensor of a repeated block (model.layers.3.…, h.0.…).
 _BLOCK_TENSOR = re.compile(r"\.\d+\.")
 # " at node 117 (name)" in a note: where in the graph, which is noise once notes are grouped.
@@ -54,14 +52,18 @@ class SizeParam(click.ParamType):
 
 
 def reports_errors(command: F) -> F:
-    """Turns structprune's errors into one ``error:`` line and exit status 1, Ctrl-C into 130;
-    SIGTERM unwinds like Ctrl-C (staged output removed) and then terminates the process."""
+    """Turns structprune's errors into one ``error:`` line and exit status 1 (2 for a bad option,
+    as click does for its own usage errors), Ctrl-C into 130; SIGTERM unwinds like Ctrl-C (staged
+    output removed) and then terminates the process."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with cleanup_on_sigterm():
             try:
                 return command(*args, **kwargs)
+            except SettingError as err:
+                click.echo(f"error: {err}", err=True)
+                sys.exit(2)
             except StructpruneError as err:
                 click.echo(f"error: {err}", err=True)
                 sys.exit(1)
@@ -73,6 +75,22 @@ def reports_errors(command: F) -> F:
                 raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def sets_torch_threads(command: F) -> F:
+    """Adds ``--threads`` to a command that runs a model, and sets torch's threads before it runs:
+    by default OMP_NUM_THREADS or the usable CPUs, a count that does not change with the machine's
+    load, since it changes the output's bytes (structprune.io.threads)."""
+
+    @wraps(command)
+    def wrapper(*args: Any, threads: Optional[int], **kwargs: Any) -> Any:
+        from structprune.io.threads import configure_torch_threads
+
+        configure_torch_threads(threads)
+        return command(*args, **kwargs)
+
+    option = click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: OMP_NUM_THREADS if set, else the usable CPUs]. Outputs are byte-identical for the same count; on a machine other work keeps busy, fewer run much faster (torch's threads wait for busy CPUs).")
+    return option(wrapper)  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,26 +225,30 @@ def _removed(before: int, after: int) -> str:
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--traced-layers", type=click.IntRange(min=1), default=2, show_default=True, help="Blocks traced; the rest are copies of the last traced one.")
 @click.option("--json", "as_json", is_flag=True, help="Print every structure with its members as JSON.")
+@click.option("--no-cache", is_flag=True, help="Trace again, neither reading nor writing the trace cache ($XDG_CACHE_HOME/structprune/traces, ~/.cache without XDG_CACHE_HOME; safe to delete). A cached config is shown without importing torch.")
 @reports_errors
-def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
+def inspect(model: Path, traced_layers: int, as_json: bool, no_cache: bool) -> None:
     """Show the prunable structures of MODEL (a directory with config.json; no weights are read):
     heads and KV groups, MLP channels, hidden channels and blocks per layer, what each unit costs,
     whether a stock config can hold the cut, and what is pinned and why."""
     from dataclasses import asdict
 
-    from structprune.checkpoint import read_config
-    from structprune.cuts import stock_config_check
-    from structprune.graph import layer_ranges, summarize, trace
-
-    import torch  # noqa: F401 - loaded before the clock starts: the timing is the trace's own
-    import transformers  # noqa: F401
+    from structprune.io.checkpoint import read_config
+    from structprune.tracing.graph import layer_ranges, read_cached_trace, summarize, trace
 
     started = time.perf_counter()
-    graph = trace(model, traced_layers=traced_layers)
+    graph = None if no_cache else read_cached_trace(model, traced_layers=traced_layers)
+    obtained = "read from the trace cache"
+    if graph is None:
+        import torch  # noqa: F401 - loaded before the clock starts: the timing is the trace's own
+        import transformers  # noqa: F401
+
+        started = time.perf_counter()
+        graph = trace(model, traced_layers=traced_layers, cache=not no_cache)
+        obtained = "traced"
     elapsed = time.perf_counter() - started
     config = read_config(model if model.is_dir() else model.parent) or {}
-    kinds = sorted({s.kind for s in graph.structures}) + (["blocks"] if graph.blocks else [])
-    stock = {kind: stock_config_check(graph, config, kind) for kind in kinds}
+    stock = _stock_config_reasons(graph, config, model, traced_layers=traced_layers, cache=not no_cache)
     if as_json:
         click.echo(json.dumps({
             "model": graph.model,
@@ -238,7 +260,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
             "stock_config_reasons": {kind: reason for kind, reason in stock.items() if reason},
         }, indent=1))
         return
-    click.echo(f"model       {model} ({graph.model.get('architecture', '?')}), traced in {elapsed:.2f} s")
+    click.echo(f"model       {model} ({graph.model.get('architecture', '?')}), {obtained} in {elapsed:.2f} s")
     click.echo(f"parameters  {graph.total_params:,}")
     header = ("structure", "layers", "units", "params/unit", "total params", "stock config")
     rows = [header]
@@ -275,33 +297,80 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
             click.echo(f"  {kind}: {note}" + (f" ({count} places)" if count > 1 else ""))
 
 
+def _stock_config_reasons(graph: "StructureGraph", config: Dict[str, Any], model: Path, *, traced_layers: int, cache: bool) -> Dict[str, Optional[str]]:
+    """Why removing one unit of each kind cannot be written as a stock checkpoint (``None`` where it
+    can). The check builds the edited model on the meta device (torch and transformers, seconds),
+    so its answers are cached beside the trace, under the same key."""
+    from structprune.tracing import cache as trace_cache
+
+    kinds = sorted({s.kind for s in graph.structures}) + (["blocks"] if graph.blocks else [])
+    key = trace_cache.key_for(model, traced_layers=traced_layers, purpose="stock-config") if cache else None
+    cached = trace_cache.read_entry(key) if key is not None else None
+    if isinstance(cached, dict) and sorted(cached) == sorted(kinds):
+        return cached
+    from structprune.plan.cuts import stock_config_check
+
+    reasons = {kind: stock_config_check(graph, config, kind) for kind in kinds}
+    if key is not None:
+        trace_cache.write_entry(key, reasons)
+    return reasons
+
+
+PRUNING_OPTIONS = (
+    click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks."),
+    click.option("--blocks", "block_count", type=click.IntRange(min=0), default=None, help="With blocks and width structures together: remove this many whole blocks (lowest block influence), the rest of the ratio from widths. Depth speeds up every token step; width usually costs less quality."),
+    click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups."),
+    click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept MLP and hidden widths are multiples of this [default: 64 for MLPs of 2048+ channels, else 8]."),
+    click.option("--reduction", type=click.Choice(["sum", "mean", "max", "prod", "first"]), default="sum", show_default=True, help="How a unit's scores in different weights combine."),
+    click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text: .txt (documents split by <|endoftext|> lines), .jsonl, or a saved datasets directory."),
+    click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text."),
+    click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True, help="Calibration windows of --seq-len tokens (reconstruction overfits much fewer than 16,384 tokens in all)."),
+    click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores)."),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there."),
+    click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring."),
+    click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per forward/backward call (taylor2 uses 1)."),
+    click.option("--activation-memory", type=SizeParam(allow_zero=True), default=format_size(DEFAULT_ACTIVATION_MEMORY), show_default=True, help="Memory for the saved block inputs while scoring (one per block and micro-batch); past it they go to a temporary file. 0 keeps none in memory."),
+    click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Uniform: the same widths in every layer (a stock checkpoint). Global: per-layer widths, steps taken across all layers by score per parameter (a DeciLM or layers checkpoint, see --format)."),
+    click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global]."),
+    click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers."),
+    click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format)."),
+    click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint."),
+    click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix."),
+    click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj) is fitted to the dense block's output, taking up the drift the blocks before it left."),
+    click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers."),
+)
+"""The options that say how a model is pruned, shared by ``prune`` and ``sweep`` so that a sweep
+prunes exactly as ``prune`` does (they become a :class:`~structprune.prune.PruneOptions`)."""
+
+
+def pruning_options(command: F) -> F:
+    for option in reversed(PRUNING_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _prune_options(ratio: float, importance: str, pruning: Dict[str, Any]) -> "PruneOptions":
+    """The :class:`PruneOptions` of the shared pruning options as click parsed them."""
+    from structprune.prune import PruneOptions
+
+    return PruneOptions(
+        ratio=ratio, importance=importance, structures=_comma_separated(pruning["structures"], "--structures"), gqa=pruning["gqa"],
+        multiple=pruning["multiple"], reduction=pruning["reduction"], calib=pruning["calib"], text_field=pruning["text_field"],
+        samples=pruning["samples"], seq_len=pruning["seq_len"], seed=pruning["seed"], device=pruning["device"], dtype=pruning["dtype"],
+        micro_batch=pruning["micro_batch"], activation_memory=pruning["activation_memory"],
+        planning="uniform" if pruning["uniform"] else "global", protect=_protection(pruning["protect"]), normalize=pruning["normalize"],
+        layout=pruning["layout"], blocks=pruning["block_count"], bias_compensation=pruning["bias_compensation"],
+        reconstruct=pruning["reconstruct"], damping=pruning["damping"], reconstruction_target=pruning["reconstruct_target"],
+    )
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output checkpoint directory (not needed with --dry-run).")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True, help="Fraction of all parameters to remove.")
-@click.option("--importance", default="obs", show_default=True, help="Estimator: obs (OBS: widths from ‖W[:, j]‖²·Σx_j², units chosen by greedy optimal brain surgeon on each layer's pruned inputs while reconstructing; forward passes only), taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap.")
-@click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
-@click.option("--blocks", "block_count", type=click.IntRange(min=0), default=None, help="With blocks and width structures together: remove this many whole blocks (lowest block influence), the rest of the ratio from widths. Depth speeds up every token step; width usually costs less quality.")
-@click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups.")
-@click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept MLP and hidden widths are multiples of this [default: 64 for MLPs of 2048+ channels, else 8].")
-@click.option("--reduction", type=click.Choice(["sum", "mean", "max", "prod", "first"]), default="sum", show_default=True, help="How a unit's scores in different weights combine.")
-@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text: .txt (documents split by <|endoftext|> lines), .jsonl, or a saved datasets directory.")
-@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
-@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True, help="Calibration windows of --seq-len tokens (reconstruction overfits much fewer than 16,384 tokens in all).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per forward/backward call (taylor2 uses 1).")
-@click.option("--activation-memory", type=SizeParam(allow_zero=True), default=format_size(DEFAULT_ACTIVATION_MEMORY), show_default=True, help="Memory for the saved block inputs while scoring (one per block and micro-batch); past it they go to a temporary file. 0 keeps none in memory.")
-@click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Uniform: the same widths in every layer (a stock checkpoint). Global: per-layer widths, steps taken across all layers by score per parameter (a DeciLM or layers checkpoint, see --format).")
-@click.option("--protect", "protect", metavar="FIRST,LAST", help="Leave the first FIRST and last LAST blocks unpruned [default: 0,0 with --uniform; LLM-Pruner's 4 and 2 of 32 scaled to depth with --global].")
-@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="none", show_default=True, help="With --global: divide each structure's scores by their mean/max/sum/L2 norm before ranking across layers.")
-@click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format).")
-@click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint.")
-@click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix.")
-@click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj) is fitted to the dense block's output, taking up the drift the blocks before it left.")
-@click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers.")
+@click.option("--importance", default="obs", show_default=True, help="Estimator: obs (OBS: widths from ‖W[:, j]‖²·Σx_j², units chosen by greedy optimal brain surgeon on each layer's pruned inputs while reconstructing; forward passes only), taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap, entropy (Gaussian entropy ½log(2πe·Var) of each unit's channels where they are consumed), head-gate (mean |∂L/∂ξ| of a gate ξ on each head's or channel's output, per sample), bonsai (forward only: calibration losses of 64 sub-models with random units masked, regressed on the masks).")
+@pruning_options
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
 @click.option("--dry-run", is_flag=True, help="Score and plan, print the resulting sizes; write no checkpoint.")
@@ -314,8 +383,9 @@ def inspect(model: Path, traced_layers: int, as_json: bool) -> None:
 @click.option("--distill/--no-distill", default=True, show_default=True, help="With --recover-steps: learn MODEL's next-token distributions (distillation), or the LM loss.")
 @click.option("--recover-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True, help="With --recover-steps: peak learning rate.")
 @click.option("--recover-batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="With --recover-steps: --seq-len examples per optimizer step.")
+@sets_torch_threads
 @reports_errors
-def prune(model: Path, output: Optional[Path], ratio: float, importance: str, structures: str, block_count: Optional[int], gqa: str, multiple: Optional[int], reduction: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, activation_memory: int, uniform: bool, protect: Optional[str], normalize: str, bias_compensation: bool, reconstruct: bool, damping: float, reconstruct_target: str, layout: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path], iterations: int, recover_steps: int, recover_data: Optional[Path], distill: bool, recover_lr: float, recover_batch_size: int) -> None:
+def prune(model: Path, output: Optional[Path], ratio: float, importance: str, plan_out: Optional[Path], eval_text: Optional[Path], dry_run: bool, overwrite: bool, resume: bool, resume_dir: Optional[Path], iterations: int, recover_steps: int, recover_data: Optional[Path], distill: bool, recover_lr: float, recover_batch_size: int, **pruning: Any) -> None:
     """Prune MODEL: trace it, score every structure on calibration text block by block (one
     decoder block in memory at a time), remove the least important units so that RATIO of all
     parameters goes, and write the result to OUTPUT: a stock checkpoint with --uniform (every
@@ -330,45 +400,37 @@ def prune(model: Path, output: Optional[Path], ratio: float, importance: str, st
         _refuse_with_iterations(plan_out=plan_out, dry_run=dry_run, resume_dir=resume_dir)
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output, or --dry-run")
-    if output is not None and not dry_run:
-        check_output(model, output, overwrite=overwrite)  # before scoring, not after it
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process prints
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only the first process prints
+    if main_process:
         _say("loading torch and transformers…")  # seconds of imports, then tracing: say so before
-    from structprune.distributed import joined
-    from structprune.iterative import IterativeOptions, check_request
-    from structprune.prune import PruneOptions, make_plan
-    options = PruneOptions(
-        ratio=ratio, importance=importance, structures=tuple(s.strip() for s in structures.split(",") if s.strip()), gqa=gqa,
-        multiple=multiple, reduction=reduction, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
-        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, activation_memory=activation_memory,
-        planning="uniform" if uniform else "global", protect=_protection(protect), normalize=normalize, layout=layout, blocks=block_count,
-        bias_compensation=bias_compensation, reconstruct=reconstruct, damping=damping, reconstruction_target=reconstruct_target,
-    )
+    from structprune.recover.iterative import IterativeOptions, check_request
+    from structprune.prune import check_options, prune as run_prune
+
+    options = _prune_options(ratio, importance, pruning)
+    check_options(options)
     iterative = IterativeOptions(
         iterations=iterations, recover_steps=recover_steps, recover_data=recover_data, distill=distill, recover_lr=recover_lr,
         recover_batch_size=recover_batch_size,
     )
     check_request(options, iterative)  # the recovery flags are refused without --iterations, not ignored
+    target = None if dry_run else output
+    if target is not None:
+        check_output(model, target, overwrite=overwrite)
     bars: Dict[str, Any] = {}
     progress = _stage_progress(bars)
-
     if iterations > 1:
-        assert output is not None
-        _prune_iteratively(model, output, options, iterative, bars=bars, progress=progress, overwrite=overwrite, resume=resume, eval_text=eval_text)
+        assert target is not None
+        _prune_iteratively(model, target, options, iterative, bars=bars, progress=progress, overwrite=overwrite, resume=resume, eval_text=eval_text)
         return
-    with joined(device) as workers, _reconstruction_dir(options, output, plan_out) as work_dir:
-        if workers.is_main:
-            _say(f"tracing {model}…")
-        try:
-            result = make_plan(
-                model, options, progress=progress if workers.is_main else None, resume=resume_dir or resume, workers=workers,
-                reconstruction_dir=work_dir,
-            )
-        finally:
-            for bar in bars.values():
-                bar.close()
-        if workers.is_main:
-            _finish_prune(model, output, result, ratio=ratio, plan_out=plan_out, dry_run=dry_run, overwrite=overwrite, eval_text=eval_text)
+    if main_process:
+        _say(f"tracing {model}…")
+    try:
+        result = run_prune(model, target, options, overwrite=overwrite, progress=progress, apply_progress=True, resume=resume_dir or resume, plan_out=plan_out)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if main_process:
+        _print_prune_summary(model, target, result, ratio=ratio, plan_out=plan_out, eval_text=eval_text)
 
 
 STAGES = {
@@ -376,6 +438,8 @@ STAGES = {
     "forward": "scoring: forward pass over the calibration windows, block by block",
     "backward": "scoring: backward pass, block by block",
     "reconstruct": "reconstructing: refitting the kept weights on the pruned model's activations, block by block",
+    "perturb": "scoring: sub-models with random units masked, forward only, block by block",
+    "sparsify": "sparsifying: masks (and SparseGPT's updates) of every linear layer, block by block",
 }
 """What each stage of ``make_plan``'s progress reports is doing, said once when it starts."""
 
@@ -417,7 +481,7 @@ def _prune_iteratively(
     model: Path, output: Path, options: "PruneOptions", iterative: "IterativeOptions", *, bars: Dict[str, Any],
     progress: Callable[[str, int, int], None], overwrite: bool, resume: bool, eval_text: Optional[Path],
 ) -> None:
-    from structprune.iterative import prune_iteratively
+    from structprune.recover.iterative import prune_iteratively
 
     def announce(message: str) -> None:
         for bar in bars.values():  # the next step counts its blocks on new bars
@@ -444,37 +508,23 @@ def _prune_iteratively(
         _print_perplexity(model, output, eval_text)
 
 
-def _reconstruction_dir(options: "PruneOptions", output: Optional[Path], plan_out: Optional[Path]) -> ContextManager[Optional[Path]]:
-    """Where the refitted weights go: beside ``--plan-out`` (the plan reads them, so they stay, in
-    ``structprune-reconstructed/``, named by content), else a hidden directory beside the output
-    removed after writing."""
-    from structprune.prune import reconstructs, reconstruction_work_dir
-
-    if reconstructs(options) and plan_out is not None:
-        return nullcontext(plan_out.resolve().parent / RECONSTRUCTED_DIR)
-    if output is None:
-        return nullcontext(None)  # a dry run without --plan-out: make_plan keeps them while needed
-    return reconstruction_work_dir(output, options)
-
-
-def _finish_prune(
-    model: Path, output: Optional[Path], result: "PruneResult", *, ratio: float, plan_out: Optional[Path], dry_run: bool, overwrite: bool,
-    eval_text: Optional[Path],
-) -> None:
-    if plan_out is not None:
-        result.plan.save(plan_out)
+def _print_prune_summary(model: Path, output: Optional[Path], result: "PruneResult", *, ratio: float, plan_out: Optional[Path], eval_text: Optional[Path]) -> None:
     click.echo(f"parameters  {result.params_before:,} -> {result.params_after:,} ({100 * result.removed_fraction:.2f}% removed, target {100 * ratio:.1f}%)")
     for line in width_lines(result.original_widths, result.widths):
         click.echo(line)
     if result.blocks_removed:
         click.echo(f"  blocks removed: {', '.join(map(str, result.blocks_removed))}")
     click.echo(f"scoring     {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}" + (f", peak GPU {format_size(result.peak_gpu_bytes)}" if result.peak_gpu_bytes else ""))
-    if dry_run:
+    if output is None:
         click.echo("dry run: no checkpoint written" + (f"; plan in {plan_out}" if plan_out else ""))
         return
-    assert output is not None
-    report = apply_plan(model, result.plan, output, overwrite=overwrite, progress=True)
-    click.echo(f"wrote {report.output_dir} ({len(report.shards)} shard(s), {format_size(report.total_size)})")
+    assert result.report is not None
+    click.echo(f"wrote {result.report.output_dir} ({len(result.report.shards)} shard(s), {format_size(result.report.total_size)})")
+    if result.plan.metadata.get("format") == "decilm":
+        click.echo(
+            "note: a DeciLM (Nemotron-NAS) checkpoint, as vLLM reads it: transformers loads the model with trust_remote_code=True "
+            "and asks about remote code even for its tokenizer: AutoTokenizer.from_pretrained(OUT, trust_remote_code=False)"
+        )
     if eval_text is not None:
         _print_perplexity(model, output, eval_text)
 
@@ -482,7 +532,7 @@ def _finish_prune(
 def _print_perplexity(model: Path, output: Path, eval_text: Path) -> None:
     from transformers.utils import logging as hf_logging
 
-    from structprune.evaluate import perplexity_of_text
+    from structprune.evaluate.perplexity import perplexity_of_text
 
     hf_logging.disable_progress_bar()  # two loads of small models: their bars only add noise
 
@@ -560,16 +610,17 @@ def _comma_separated(text: str, option: str, kind: Callable[[str], Any] = str) -
 @click.option("--no-timing", is_flag=True, help="Skip speed and memory measurements.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the timing token ids and of lm-eval.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@sets_torch_threads
 @reports_errors
 def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], text_field: str, tasks: str, task_path: Optional[Path], limit: Optional[int], original: Optional[Path], device: str, dtype: str, batch_size: int, context: int, batch_sizes: str, decode_tokens: int, warmup: int, repeats: int, no_timing: bool, seed: int, as_json: bool) -> None:
     """Measure MODEL: parameters, MACs per token, held-out perplexity, zero-shot tasks, prefill and
     decode speed and peak memory at each batch size; with --compare, the original too and the
-    ratios. Protocols: structprune.costs and structprune.evaluate (docs/architecture.md)."""
+    ratios. Protocols: structprune.evaluate.costs and structprune.evaluate.perplexity (docs/architecture.md)."""
     from transformers.utils import logging as hf_logging
 
-    from structprune import costs
-    from structprune.assessment import EvalOptions, evaluate_model, protocol_lines, report_json, report_table
-    from structprune.costs import TimingProtocol
+    from structprune.evaluate import costs
+    from structprune.evaluate.report import EvalOptions, evaluate_model, protocol_lines, report_json, report_table
+    from structprune.evaluate.costs import TimingProtocol
 
     hf_logging.disable_progress_bar()  # loading bars of each model would bury the figures
     options = EvalOptions(
@@ -598,36 +649,27 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory: sweep.csv, sweep.json, sweep.md, sweep.png.")
 @click.option("--ratios", default="0.1,0.2,0.3,0.5", show_default=True, help="Comma list of fractions of all parameters to remove.")
 @click.option("--importance", "importances", default="taylor,l2,random", show_default=True, help="Comma list of estimators (as for prune).")
-@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text (estimators that need data).")
 @click.option("--ppl", type=click.Path(exists=True, path_type=Path), required=True, help="Held-out text for perplexity.")
 @click.option("--window", "windows", type=click.IntRange(min=2), multiple=True, help="Perplexity window in tokens; repeat for several (the plot uses the first) [default: 128].")
-@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
-@click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks.")
-@click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="GQA mode, as for prune.")
-@click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept widths are multiples of this, as for prune [default: 64 for MLPs of 2048+ channels, else 8].")
-@click.option("--uniform/--global", "uniform", default=True, show_default=True, help="Planning, as for prune (global checkpoints are evaluated through structprune.load_pruned).")
-@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True, help="Calibration windows of --seq-len tokens (reconstruction overfits much fewer than 16,384 tokens in all).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling (and random scores).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N], for scoring and evaluation.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype for scoring and evaluation.")
+@click.option("--sparsify", "sparsify_methods", default="", help="Comma list of sparsify methods (magnitude, wanda, sparsegpt) also run at every ratio, zeroing that fraction of every row: rows sparse-METHOD, with the dense size and MACs (zeros save nothing on dense kernels), for contrast.")
+@pruning_options
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the sweep is complete).")
+@sets_torch_threads
 @reports_errors
-def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optional[Path], ppl: Path, windows: Tuple[int, ...], text_field: str, structures: str, gqa: str, multiple: Optional[int], uniform: bool, samples: int, seq_len: int, seed: int, device: str, dtype: str, overwrite: bool) -> None:
+def sweep(model: Path, output: Path, ratios: str, importances: str, ppl: Path, windows: Tuple[int, ...], sparsify_methods: str, overwrite: bool, **pruning: Any) -> None:
     """Prune MODEL at every ratio with every estimator and plot held-out perplexity against the
     fraction of parameters removed (dense as reference). Pruned checkpoints are deleted once
     measured; OUTPUT appears only when the sweep is complete."""
     from transformers.utils import logging as hf_logging
 
-    from structprune.sweep import SweepOptions, markdown_table, plotting_available, run_sweep
+    from structprune.evaluate.sweep import SweepOptions, markdown_table, plotting_available, run_sweep
 
     hf_logging.disable_progress_bar()
     options = SweepOptions(
         ratios=_comma_separated(ratios, "--ratios", float), importances=_comma_separated(importances, "--importance"), ppl=ppl,
-        calib=calib, windows=windows or (128,), text_field=text_field, structures=_comma_separated(structures, "--structures"),
-        gqa=gqa, multiple=multiple, planning="uniform" if uniform else "global", samples=samples, seq_len=seq_len, seed=seed,
-        device=device, dtype=dtype,
-    )
+        pruning=_prune_options(0.5, "obs", pruning), windows=windows or (128,), text_field=pruning["text_field"],
+        sparsify_methods=_comma_separated(sparsify_methods, "--sparsify"),
+    )  # each run replaces the ratio and the estimator
     if not plotting_available():
         click.echo("note: matplotlib is not installed, so no sweep.png (pip install 'structprune[plot]')", err=True)
     rows = run_sweep(model, output, options, overwrite=overwrite)
@@ -676,6 +718,7 @@ def sweep(model: Path, output: Path, ratios: str, importances: str, calib: Optio
 @click.option("--max-shard-size", type=SizeParam(), default=DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+@sets_torch_threads
 @reports_errors
 def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], text_field: str, seq_len: int, epochs: float, max_steps: Optional[int], batch_size: int, grad_accum: int, lr: float, scheduler: str, warmup_steps: Optional[int], warmup_ratio: float, weight_decay: float, max_grad_norm: float, lora_rank: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool, mixed_precision: str, dtype: str, load_in: Optional[str], device: str, teacher: Optional[Path], temperature: float, distill_weight: float, teacher_dtype: Optional[str], teacher_logits: Optional[Path], teacher_topk: int, seed: int, eval_every: Optional[int], eval_window: int, save_every: Optional[int], resume: bool, max_shard_size: int, overwrite: bool, quiet: bool) -> None:
     """Recover a pruned checkpoint PRUNED with a short LoRA fine-tune on --data, and write the
@@ -690,7 +733,7 @@ def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], t
     """
     from transformers.utils import logging as hf_logging
 
-    from structprune.recover import RecoverOptions, recover as run_recovery
+    from structprune.recover.training import RecoverOptions, recover as run_recovery
 
     hf_logging.disable_progress_bar()  # transformers' weight-loading bars (base, teacher, merge) would bury recovery's own
     options = RecoverOptions(
@@ -717,3 +760,47 @@ def recover(pruned: Path, output: Path, data: Path, eval_data: Optional[Path], t
     if result.evals:
         first, last = result.evals[0], result.evals[-1]
         click.echo(f"perplexity  {first.perplexity:.2f} (step {first.step}) -> {last.perplexity:.2f} (step {last.step}) on {eval_data}, {eval_window}-token windows")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of the weights of every output row of every block linear layer to zero (unstructured).")
+@click.option("--pattern", metavar="N:M", help="Semi-structured instead: at most N non-zeros in every M consecutive inputs (2:4 runs on sparse tensor cores).")
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default="wanda", show_default=True, help="magnitude: |W|; wanda: |W|·‖X‖ (calibration inputs); sparsegpt: optimal brain surgeon, the kept weights updated column block by column block.")
+@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration text (wanda, sparsegpt): .txt, .jsonl, or a saved datasets directory.")
+@click.option("--text-field", default="text", show_default=True, help="Field of .jsonl records (or dataset columns) holding the text.")
+@click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES, show_default=True, help="Calibration windows of --seq-len tokens.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]; one block at a time is loaded there.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype of the block forwards (the masks and updates are computed from the stored weights in float64).")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Samples per block forward call.")
+@click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With sparsegpt: λ relative to the mean diagonal of the inputs' Gram matrix.")
+@click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True, help="With sparsegpt: columns updated together (a multiple of M with --pattern).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@sets_torch_threads
+@reports_errors
+def sparsify(model: Path, output: Path, sparsity: Optional[float], pattern: Optional[str], method: str, calib: Optional[Path], text_field: str, samples: int, seq_len: int, seed: int, device: str, dtype: str, micro_batch: int, damping: float, block_size: int, overwrite: bool) -> None:
+    """Zero individual weights of MODEL's block linear layers (unstructured --sparsity, or N:M
+    --pattern) and write a stock checkpoint with zeros to OUTPUT: same config and shapes, so
+    nothing gets smaller or, on dense kernels, faster; for contrast with prune's structured
+    removal. OUTPUT/sparsity.json records the pattern and method."""
+    from structprune.plan.sparsify import SparsifyOptions, sparsify as run_sparsify
+
+    options = SparsifyOptions(
+        sparsity=sparsity, pattern=pattern, method=method, calib=calib, text_field=text_field, samples=samples, seq_len=seq_len,
+        seed=seed, device=device, dtype=dtype, micro_batch=micro_batch, damping=damping, block_size=block_size,
+    )
+    options.check()  # before the imports and the trace
+    bars: Dict[str, Any] = {}
+    try:
+        result = run_sparsify(model, output, options, overwrite=overwrite, progress=_stage_progress(bars), apply_progress=True)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    target = f"{options.pattern} pattern" if options.pattern else f"{100 * (options.sparsity or 0):.0f}% per row"
+    click.echo(f"zeroed      {result.zeroed:,} of {result.sparsified_parameters:,} block linear weights ({target}, {method}): {100 * result.zeroed_fraction:.2f}% of all {result.total_parameters:,} parameters")
+    click.echo(f"sparsified  in {result.seconds:.1f} s, peak RSS {format_size(result.peak_rss_bytes)}")
+    assert result.report is not None
+    click.echo(f"wrote {result.report.output_dir} ({len(result.report.shards)} shard(s), {format_size(result.report.total_size)}); config unchanged, pattern in {output / 'sparsity.json'}")

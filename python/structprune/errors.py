@@ -50,12 +50,29 @@ class OutputExistsError(OutputError, FileExistsError):
 
 
 class SettingError(StructpruneError, ValueError):
-    """An option's value is out of its range (a memory budget past the cap, a thread count); the
-    message names the option as the API and the command line spell it."""
+    """An option's value is out of its range, unknown, or does not go with another option (a memory
+    budget past the cap, an unknown estimator, CUDA asked for where there is none); the message names
+    the option as the API and the command line spell it, and ``option`` holds the command line's
+    spelling (``--importance``) when there is one. The CLI exits with status 2 for it, as for any
+    other usage error, before any work is done."""
+
+    option: Optional[str] = None
+
+    def __init__(self, message: str, *, option: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class GraphError(StructpruneError, ValueError):
     """A traced graph is malformed, or a model cannot be traced."""
+
+
+class TraceError(StructpruneError, RuntimeError):
+    """The model could not be traced or its graph cannot be written as the IR."""
+
+
+class StreamingError(StructpruneError, RuntimeError):
+    """The model cannot be run block by block."""
 
 
 class StructpruneIOError(StructpruneError, OSError):
@@ -108,6 +125,8 @@ __all__ = [
     "OutputError",
     "OutputExistsError",
     "GraphError",
+    "TraceError",
+    "StreamingError",
     "SettingError",
     "StructpruneIOError",
     "CalibrationError",

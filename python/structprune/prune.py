@@ -6,34 +6,40 @@ import resource
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from math import prod
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, NoReturn, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from structprune.apply import ApplyReport, apply_plan, check_output, plan_output
-from structprune.calibration import batch_sha256
-from structprune.checkpoint import read_checkpoint, read_config
-from structprune.compensation import check_request, compensate_biases
-from structprune.cuts import Selection, checkpoint_cut_plan
-from structprune.distributed import Workers, current
-from structprune.errors import PlanError
-from structprune.graph import KINDS, StructureGraph, trace
-from structprune.importance import Importance, estimator
-from structprune.plan import CutPlan
-from structprune.planner import PLANNINGS, Target, default_protection, layer_widths, plan_global, plan_uniform
-from structprune.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, Reconstruction, apply_to_plan, reconstruct, stored_dtype_map
-from structprune.resume import Journal, default_directory, run_key
-from structprune.scoring import Scores, score
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_SAMPLES
-from structprune.streaming import StreamedModel
+from structprune.errors import PlanError, SettingError
+from structprune.io.checkpoint import read_checkpoint, read_config
+from structprune.io.dtypes import compute_dtype
+from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_SAMPLES, RECONSTRUCTION_TARGETS
+from structprune.models.formats import FORMATS
+from structprune.models.loading import resolve_device
+from structprune.plan.compensation import DECILM_REFUSAL, compensate_biases
+from structprune.plan.compensation import HIDDEN_REFUSAL as HIDDEN_COMPENSATION_REFUSAL
+from structprune.plan.cut_plan import CutPlan
+from structprune.plan.cuts import Selection, checkpoint_cut_plan
+from structprune.plan.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, Reconstruction, apply_to_plan, reconstruct, stored_dtype_map
+from structprune.plan.selection import GQA_MODES, NORMALIZATIONS, PLANNINGS, STRUCTURE_CHOICES, Target, default_protection, layer_widths, plan_global, plan_uniform
+from structprune.score.calibration import batch_sha256
+from structprune.score.distributed import Workers, current, joined
+from structprune.score.importance import ESTIMATORS, Importance, estimator
+from structprune.score.journal import Journal, default_directory, run_key
+from structprune.score.scorer import REDUCTIONS, Scores, score
+from structprune.score.streaming import StreamedModel
+from structprune.tracing.graph import KINDS, StructureGraph, trace
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Callable[[str, int, int], None]
+RECONSTRUCTED_DIR = "structprune-reconstructed"
+"""Beside a saved plan: the refitted weights it reads (files named by their content's hash)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class PruneOptions:
     importance: str = "obs"
     """How units are chosen; ``obs`` (the default: best on SmolLM2 at 20% and 50%,
     docs/benchmarks.md) sets each layer's widths from diagonal OBS costs and picks the units by
-    greedy OBS while reconstructing. Every name of ``structprune.importance.ESTIMATORS`` works."""
+    greedy OBS while reconstructing. Every name of ``structprune.score.importance.ESTIMATORS`` works."""
     structures: tuple = ("heads", "mlp")
     gqa: str = "query-heads"
     multiple: Optional[int] = None
@@ -66,23 +72,23 @@ class PruneOptions:
     a stock checkpoint), LLM-Pruner's proportion for global planning (``default_protection``)."""
     normalize: str = "none"
     layout: str = "auto"
-    """Checkpoint format (``structprune.formats``): auto, stock, decilm or layers."""
+    """Checkpoint format (``structprune.models.formats``): auto, stock, decilm or layers."""
     blocks: Optional[int] = None
     """Whole blocks to remove when ``structures`` combines blocks with widths (the rest of the ratio
     comes from widths); ``None`` when blocks are pruned on their own."""
     bias_compensation: bool = False
-    """FLAP's bias compensation (``structprune.compensation``): the removed input channels of
+    """FLAP's bias compensation (``structprune.plan.compensation``): the removed input channels of
     o_proj/down_proj (and their equivalents) are replaced by their calibration means, folded into the
     layers' biases. Needs calibration data, whatever the estimator."""
     reconstruct: Optional[bool] = None
     """Refit the kept input columns of every layer that loses inputs (least squares on the pruned
-    model's calibration activations, block by block: ``structprune.reconstruct``). Needs
+    model's calibration activations, block by block: ``structprune.plan.reconstruct``). Needs
     calibration data, whatever the estimator. ``None``: on wherever it applies (not with hidden
     channels, bias compensation, or blocks alone); see ``reconstructs``."""
     damping: float = DEFAULT_DAMPING
     """Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix."""
     reconstruction_target: str = "dense"
-    """What refitted layers reproduce (``structprune.reconstruct.TARGETS``): ``layer``, the outputs
+    """What refitted layers reproduce (``structprune.plan.reconstruct.TARGETS``): ``layer``, the outputs
     of their own dense weights on the pruned inputs; ``dense`` (measured best on SmolLM2 at 20% and
     50%), the same except that a layer feeding the residual stream (down_proj) reproduces the dense
     block's output, correcting the drift of the blocks before."""
@@ -126,37 +132,25 @@ def make_plan(
 
     ``resume``: a directory where scoring saves its state after every block and continues a saved
     run (``True``: one under the user's cache directory, named by a hash of the inputs; see
-    ``structprune.resume``). ``workers``: the processes scoring together (default: the process group
+    ``structprune.score.journal``). ``workers``: the processes scoring together (default: the process group
     this process is in, if any); each scores its share of the calibration batch and every process
     gets the same result."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
-    if options.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype}")
-    if options.planning not in PLANNINGS:
-        raise PlanError(f"planning must be one of {', '.join(PLANNINGS)}, got {options.planning!r}")
+    check_options(options)
+    importance = estimator(options.importance, seed=options.seed)
+    reconstruct_ = reconstructs(options)
     graph = trace(model_dir)
     if graph.blocks is None:
         raise PlanError(f"{model_dir}: no repeated blocks found, so the model cannot be scored block by block")
-    importance = estimator(options.importance, seed=options.seed)
-    if options.bias_compensation:
-        check_request(tuple(options.structures), options.layout)
-    reconstruct_ = reconstructs(options)
-    if importance.reselects:
-        _check_reselection(options, reconstruct_)
     owned_dir = None
-    if reconstruct_:
-        _check_reconstruction(options)
-        if reconstruction_dir is None:
-            owned_dir = tempfile.TemporaryDirectory(prefix="structprune-reconstruct-")
-            reconstruction_dir = Path(owned_dir.name)
-    needs_data = (
-        importance.needs_gradients or importance.needs_activations or "blocks" in options.structures or options.bias_compensation or reconstruct_
-    )
-    input_ids, calibration = _calibration(model_dir, options) if needs_data else (None, None)
+    if reconstruct_ and reconstruction_dir is None:
+        owned_dir = tempfile.TemporaryDirectory(prefix="structprune-reconstruct-")
+        reconstruction_dir = Path(owned_dir.name)
+    input_ids, calibration = _calibration(model_dir, options) if needs_calibration(options) else (None, None)
     workers = workers or current()
     device = workers.compute_device(options.device)
-    model = StreamedModel(model_dir, device=device, dtype=DTYPES[options.dtype], blocks_prefix=graph.blocks.prefix)
+    model = StreamedModel(model_dir, device=device, dtype=compute_dtype(options.dtype), blocks_prefix=graph.blocks.prefix)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     scores = _score(model, graph, importance, input_ids, options, workers=workers, resume=resume, progress=progress)
@@ -239,28 +233,81 @@ def reconstructs(options: PruneOptions) -> bool:
     return not ("hidden" in options.structures or options.bias_compensation)
 
 
-def _check_reselection(options: PruneOptions, reconstruct: bool) -> None:
-    """An estimator that chooses units while reconstructing (obs) needs what reconstruction needs."""
-    if tuple(options.structures) == ("blocks",):
-        return  # blocks are chosen by Block Influence, whatever the estimator
-    unsupported = [why for why, present in (
-        ("--no-reconstruct", not reconstruct), ("hidden channels", "hidden" in options.structures),
-        ("bias compensation", options.bias_compensation),
-    ) if present]
-    if unsupported:
-        raise PlanError(
-            f"importance '{options.importance}' (the default) chooses the units while reconstructing, which rules out "
-            f"{' and '.join(unsupported)}: pass another --importance (taylor, wanda-sp, flap…)"
-        )
-
-
-def _check_reconstruction(options: PruneOptions) -> None:
-    if "hidden" in options.structures:
-        raise PlanError(HIDDEN_REFUSAL)
-    if options.bias_compensation:
-        raise PlanError("reconstruction refits the kept weights, which subsumes bias compensation: choose one of them")
+def check_options(options: PruneOptions) -> None:
+    """Every option on its own and with the others, before any file is read: a bad one is refused
+    at once with a :class:`SettingError` naming it, not after the hours a large model's scoring
+    takes (``make_plan`` calls it first; the CLI before it loads anything)."""
+    if not 0 < options.ratio < 1:
+        _refuse("--ratio", f"must be between 0 and 1, got {options.ratio}")
+    estimator(options.importance, seed=options.seed)
+    unknown = [s for s in options.structures if s not in STRUCTURE_CHOICES]
+    if unknown or not options.structures:
+        _refuse("--structures", f"{', '.join(map(repr, unknown)) or 'nothing'} given; choose from {', '.join(STRUCTURE_CHOICES)}")
+    for option, value, choices in (
+        ("--gqa", options.gqa, GQA_MODES), ("--reduction", options.reduction, REDUCTIONS), ("--uniform/--global", options.planning, PLANNINGS),
+        ("--normalize", options.normalize, NORMALIZATIONS), ("--format", options.layout, FORMATS),
+        ("--reconstruct-target", options.reconstruction_target, RECONSTRUCTION_TARGETS),
+    ):
+        if value not in choices:
+            _refuse(option, f"must be one of {', '.join(choices)}, got {value!r}")
+    compute_dtype(options.dtype)
+    resolve_device(options.device)
+    minimums: Tuple[Tuple[str, int, int], ...] = (("--samples", options.samples, 1), ("--seq-len", options.seq_len, 2), ("--micro-batch", options.micro_batch, 1))
+    for option, number, least in minimums:
+        if number < least:
+            _refuse(option, f"must be at least {least}, got {number}")
     if options.damping < 0:
-        raise PlanError(f"reconstruction damping must be at least 0, got {options.damping}")
+        _refuse("--damping", f"must be at least 0, got {options.damping}")
+    if options.protect is not None and min(options.protect) < 0:
+        _refuse("--protect", f"block counts must be at least 0, got {options.protect}")
+    if options.blocks is not None and (options.blocks < 0 or "blocks" not in options.structures):
+        _refuse("--blocks", f"removes whole blocks: it needs blocks among --structures and a count of at least 0, got {options.blocks} with {','.join(options.structures)}")
+    _check_combinations(options)
+
+
+def needs_calibration(options: PruneOptions) -> bool:
+    """Whether ``options`` need calibration text (gradients, activations, sub-model losses, block
+    influence, means or reconstruction all come from it)."""
+    importance = ESTIMATORS[options.importance]
+    return bool(
+        importance.needs_gradients or importance.needs_activations or importance.perturbs or "blocks" in options.structures or options.bias_compensation
+        or reconstructs(options)
+    )
+
+
+def _check_combinations(options: PruneOptions) -> None:
+    reconstruct_ = reconstructs(options)
+    if options.bias_compensation:
+        if "hidden" in options.structures:
+            _refuse("--bias-compensation", HIDDEN_COMPENSATION_REFUSAL)
+        if options.layout == "decilm":
+            _refuse("--bias-compensation", DECILM_REFUSAL)
+    if ESTIMATORS[options.importance].reselects and tuple(options.structures) != ("blocks",):  # blocks go by Block Influence
+        unsupported = [why for why, present in (
+            ("--no-reconstruct", not reconstruct_), ("hidden channels", "hidden" in options.structures),
+            ("bias compensation", options.bias_compensation),
+        ) if present]
+        if unsupported:
+            _refuse("--importance", (
+                f"'{options.importance}' (the default) chooses the units while reconstructing, which rules out "
+                f"{' and '.join(unsupported)}: pass another --importance (taylor, wanda-sp, flap…)"
+            ))
+    if reconstruct_:
+        if "hidden" in options.structures:
+            _refuse("--reconstruct", HIDDEN_REFUSAL)
+        if options.bias_compensation:
+            _refuse("--reconstruct", "reconstruction refits the kept weights, which subsumes bias compensation: choose one of them")
+    if options.planning == "global" and tuple(options.structures) == ("blocks",):
+        _refuse("--global", "global planning chooses widths per layer; remove blocks on their own with --uniform, or name width structures too")
+    if options.calib is None and needs_calibration(options):
+        needing = f"importance '{options.importance}'" + (" with bias compensation" if options.bias_compensation else "")
+        if reconstruct_ and not options.bias_compensation:
+            needing += " with reconstruction (on by default; --no-reconstruct turns it off)"
+        _refuse("--calib", f"{needing} needs calibration text: pass --calib FILE")
+
+
+def _refuse(option: str, why: str) -> NoReturn:
+    raise SettingError(f"{option}: {why}", option=option)
 
 
 def _reconstruct(
@@ -275,7 +322,7 @@ def _reconstruct(
     *,
     reselect: bool,
 ) -> Reconstruction:
-    from structprune.tracing import checkpoint_name_map
+    from structprune.tracing.export import checkpoint_name_map
 
     names = list(read_checkpoint(model.model_dir).tensors)
     stored_names = {model_name: name for name, model_name in checkpoint_name_map(model.model_dir, names).items()}
@@ -296,23 +343,43 @@ def default_multiple(graph: StructureGraph) -> int:
 
 def prune(
     model_dir: Union[str, Path],
-    output_dir: Union[str, Path],
+    output_dir: Optional[Union[str, Path]],
     options: PruneOptions,
     *,
     overwrite: bool = False,
     progress: Optional[Progress] = None,
     apply_progress: bool = False,
     resume: Union[bool, str, Path] = False,
+    plan_out: Optional[Union[str, Path]] = None,
 ) -> PruneResult:
-    """Scores, plans and writes the pruned checkpoint to ``output_dir`` (only process 0 writes it
-    when several score together; ``resume`` as for ``make_plan``)."""
-    check_output(model_dir, output_dir, overwrite=overwrite)  # before scoring, not after it
-    workers = current()
-    with reconstruction_work_dir(output_dir, options) as work_dir:
-        result = make_plan(model_dir, options, progress=progress, resume=resume, workers=workers, reconstruction_dir=work_dir)
+    """Scores, plans and writes the pruned checkpoint to ``output_dir``: ``structprune prune``.
+
+    ``output_dir`` ``None`` is a dry run (the plan only). ``plan_out``: the plan is also saved
+    there, and with reconstruction the refitted weights it reads stay beside it, in
+    ``structprune-reconstructed/``. Under torchrun every process scores its share of the
+    calibration samples and only the first writes (``resume`` as for ``make_plan``)."""
+    check_options(options)
+    if output_dir is not None:
+        check_output(model_dir, output_dir, overwrite=overwrite)  # before scoring, not after it
+    with joined(options.device) as workers, _reconstruction_dir(options, output_dir, plan_out) as work_dir:
+        result = make_plan(model_dir, options, progress=progress if workers.is_main else None, resume=resume, workers=workers, reconstruction_dir=work_dir)
         if workers.is_main:
-            result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
+            if plan_out is not None:
+                result.plan.save(plan_out)
+            if output_dir is not None:
+                result.report = apply_plan(model_dir, result.plan, output_dir, overwrite=overwrite, progress=apply_progress)
     return result
+
+
+def _reconstruction_dir(options: PruneOptions, output_dir: Optional[Union[str, Path]], plan_out: Optional[Union[str, Path]]) -> ContextManager[Optional[Path]]:
+    """Where the refitted weights go: beside ``plan_out`` (the plan reads them, so they stay, named
+    by content), else a hidden directory beside the output, removed after writing; a dry run
+    without ``plan_out`` lets ``make_plan`` keep them while the result lives."""
+    if reconstructs(options) and plan_out is not None:
+        return nullcontext(Path(plan_out).resolve().parent / RECONSTRUCTED_DIR)
+    if output_dir is None:
+        return nullcontext(None)
+    return reconstruction_work_dir(output_dir, options)
 
 
 @contextmanager
@@ -351,12 +418,12 @@ def _score(
     if input_ids is None:
         return score(model, graph, importance, None, reduction=options.reduction, progress=progress, kinds=kinds)
     share = input_ids[workers.share(input_ids.shape[0])]
-    common = {
-        "reduction": options.reduction, "micro_batch": options.micro_batch, "progress": progress, "workers": workers, "kinds": kinds,
-        "record_means": options.bias_compensation, "activation_memory": options.activation_memory,
-    }
+    scored = partial(
+        score, model, graph, importance, share, reduction=options.reduction, micro_batch=options.micro_batch, progress=progress,
+        workers=workers, kinds=kinds, record_means=options.bias_compensation, activation_memory=options.activation_memory,
+    )
     if resume is False:
-        return score(model, graph, importance, share, **common)
+        return scored()
     key = run_key(
         model.model_dir, calibration_sha256=batch_sha256(input_ids), importance=options.importance, seed=options.seed,
         micro_batch=options.micro_batch, dtype=options.dtype, device=str(model.device), processes=workers.world_size,
@@ -364,18 +431,14 @@ def _score(
     )
     directory = default_directory(key) if resume is True else Path(resume)
     with Journal(directory, key, workers) as journal:
-        return score(model, graph, importance, share, journal=journal, **common)
+        return scored(journal=journal)
 
 
 def _calibration(model_dir: Path, options: PruneOptions) -> tuple:
-    from structprune.calibration import calibration_batch, load_texts
-    from structprune.loading import load_tokenizer
+    from structprune.score.calibration import calibration_batch, load_texts
+    from structprune.models.loading import load_tokenizer
 
-    if options.calib is None:
-        needing = f"importance '{options.importance}'" + (" with bias compensation" if options.bias_compensation else "")
-        if reconstructs(options) and not options.bias_compensation:
-            needing += " with reconstruction (on by default; --no-reconstruct turns it off)"
-        raise PlanError(f"{needing} needs calibration text: pass --calib FILE")
+    assert options.calib is not None  # check_options refused its absence
     texts = load_texts(options.calib, text_field=options.text_field)
     tokenizer = load_tokenizer(model_dir)
     batch = calibration_batch(texts, tokenizer, samples=options.samples, seq_len=options.seq_len, seed=options.seed)

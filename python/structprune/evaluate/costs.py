@@ -58,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from structprune.errors import EvaluationError
+from structprune.io.threads import usable_cpus  # noqa: F401 - the eval command reads the CPU count here
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -126,7 +127,8 @@ def macs_per_token(model: nn.Module, context: int) -> MacsCount:
 
 def attention_query_widths(model: nn.Module) -> List[int]:
     """``heads × head_dim`` of every attention layer (module doc: where it is read from)."""
-    widths = [module.q_proj.out_features for module in model.modules() if isinstance(getattr(module, "q_proj", None), nn.Linear)]
+    projections = [getattr(module, "q_proj", None) for module in model.modules()]
+    widths = [projection.out_features for projection in projections if isinstance(projection, nn.Linear)]
     if widths:
         return widths
     config = getattr(model, "config", None)
@@ -137,7 +139,7 @@ def attention_query_widths(model: nn.Module) -> List[int]:
             f"{type(model).__name__}: cannot count attention MACs: no q_proj layers and no "
             "num_attention_heads/num_hidden_layers in the config"
         )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size") // heads
     return [heads * head_dim] * layers
 
 
@@ -238,13 +240,6 @@ def load_average() -> float:
         return 0.0
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _cache_argument(model: nn.Module) -> str:
     """The name of the KV cache, in the forward's arguments and its output: ``cache`` from
     transformers 5.25 on, ``past_key_values`` before (the old name now warns, once per decode run)."""
@@ -255,12 +250,12 @@ def _linear_macs(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return int(module.weight.numel())  # transformers' Conv1D: weight is [in, out]
+        return int(module.get_parameter("weight").numel())  # transformers' Conv1D: weight is [in, out]
     return 0
 
 
 def _vocab_size(model: nn.Module) -> int:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     if embeddings is None or not hasattr(embeddings, "num_embeddings"):
         raise EvaluationError(f"{type(model).__name__}: no input embedding to draw token ids for timing")
     return int(embeddings.num_embeddings)
@@ -296,10 +291,10 @@ def _peak_memory(model: nn.Module, device: torch.device) -> Iterator[Dict[str, O
         yield result
         result["bytes"] = weight_bytes(model) + torch.cuda.max_memory_allocated(device) - baseline
         return
-    baseline = _reset_peak_rss(model)
+    rss_baseline = _reset_peak_rss(model)
     yield result
     peak = _status_bytes("VmHWM")
-    result["bytes"] = None if baseline is None or peak is None else weight_bytes(model) + max(0, peak - baseline)
+    result["bytes"] = None if rss_baseline is None or peak is None else weight_bytes(model) + max(0, peak - rss_baseline)
 
 
 def _reset_peak_rss(model: nn.Module) -> Optional[int]:

@@ -3,8 +3,8 @@
 Protocol (the fixtures' README: "tokenised with the model's tokenizer as one stream,
 non-overlapping windows, mean token loss over windows, exp"):
 
-1. The held-out file is read with :func:`structprune.calibration.load_texts` and tokenized as one
-   stream by :func:`structprune.calibration.token_stream` (documents joined by
+1. The held-out file is read with :func:`structprune.score.calibration.load_texts` and tokenized as one
+   stream by :func:`structprune.score.calibration.token_stream` (documents joined by
    ``"\\n" + eos + "\\n"``, i.e. a ``.txt`` file tokenized as one string; no BOS).
 2. The stream is cut into ``len // window`` non-overlapping windows of ``window`` tokens; the
    incomplete tail is dropped.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from structprune.calibration import load_texts, token_stream
+from structprune.score.calibration import load_texts, token_stream
 from structprune.errors import CalibrationError
 
 if TYPE_CHECKING:  # transformers is only imported when a model has to be loaded
@@ -129,7 +129,7 @@ def perplexity_of_text(
 
     The tokenizer is loaded from the model directory (for a loaded model: from its
     ``name_or_path``) unless one is passed. ``text_path`` is anything
-    :func:`~structprune.calibration.load_texts` reads.
+    :func:`~structprune.score.calibration.load_texts` reads.
     """
     model, tokenizer = _model_and_tokenizer(model_dir_or_model, tokenizer)
     stream = token_stream(load_texts(text_path, text_field=text_field), tokenizer)
@@ -164,7 +164,7 @@ def _model_and_tokenizer(
     model_dir_or_model: Union[PathLike, "PreTrainedModel"],
     tokenizer: Optional["PreTrainedTokenizerBase"],
 ) -> Tuple[torch.nn.Module, "PreTrainedTokenizerBase"]:
-    from structprune.loading import load_model, load_tokenizer
+    from structprune.models.loading import load_model, load_tokenizer
 
     model_dir: Optional[Path]
     model: torch.nn.Module  # transformers' own annotations of from_pretrained/.to confuse checkers

@@ -1,9 +1,9 @@
 """``structprune eval``: one model's quality and cost, optionally side by side with its original.
 
-A model is loaded once (:func:`structprune.loading.load_model`) and measured in this order:
-counts (:mod:`structprune.costs`: parameters, weight bytes, MACs per token), held-out perplexity at
-each window (:mod:`structprune.evaluate`'s protocol), zero-shot tasks (:mod:`structprune.zeroshot`,
-when asked for), then speed and memory (:mod:`structprune.costs`' timing protocol). With a
+A model is loaded once (:func:`structprune.models.loading.load_model`) and measured in this order:
+counts (:mod:`structprune.evaluate.costs`: parameters, weight bytes, MACs per token), held-out perplexity at
+each window (:mod:`structprune.evaluate.perplexity`'s protocol), zero-shot tasks (:mod:`structprune.evaluate.zeroshot`,
+when asked for), then speed and memory (:mod:`structprune.evaluate.costs`' timing protocol). With a
 comparison the two models are measured one after the other, never both in memory, and every shared
 figure gets a ratio ``model / original``.
 """
@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from structprune.calibration import load_texts, token_stream
-from structprune.costs import (
+from structprune.score.calibration import load_texts, token_stream
+from structprune.evaluate.costs import (
     MacsCount,
     Throughput,
     TimingProtocol,
@@ -27,15 +27,15 @@ from structprune.costs import (
     measure_throughput,
     weight_bytes,
 )
-from structprune.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, PerplexityResult, perplexity
-from structprune.loading import load_model, load_tokenizer
-from structprune.sizes import format_size
+from structprune.evaluate.perplexity import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, PerplexityResult, perplexity
+from structprune.models.loading import load_model, load_tokenizer
+from structprune.io.sizes import format_size
 
 
 @dataclass(frozen=True)
 class EvalOptions:
     ppl: Optional[Path] = None
-    """Held-out text for perplexity (anything :func:`structprune.calibration.load_texts` reads)."""
+    """Held-out text for perplexity (anything :func:`structprune.score.calibration.load_texts` reads)."""
     windows: Tuple[int, ...] = (DEFAULT_WINDOW,)
     text_field: str = "text"
     tasks: Tuple[str, ...] = ()
@@ -104,6 +104,7 @@ def evaluate_model(model_dir: Path, options: EvalOptions, *, progress: bool = Fa
         tokenizer = load_tokenizer(model_dir) if needs_tokenizer else None
         perplexities = []
         if options.ppl is not None:
+            assert tokenizer is not None
             stream = token_stream(load_texts(options.ppl, text_field=options.text_field), tokenizer)
             perplexities = [
                 perplexity(model, stream, window=window, batch_size=options.batch_size, progress=progress)
@@ -111,8 +112,9 @@ def evaluate_model(model_dir: Path, options: EvalOptions, *, progress: bool = Fa
             ]
         tasks: Dict[str, Dict[str, float]] = {}
         if options.tasks:
-            from structprune.zeroshot import run_tasks
+            from structprune.evaluate.zeroshot import run_tasks
 
+            assert tokenizer is not None
             tasks = run_tasks(model, tokenizer, options.tasks, batch_size=options.batch_size, task_path=options.task_path, limit=options.limit)
         throughput = measure_throughput(model, options.timing, progress=progress) if options.measure_speed else []
         return ModelEvaluation(
@@ -144,7 +146,7 @@ def protocol_json(options: EvalOptions) -> Dict[str, Any]:
         "perplexity": {
             "text": str(options.ppl) if options.ppl is not None else None,
             "windows": list(options.windows),
-            "method": "one token stream, non-overlapping windows, mean window loss, exp (structprune.evaluate)",
+            "method": "one token stream, non-overlapping windows, mean window loss, exp (structprune.evaluate.perplexity)",
         },
         "macs_context": options.timing.context,
         "timing": {**asdict(options.timing), "batch_sizes": list(options.timing.batch_sizes)} if options.measure_speed else None,

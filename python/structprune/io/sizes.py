@@ -21,7 +21,7 @@ at 20% removed, 128 windows gave 22.5 held-out perplexity where 32 gave 26.4-27.
 fits thousands of weights per output row and overfits a few thousand tokens (docs/benchmarks.md)."""
 
 RECONSTRUCTION_TARGETS = ("dense", "layer")
-"""What reconstruction fits refitted layers to (``structprune.reconstruct``); here for the same reason."""
+"""What reconstruction fits refitted layers to (``structprune.plan.reconstruct``); here for the same reason."""
 
 _UNITS = {
     "": 1,

@@ -11,7 +11,7 @@ the model it describes is built.
     width (``ffn.intermediate_size``) and KV-head count (``attention.n_heads_in_group``). vLLM
     serves it; transformers loads it with ``trust_remote_code=True`` through the
     ``configuration_decilm.py``/``modeling_decilm.py`` that structprune writes beside the weights
-    (``structprune.decilm``); ``structprune.load_pruned`` loads it without remote code. The format
+    (``structprune.models.decilm``); ``structprune.load_pruned`` loads it without remote code. The format
     has one query-head count for all layers, so it cannot hold per-layer query-head counts.
 ``layers``
     Any architecture: the stock config plus ``structprune_layers``, the per-layer config
@@ -21,12 +21,21 @@ the model it describes is built.
 
 ``auto`` picks ``stock`` when the plan is uniform, else ``decilm`` when the model and plan fit it,
 else ``layers``.
+
+Encoders (BERT, RoBERTa, DistilBERT): transformers 5 sizes their attention heads as
+``hidden_size / num_attention_heads`` and no longer reads ``pruned_heads`` (transformers 4's
+record of removed heads), so no stock config holds an encoder with heads removed: ``auto`` writes
+such a plan as ``layers``, ``stock`` refuses it. In the ``layers`` format every layer of an
+encoder states its head count, the model-wide count stays the dense one (so that the dense layers
+transformers builds first are valid), and :func:`fit_encoder_heads` gives each attention its
+heads of the dense width (``head_dim``).
 """
 
 from __future__ import annotations
 
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, cast
 
 from structprune.errors import PlanError
 
@@ -42,6 +51,30 @@ DECILM_SOURCES = ("llama",)
 
 PerLayer = Dict[str, List[int]]
 """Config attribute → its value in each kept layer, for the attributes that differ between layers."""
+
+
+@dataclass(frozen=True)
+class EncoderAttention:
+    """Where an encoder layer's attention keeps its head geometry (module paths inside a layer)."""
+
+    module: str
+    count_attribute: str
+    projections: Tuple[str, ...]
+    output: str
+
+
+_BERT_ATTENTION = EncoderAttention("attention.self", "num_attention_heads", ("query", "key", "value"), "attention.output.dense")
+ENCODER_ATTENTION = {
+    "bert": _BERT_ATTENTION,
+    "roberta": _BERT_ATTENTION,
+    "distilbert": EncoderAttention("attention", "n_heads", ("q_lin", "k_lin", "v_lin"), "attention.out_lin"),
+}
+"""Encoder families whose heads the ``layers`` format removes, by ``model_type``."""
+ENCODER_HEADS_REFUSAL = (
+    "transformers 5 sizes {model_type} attention heads as hidden_size / num_attention_heads and no "
+    "longer reads pruned_heads, so no stock config holds a {model_type} model with heads removed: "
+    "write it with --format layers (loaded by structprune.load_pruned) or keep the heads with --structures mlp"
+)
 
 
 def choose_format(requested: str, config: Mapping[str, Any], per_layer: PerLayer, head_key: str) -> str:
@@ -110,7 +143,7 @@ def decilm_files() -> Dict[str, str]:
     """The configuration and modeling sources written beside a DeciLM checkpoint. They are the only
     code a plan may write: the engine embeds these same files and refuses any other ``.py`` file,
     or these with other bytes (an editable install needs its extension rebuilt after editing them)."""
-    package = resources.files("structprune.decilm")
+    package = resources.files("structprune.models.decilm")
     return {name: package.joinpath(name).read_text(encoding="utf-8") for name in DECILM_FILES}
 
 
@@ -125,17 +158,45 @@ def apply_layer_overrides(model: nn.Module, config: Any) -> None:
 
     The new layers are created in the current default device and dtype context, like the ones
     they replace (so on the meta device inside ``from_pretrained``)."""
-    from structprune.decilm.modeling_decilm import rebuild_layer
+    from structprune.models.decilm.modeling_decilm import rebuild_layer
 
     layout = getattr(config, LAYERS_KEY, None) if not isinstance(config, Mapping) else config.get(LAYERS_KEY)
     if layout is None:
         return
-    stack = model.get_submodule(layout["blocks"])
+    stack = cast("nn.ModuleList", model.get_submodule(layout["blocks"]))
     if len(stack) != len(layout["layers"]):
         raise PlanError(f"{LAYERS_KEY} describes {len(layout['layers'])} layers, the model has {len(stack)}")
+    encoder = ENCODER_ATTENTION.get(str(getattr(config, "model_type", "")))
     for index, overrides in enumerate(layout["layers"]):
-        if overrides:
-            stack[index] = rebuild_layer(stack[index], config, index, overrides)
+        # An encoder's head count is never handed to its layer class, which would size the heads
+        # from it; fit_encoder_heads sets it.
+        shapes = {k: v for k, v in overrides.items() if encoder is None or k != encoder.count_attribute}
+        if shapes:
+            stack[index] = rebuild_layer(stack[index], config, index, shapes)
+        if encoder is not None and encoder.count_attribute in overrides:
+            fit_encoder_heads(stack[index], encoder, int(overrides[encoder.count_attribute]), int(config.head_dim))
+
+
+def fit_encoder_heads(layer: nn.Module, encoder: EncoderAttention, heads: int, head_dim: int) -> None:
+    """Gives an encoder layer's attention ``heads`` heads of ``head_dim`` channels: new query, key,
+    value and output projections of those widths (in the current device and dtype context), and
+    the attributes its forward reads the head geometry from."""
+    from torch import nn
+
+    attention = layer.get_submodule(encoder.module)
+    width = heads * head_dim
+    setattr(attention, encoder.count_attribute, heads)
+    setattr(attention, "attention_head_size", head_dim)
+    setattr(attention, "scaling", head_dim**-0.5)
+    if hasattr(attention, "all_head_size"):
+        setattr(attention, "all_head_size", width)
+    for name in encoder.projections:
+        projection = cast(nn.Linear, attention.get_submodule(name))
+        setattr(attention, name, nn.Linear(projection.in_features, width, bias=projection.bias is not None, dtype=projection.weight.dtype))
+    parent_path, _, output_name = encoder.output.rpartition(".")
+    parent = layer.get_submodule(parent_path)
+    output = cast(nn.Linear, parent.get_submodule(output_name))
+    setattr(parent, output_name, nn.Linear(width, output.out_features, bias=output.bias is not None, dtype=output.weight.dtype))
 
 
 def pruned_model_class(base: type) -> type:
@@ -143,7 +204,7 @@ def pruned_model_class(base: type) -> type:
     building, so ``from_pretrained`` loads, ties and casts a ``layers`` checkpoint as usual."""
 
     def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
-        base.__init__(self, config, *args, **kwargs)
+        cast(Any, base).__init__(self, config, *args, **kwargs)
         apply_layer_overrides(self, config)
 
     return type(f"Pruned{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Union
 
-from structprune import formats
-from structprune.checkpoint import TensorInfo, read_checkpoint, read_config
+from structprune.models import formats
+from structprune.io.checkpoint import TensorInfo, read_checkpoint, read_config
 from structprune.errors import PlanError
 
 PLAN_WITHOUT_FILE = "the plan"
@@ -50,7 +50,7 @@ def check_output_shapes(model_dir: Path, plan_config: Mapping[str, Any], tensors
     source = read_config(Path(model_dir))
     if source is None:
         return skipped(f"{model_dir} has no config.json")
-    from structprune.cuts import merge_patch  # numpy only; torch comes with the model below
+    from structprune.plan.cuts import merge_patch  # numpy only; torch comes with the model below
 
     edited = merge_patch(dict(source), plan_config)
     model_type = edited.get("model_type")
@@ -65,7 +65,8 @@ def check_output_shapes(model_dir: Path, plan_config: Mapping[str, Any], tensors
     class_name = type(model).__name__
     layout = f" with per-layer widths ({formats.LAYERS_KEY})" if edited.get(formats.LAYERS_KEY) is not None else ""
     expected, aliases = _expected_shapes(model)
-    from structprune.tracing import TraceError, model_name_map
+    from structprune.errors import TraceError
+    from structprune.tracing.export import model_name_map
 
     try:
         names = model_name_map(model, [t.name for t in tensors])
@@ -109,7 +110,7 @@ def _build(edited: Dict[str, Any], source: Mapping[str, Any], plan_name: str) ->
     """The model of the edited config on the meta device, a skipped check where transformers cannot
     build even the input's config (the check cannot be made), or a refusal where only the edited
     config fails to build."""
-    from structprune.cuts import meta_model_of
+    from structprune.models.meta import meta_model_of
 
     try:
         return meta_model_of(edited)

@@ -27,18 +27,20 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 import numpy as np
 import torch
 
-from structprune.checkpoint import Checkpoint, read_checkpoint, read_config
-from structprune.cuts import Selection, merge_patch, meta_model_of, output_name, removed_indices, verify_config
+from structprune.io.checkpoint import Checkpoint, read_checkpoint, read_config
+from structprune.io.dtypes import SAFETENSORS_DTYPES
+from structprune.models.meta import meta_model_of
+from structprune.plan.cuts import Selection, merge_patch, output_name, removed_indices, verify_config
 from structprune.errors import PlanError
-from structprune.graph import StructureGraph
-from structprune.plan import AddedTensor, CutPlan, Indices, TensorCut, Values
-from structprune.scoring import InputMean
-from structprune.tracing import checkpoint_name_map
+from structprune.tracing.graph import StructureGraph
+from structprune.plan.cut_plan import AddedTensor, CutPlan, Indices, TensorCut, Values
+from structprune.score.scorer import InputMean
+from structprune.tracing.export import checkpoint_name_map
 
 # Config keys known to do nothing but give projections a bias (Llama, Qwen3, Gemma, Granite…).
 BIAS_SWITCHES = ("attention_bias", "mlp_bias")
-# The dtypes a plan can give values in, as torch dtypes.
-VALUE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# The dtypes a plan can give values in.
+VALUE_DTYPES = ("F16", "BF16", "F32", "F64")
 HIDDEN_REFUSAL = (
     "bias compensation replaces removed attention heads and MLP channels by their means; removed hidden "
     "channels also pass through normalisations, where a constant does not stand in for them: leave 'hidden' "
@@ -54,14 +56,6 @@ class _Correction:
     bias: str
     """Model name of the layer's bias (in the input model)."""
     delta: np.ndarray
-
-
-def check_request(structures: Tuple[str, ...], layout: str) -> None:
-    """Refuses, before any scoring, what bias compensation cannot do."""
-    if "hidden" in structures:
-        raise PlanError(HIDDEN_REFUSAL)
-    if layout == "decilm":
-        raise PlanError(DECILM_REFUSAL)
 
 
 def compensate_biases(
@@ -235,4 +229,4 @@ def _in_dtype(values: np.ndarray, dtype: str, tensor: str) -> List[float]:
     """``values`` rounded once to ``dtype``, as the floats the engine writes back exactly."""
     if dtype not in VALUE_DTYPES:
         raise PlanError(f"cannot write bias '{tensor}' in {dtype}: plans give values in {', '.join(VALUE_DTYPES)}")
-    return torch.from_numpy(np.ascontiguousarray(values)).to(VALUE_DTYPES[dtype]).double().tolist()
+    return torch.from_numpy(np.ascontiguousarray(values)).to(SAFETENSORS_DTYPES[dtype]).double().tolist()

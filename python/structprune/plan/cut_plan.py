@@ -161,15 +161,13 @@ class CutPlan:
     def _with_files(self, rename: Callable[[str], str]) -> "CutPlan":
         """A copy whose tensor-file paths (``replace``/``add`` from a file) are ``rename``d."""
 
-        def moved(values: Optional[Values]) -> Optional[Values]:
-            if values is None or values.file is None:
-                return values
-            return dataclasses.replace(values, file=rename(values.file))
+        def moved(values: Values) -> Values:
+            return values if values.file is None else dataclasses.replace(values, file=rename(values.file))
 
         tensors = {}
         for name, cut in self.tensors.items():
-            add = cut.add if cut.add is None else dataclasses.replace(cut.add, contents=moved(cut.add.contents))
-            tensors[name] = dataclasses.replace(cut, replace=moved(cut.replace), add=add)
+            add = None if cut.add is None else dataclasses.replace(cut.add, contents=moved(cut.add.contents))
+            tensors[name] = dataclasses.replace(cut, replace=None if cut.replace is None else moved(cut.replace), add=add)
         return dataclasses.replace(self, tensors=tensors)
 
     @classmethod

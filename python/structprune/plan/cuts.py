@@ -14,17 +14,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
-from structprune import formats
+from structprune.models import formats
+from structprune.models.meta import config_class, meta_model_of
 from structprune.errors import PlanError
-from structprune.graph import Structure, StructureGraph
-from structprune.plan import CutPlan, TensorCut
+from structprune.tracing.graph import StructureGraph
+from structprune.plan.cut_plan import CutPlan, TensorCut
 
-# Config keys that hold an MLP width, by model family; the one whose value matches the structure wins.
-CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff")
+# Config keys that hold an MLP width, by model family (DistilBERT: hidden_dim); the one whose value
+# matches the structure wins.
+CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "hidden_dim")
 
 
 @dataclass
@@ -50,7 +52,7 @@ def cut_plan(
     layout: str = "stock",
 ) -> CutPlan:
     """The plan removing ``selection`` from a checkpoint holding ``tensor_names``, written in the
-    checkpoint format ``layout`` (``structprune.formats``: stock, decilm, layers or auto).
+    checkpoint format ``layout`` (``structprune.models.formats``: stock, decilm, layers or auto).
 
     ``model_names`` maps checkpoint names to the model's state-dict names where transformers renames
     keys on load (``tracing.checkpoint_name_map``); the plan is written in checkpoint names.
@@ -79,33 +81,31 @@ def cut_plan(
             cut.rename = _renumber(graph, name, layer, new_layer[layer])
         if cut.keep or cut.rename:
             plan.tensors[name] = cut
-    plan.config, chosen = _config_patch(graph, config, selection, layout)
+    plan.config, chosen = _config_patch(graph, config, selection, layout, verify=verify)
     if chosen == "decilm":
         plan.files = formats.decilm_files()
     plan.metadata.setdefault("format", chosen)
     if verify:
-        _verify_with_head_dim(graph, config, plan, to_model, dropped_layers)
+        _verify_with_head_dim(config, plan.config, lambda: verify_config(graph, config, plan, to_model, dropped_layers))
     return plan
 
 
-def _verify_with_head_dim(
-    graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
-) -> None:
-    """Verifies the patch; when heads or hidden width change and the model derives head_dim from
-    them (hidden_size / num_attention_heads), retries with head_dim stated explicitly, which most
-    modern attention classes read when present."""
+def _verify_with_head_dim(config: Mapping[str, Any], patch: Dict[str, Any], verify: Callable[[], None]) -> None:
+    """Runs ``verify`` (a check of ``patch``); when heads or hidden width change and the model
+    derives head_dim from them (hidden_size / num_attention_heads), retries with head_dim stated
+    explicitly in ``patch``, which most modern attention classes read when present."""
     try:
-        verify_config(graph, config, plan, to_model, dropped_layers)
+        verify()
         return
     except PlanError as first:
         head_dim = _head_dim(config)
-        if head_dim is None or "head_dim" in plan.config or "head_dim" in config or not plan.config:
+        if head_dim is None or "head_dim" in patch or "head_dim" in config or not patch:
             raise
-        plan.config["head_dim"] = head_dim
+        patch["head_dim"] = head_dim
         try:
-            verify_config(graph, config, plan, to_model, dropped_layers)
+            verify()
         except PlanError as second:
-            del plan.config["head_dim"]
+            del patch["head_dim"]
             raise PlanError(f"{first} (with head_dim={head_dim} stated explicitly: {second})") from None
 
 
@@ -247,7 +247,7 @@ def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selecti
     groups = _remaining_per_layer(graph, "kv_groups", selection, dropped)
     slots = _remaining_per_layer(graph, "query_heads", selection, dropped)
     if groups or slots:
-        kv_before = config.get("num_key_value_heads")
+        kv_before = int(config.get("num_key_value_heads") or 0)  # groups imply the config has it
         rep_before = graph.by_kind("query_heads")[0].units if slots else 1
         layers = groups or slots
         kv = {layer: groups.get(layer, kv_before) for layer in layers}
@@ -270,12 +270,19 @@ def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selecti
     return widths
 
 
-def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, layout: str) -> Tuple[Dict[str, Any], str]:
-    """The config merge patch and the format it is written in (``structprune.formats``)."""
+def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, layout: str, *, verify: bool = True) -> Tuple[Dict[str, Any], str]:
+    """The config merge patch and the format it is written in (``structprune.models.formats``);
+    without ``verify``, a stock patch is written even where no stock config can hold the cut."""
     widths = _widths(graph, config, selection)
     head_key = _key_names(config)["num_attention_heads"]
-    chosen = formats.choose_format(layout, config, widths.per_layer, head_key)
+    per_layer = widths.per_layer
     patch = dict(widths.uniform)
+    encoder_heads = config.get("model_type") in formats.ENCODER_ATTENTION and (head_key in per_layer or head_key in patch)
+    if encoder_heads and layout == "auto":
+        layout = "layers"
+    elif encoder_heads and layout == "stock" and verify:
+        raise PlanError(formats.ENCODER_HEADS_REFUSAL.format(model_type=config.get("model_type")))
+    chosen = formats.choose_format(layout, config, per_layer, head_key)
     if chosen == "stock":
         for key in widths.per_layer:
             detail = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(widths.remaining[key].items(), key=lambda kv: kv[0] or 0))
@@ -283,7 +290,10 @@ def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: S
         return patch, chosen
     assert graph.blocks is not None, "per-layer widths need repeated blocks"
     layer_count = graph.blocks.count - len(selection.blocks)
-    if head_key in widths.per_layer or head_key in patch or "hidden_size" in patch:
+    if encoder_heads and head_key in patch:
+        # The dense head count stays model-wide, each layer states its own (formats' docstring).
+        per_layer = {**per_layer, head_key: [int(patch.pop(head_key))] * layer_count}
+    if head_key in per_layer or head_key in patch or "hidden_size" in patch:
         head_dim = _head_dim(config)
         if head_dim is not None:
             patch["head_dim"] = head_dim
@@ -293,13 +303,13 @@ def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: S
             raise PlanError(f"cannot write this plan as a DeciLM checkpoint: {refusal}")
         patch.update(formats.decilm_patch(config, widths.per_layer, patch, layer_count))
     else:
-        patch.update(formats.layers_patch(config, widths.per_layer, graph.blocks.prefix, layer_count))
+        patch.update(formats.layers_patch(config, per_layer, graph.blocks.prefix, layer_count))
     return patch, chosen
 
 
 def _key_names(config: Mapping[str, Any]) -> Dict[str, str]:
     """Standard attribute names → the keys this model's config.json uses (GPT-2 says n_embd)."""
-    attribute_map = _config_class(config).attribute_map
+    attribute_map = config_class(config).attribute_map
     standard = ("hidden_size", "num_attention_heads", "num_hidden_layers")
     return {name: attribute_map.get(name, name) for name in standard}
 
@@ -321,15 +331,6 @@ def _channel_key(config: Mapping[str, Any], units: int) -> str:
         if key in config and config[key] is None:
             return key
     raise PlanError(f"cannot find the config key holding the MLP width {units} (looked for {', '.join(CHANNEL_KEYS)})")
-
-
-def _config_class(config: Mapping[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    model_type = config.get("model_type")
-    if not model_type:
-        raise PlanError("config.json has no model_type, so its edits cannot be checked")
-    return type(AutoConfig.for_model(model_type))
 
 
 def planned_shapes(
@@ -367,7 +368,13 @@ def verify_config(
     graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
 ) -> None:
     """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
-    edited = merge_patch(dict(config), plan.config)
+    _check_shapes(graph, merge_patch(dict(config), plan.config), planned_shapes(graph, plan, to_model, dropped_layers))
+
+
+def _check_shapes(graph: StructureGraph, edited: Mapping[str, Any], produced: Mapping[str, Tuple[int, ...]]) -> None:
+    """Raises ``PlanError`` unless the model the config ``edited`` builds has the ``produced``
+    shapes, and no tensor the plan does not produce. A model built with fewer blocks than the
+    output has is compared on the tensors it has."""
     model_type = edited.get("model_type")
     try:
         model = meta_model_of(edited)
@@ -377,7 +384,6 @@ def verify_config(
         reason = str(err).strip().splitlines()[-1].strip()
         raise PlanError(f"the edited {model_type} config is not valid: {reason}") from err
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    produced = planned_shapes(graph, plan, to_model, dropped_layers)
     for name, shape in sorted(produced.items()):
         if name in expected and expected[name] != shape:
             raise PlanError(
@@ -387,24 +393,6 @@ def verify_config(
     missing = sorted(n for n in expected if n not in produced and n not in graph.tied and not _is_buffer(model, n))
     if missing:
         raise PlanError(f"the edited {model_type} config expects tensor '{missing[0]}', which the plan does not produce")
-
-
-def meta_model_of(config: Dict[str, Any]) -> Any:
-    """The model an edited config.json describes, in any format, on the meta device."""
-    import torch
-
-    from structprune.tracing import meta_model
-
-    if config.get("model_type") == formats.DECILM_MODEL_TYPE:
-        from structprune.decilm.configuration_decilm import DeciLMConfig
-        from structprune.decilm.modeling_decilm import DeciLMForCausalLM
-
-        with torch.device("meta"):
-            return DeciLMForCausalLM(DeciLMConfig.from_dict(config))
-    model = meta_model(_config_class(config).from_dict(config))
-    with torch.device("meta"):
-        formats.apply_layer_overrides(model, model.config)
-    return model
 
 
 def _is_buffer(model: Any, name: str) -> bool:
@@ -424,7 +412,10 @@ def merge_patch(target: Dict[str, Any], patch: Mapping[str, Any]) -> Dict[str, A
 
 def stock_config_check(graph: StructureGraph, config: Mapping[str, Any], kind: str) -> Optional[str]:
     """Why removing one unit of ``kind`` in every layer cannot be written as a stock checkpoint,
-    or ``None`` when it can."""
+    or ``None`` when it can: what ``cut_plan`` answers for that selection, decided from widths. The
+    shapes the plan would write follow from the numbers of indices removed (not from the kept
+    indices of every tensor), and a model whose blocks are all alike is built with two of them, so
+    the answer takes milliseconds whatever the depth and width."""
     selection = Selection()
     if kind == "blocks":
         if graph.blocks is None or graph.blocks.count < 2:
@@ -440,10 +431,77 @@ def stock_config_check(graph: StructureGraph, config: Mapping[str, Any], kind: s
             return f"fewer than {step + 1} units"
         selection.units = {s.id: list(range(s.units - step, s.units)) for s in structures}
     try:
-        cut_plan(graph, config, selection, list(graph.params))
+        patch, _ = _config_patch(graph, config, selection, "stock")
+        produced = _counted_shapes(graph, selection)
+        blocks = _blocks_worth_building(graph, config)
+        _verify_with_head_dim(config, patch, lambda: _check_shapes(graph, _first_blocks(merge_patch(dict(config), patch), blocks), produced))
     except PlanError as err:
         return str(err)
     return None
+
+
+# Blocks built to check a config when every block is alike (the tracer traces as many).
+CHECKED_BLOCKS = 2
+
+
+def _counted_shapes(graph: StructureGraph, selection: Selection) -> Dict[str, Tuple[int, ...]]:
+    """What ``planned_shapes`` gives for ``cut_plan(graph, config, selection, list(graph.params))``,
+    from the number of indices removed along each dimension."""
+    removed = removed_indices(graph, selection)
+    dropped = set(selection.blocks)
+    renumbered = _layer_renumbering(graph, dropped)
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for name in graph.params:
+        layer = _layer_of(graph, name)
+        source = graph.tied.get(name, name)
+        if (layer is not None and layer in dropped) or source not in graph.params:
+            continue
+        shape = list(graph.params[source])
+        for dim, gone in removed.get(source, {}).items():
+            shape[dim] -= len(gone)
+        # output_name's renaming, with the renumbering worked out once.
+        if layer is not None and renumbered[layer] != layer:
+            name = _renumber(graph, name, layer, renumbered[layer])
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def _blocks_worth_building(graph: StructureGraph, config: Mapping[str, Any]) -> Optional[int]:
+    """``CHECKED_BLOCKS`` when a model of that many blocks tells all the full one does: every block
+    holds the same tensors with the same shapes, and the config cut to that many blocks builds the
+    graph's tensors outside the blocks and in the first ones, name for name and shape for shape
+    (the tracer's test of a truncated model). ``None``: build every block."""
+    if graph.blocks is None or graph.blocks.count <= CHECKED_BLOCKS:
+        return None
+    prefix = graph.blocks.prefix
+    layouts: Dict[int, Dict[str, Tuple[int, ...]]] = defaultdict(dict)
+    for name, shape in graph.params.items():
+        layer = _layer_of(graph, name)
+        if layer is not None:
+            layouts[layer][name[len(prefix) + len(str(layer)) + 2 :]] = shape
+    if len(layouts) != graph.blocks.count or any(layout != layouts[0] for layout in layouts.values()):
+        return None
+    try:
+        model = meta_model_of(_first_blocks(dict(config), CHECKED_BLOCKS))
+    except Exception:  # noqa: BLE001 - the check at full depth reports what is wrong with the config
+        return None
+    built = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False) if name not in graph.tied}
+    wanted = {
+        name: shape for name, shape in graph.params.items() if (_layer_of(graph, name) or 0) < CHECKED_BLOCKS and name not in graph.tied
+    }
+    return CHECKED_BLOCKS if built == wanted else None
+
+
+def _first_blocks(config: Dict[str, Any], blocks: Optional[int]) -> Dict[str, Any]:
+    """``config`` describing its first ``blocks`` blocks only (per-block lists cut to match), or
+    unchanged for ``None``."""
+    key = _key_names(config)["num_hidden_layers"]
+    total = config.get(key)
+    if blocks is None or not isinstance(total, int) or total <= blocks:
+        return config
+    cut = {k: v[:blocks] if isinstance(v, list) and len(v) == total and k != "architectures" else v for k, v in config.items()}
+    cut[key] = blocks
+    return cut
 
 
 def checkpoint_cut_plan(
@@ -456,8 +514,8 @@ def checkpoint_cut_plan(
 ) -> CutPlan:
     """``cut_plan`` for a checkpoint directory: its tensor names, its config.json, and the renames
     transformers applies to its keys on load."""
-    from structprune.checkpoint import read_checkpoint, read_config
-    from structprune.tracing import checkpoint_name_map
+    from structprune.io.checkpoint import read_checkpoint, read_config
+    from structprune.tracing.export import checkpoint_name_map
 
     names = list(read_checkpoint(model_dir).tensors)
     config = read_config(Path(model_dir)) or {}

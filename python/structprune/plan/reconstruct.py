@@ -44,20 +44,20 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from structprune.cuts import Selection, removed_indices
-from structprune.distributed import SINGLE, Workers
+from structprune.plan.cuts import Selection, removed_indices
+from structprune.score.distributed import SINGLE, Workers
 from structprune.errors import PlanError
-from structprune.graph import StructureGraph
-from structprune.plan import CutPlan, TensorCut, Values
-from structprune.scoring import linear_input_dim
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, RECONSTRUCTION_TARGETS
-from structprune.streaming import ActivationStore, StreamedModel
+from structprune.tracing.graph import StructureGraph
+from structprune.plan.cut_plan import CutPlan, TensorCut, Values
+from structprune.score.scorer import linear_input_dim
+from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, RECONSTRUCTION_TARGETS
+from structprune.score.streaming import ActivationStore, StreamedModel
 
 OBS_ROUNDS = 32
 """Rounds in which OBS selection removes single columns (MLP channels), the cheapest of each round together."""
@@ -300,7 +300,7 @@ def reconstruct(
                     else:
                         tensors = _reconstruct_block(model, index, context, streams, result, stored_names, stored_dtypes)
                         if tensors and workers.is_main:
-                            path = _save_by_content(tensors, work_dir, f"block-{index:05d}")
+                            path = save_by_content(tensors, work_dir, f"block-{index:05d}")
                             result.files.update({name: (path, stored_names[name]) for name in _model_names(tensors, stored_names)})
                 if progress:
                     progress("reconstruct", index + 1, model.num_blocks)
@@ -383,7 +383,7 @@ def _reconstruct_block(
     tensors: Dict[str, torch.Tensor] = {}
     for planned in order:
         module = model.block.get_submodule(planned.module)
-        weight = module.weight.detach()
+        weight = cast(torch.Tensor, module.weight).detach()
         oriented = weight if planned.input_dim == 1 else weight.T
         statistics = _layer_statistics(model, index, planned.module, oriented, streams, context.target)
         context.workers.sum_(statistics.tensors())
@@ -457,9 +457,9 @@ def _adds_to_block_output(model: StreamedModel, index: int, module: nn.Module, s
         handle.remove()
     if len(shifts) != 1 or shifts[0].numel() != base.numel():
         return False
-    shift = shifts[0].reshape(base.shape)  # OPT runs its MLP on [tokens, hidden], not [batch, seq, hidden]
+    added = shifts[0].reshape(base.shape)  # OPT runs its MLP on [tokens, hidden], not [batch, seq, hidden]
     rounding = 8 * torch.finfo(base.dtype).eps * float(base.abs().max())
-    return float((moved - base - shift).abs().max()) <= 1e-3 * float(shift.abs().max()) + rounding
+    return float((moved - base - added).abs().max()) <= 1e-3 * float(added.abs().max()) + rounding
 
 
 def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: float) -> torch.Tensor:
@@ -471,7 +471,7 @@ def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: f
     return _damped_solve(statistics.cross, statistics.gram, damping)
 
 
-def _save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: str) -> Path:
+def save_by_content(tensors: Dict[str, torch.Tensor], directory: Path, stem: str) -> Path:
     """Writes ``tensors`` as ``STEM-<first 16 hex digits of the file's SHA-256>.safetensors``: the
     name follows from the bytes, so the same refit gives the same plan text, and plans sharing a
     directory never overwrite each other's weights."""
@@ -561,10 +561,10 @@ def apply_to_plan(plan: CutPlan, reconstruction: Reconstruction) -> None:
 
 def stored_dtype_map(model_dir: Path) -> Dict[str, torch.dtype]:
     """Checkpoint tensor name → its stored dtype, as torch dtypes."""
-    from structprune.checkpoint import read_checkpoint
-    from structprune.streaming import STORED_DTYPES
+    from structprune.io.checkpoint import read_checkpoint
+    from structprune.io.dtypes import SAFETENSORS_DTYPES
 
-    return {name: STORED_DTYPES.get(info.dtype, torch.float32) for name, info in read_checkpoint(model_dir).tensors.items()}
+    return {name: SAFETENSORS_DTYPES.get(info.dtype, torch.float32) for name, info in read_checkpoint(model_dir).tensors.items()}
 
 
 def obs_removals(

@@ -14,7 +14,7 @@ slot in every KV group), and steps are taken across all layers by lowest score p
 removed until the target is reached. Scores are compared across layers as they are (a Taylor score
 estimates a change of the loss, which is comparable everywhere) or after normalising each
 structure's scores (``normalize``). The result needs a non-uniform checkpoint format
-(``structprune.formats``).
+(``structprune.models.formats``).
 
 Depth and width combine: with ``blocks`` next to other structures, ``Target.blocks`` whole blocks
 (the lowest block influence outside protected layers) go first and the rest of the budget comes
@@ -31,20 +31,22 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from structprune.cuts import Selection
+from structprune.plan.cuts import Selection
 from structprune.errors import PlanError
-from structprune.graph import Structure, StructureGraph
+from structprune.tracing.graph import Structure, StructureGraph
 
 if TYPE_CHECKING:  # scoring needs torch; planning reads scores only, so the CLI stays light
-    from structprune.scoring import Scores
+    from structprune.score.scorer import Scores
 
 STRUCTURE_CHOICES = ("heads", "mlp", "hidden", "blocks")
 NORMALIZATIONS = ("none", "mean", "max", "sum", "l2")
 PLANNINGS = ("uniform", "global")
+GQA_MODES = ("query-heads", "kv-groups")
+"""Under grouped-query attention: remove query heads inside every KV group, or whole KV groups."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,8 @@ def normalized(graph: StructureGraph, scores: Scores, how: str) -> Scores:
         raise PlanError(f"unknown normalisation '{how}'; choose one of {', '.join(NORMALIZATIONS)}")
     if how == "none":
         return scores
-    reduce = {"mean": np.mean, "max": np.max, "sum": np.sum, "l2": np.linalg.norm}[how]
+    reducers: Dict[str, Callable[..., Any]] = {"mean": np.mean, "max": np.max, "sum": np.sum, "l2": np.linalg.norm}
+    reduce = reducers[how]
     units: Dict[int, np.ndarray] = {}
     per_group: Dict[int, np.ndarray] = {}
     for sid, values in scores.units.items():

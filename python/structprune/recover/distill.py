@@ -15,7 +15,7 @@ with temperature ``T``, teacher logits ``z``, student logits ``s`` over the voca
   ``k = |V|`` it is the live objective.
 
 The ``T²`` keeps gradient magnitudes comparable across temperatures (Hinton et al.). Sums over
-positions are returned; :mod:`structprune.recover` mixes them with the LM loss and normalises them
+positions are returned; :mod:`structprune.recover.training` mixes them with the LM loss and normalises them
 exactly as it normalises the LM loss.
 
 The teacher is a plain model in eval mode, evaluated under ``torch.no_grad`` on the training
@@ -36,7 +36,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -44,16 +43,17 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from structprune.checkpoint import read_checkpoint, read_config
-from structprune.errors import RecoveryError
-from structprune.loading import load_model, load_tokenizer
+from structprune.io.checkpoint import read_checkpoint, read_config
+from structprune.io.atomic import write_atomically, write_json_atomically
+from structprune.io.dtypes import COMPUTE_DTYPES
+from structprune.errors import RecoveryError, SettingError
+from structprune.models.loading import load_model, load_tokenizer
 
-TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+TEACHER_DTYPES = tuple(COMPUTE_DTYPES)
 DEFAULT_TOPK = 64
 MANIFEST = "teacher-logits.json"
 _CHUNK_BYTES = 64 << 20  # per chunk file: small enough to write in one go, few files for big data
 _HASH_BLOCK = 16 << 20
-_PRECISION_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 _CACHE_FORMAT = 1
 
 
@@ -97,21 +97,22 @@ def check_distillation_options(teacher: Optional[Path], teacher_logits: Optional
         }
         named = [flag for flag, set_ in given.items() if set_]
         if named:
-            raise RecoveryError(f"{', '.join(named)} only apply to distillation: pass --teacher DENSE_DIR as well")
+            raise SettingError(f"{', '.join(named)} only apply to distillation: pass --teacher DENSE_DIR as well", option=named[0])
         return
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise RecoveryError(f"temperature must be a positive number, got {temperature}")
+        raise SettingError(f"temperature must be a positive number, got {temperature}", option="--temperature")
     if not 0 <= weight <= 1:
-        raise RecoveryError(f"distill_weight must be in [0, 1] (1: distillation only, 0: LM loss only), got {weight}")
+        raise SettingError(f"distill_weight must be in [0, 1] (1: distillation only, 0: LM loss only), got {weight}", option="--distill-weight")
     if topk < 1:
-        raise RecoveryError(f"teacher_topk must be a positive integer, got {topk}")
+        raise SettingError(f"teacher_topk must be a positive integer, got {topk}", option="--teacher-topk")
     if teacher_dtype is not None:
         if teacher_dtype not in TEACHER_DTYPES:
-            raise RecoveryError(f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {teacher_dtype!r}")
-        if _PRECISION_BITS[teacher_dtype] > _PRECISION_BITS[student_dtype]:
-            raise RecoveryError(
+            raise SettingError(f"teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {teacher_dtype!r}", option="--teacher-dtype")
+        if torch.finfo(COMPUTE_DTYPES[teacher_dtype]).bits > torch.finfo(COMPUTE_DTYPES[student_dtype]).bits:
+            raise SettingError(
                 f"teacher dtype {teacher_dtype} is more precise than the student's compute dtype {student_dtype}: "
-                f"the teacher runs in the same or a lower precision (--teacher-dtype {student_dtype})"
+                f"the teacher runs in the same or a lower precision (--teacher-dtype {student_dtype})",
+                option="--teacher-dtype",
             )
 
 
@@ -287,7 +288,7 @@ class TeacherLogitsCache:
             if missing:
                 raise RecoveryError(f"{self.directory}: chunk files {_chunk_name(missing[0])} and {len(missing) - 1} more were not written; is the directory on a file system every process sees?")
             manifest = {"key": self.key.digest(), **asdict(self.key), "examples": self.examples, "chunk_examples": self.chunk_examples, "chunks": self.chunks}
-            _write_atomically(self.directory / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1) + "\n"))
+            write_json_atomically(self.directory / MANIFEST, manifest)
         wait()
 
     def reader(self) -> CachedTeacher:
@@ -305,7 +306,7 @@ class TeacherLogitsCache:
             values.append(top.values.cpu())
             indices.append(top.indices.to(torch.int32).cpu())
         tensors = {"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous()}
-        _write_atomically(self.directory / _chunk_name(chunk), lambda path: save_file(tensors, str(path), metadata={"key": self.key.digest()}))
+        write_atomically(self.directory / _chunk_name(chunk), lambda path: save_file(tensors, str(path), metadata={"key": self.key.digest()}))
 
     def _has_chunk(self, chunk: int) -> bool:
         """Whether chunk ``chunk`` is in place and made for this key (a leftover of an interrupted
@@ -338,16 +339,6 @@ def _differences(manifest: Dict[str, Any], key: CacheKey) -> str:
 
 def _chunk_name(chunk: int) -> str:
     return f"chunk-{chunk:06d}.safetensors"
-
-
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` into a temporary sibling, flushed to disk, then renamed to ``path``: a reader
-    sees the whole file or none."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 __all__ = [

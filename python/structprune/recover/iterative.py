@@ -35,14 +35,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from structprune.apply import apply_plan, check_output
-from structprune.checkpoint import read_checkpoint
-from structprune.distributed import current
+from structprune.io.checkpoint import read_checkpoint
+from structprune.score.distributed import current
 from structprune.errors import DistributedError, OutputError, PlanError, RecoveryError
-from structprune.graph import trace
-from structprune.loading import load_tokenizer
+from structprune.tracing.graph import trace
+from structprune.models.loading import load_tokenizer
 from structprune.prune import Progress, PruneOptions, PruneResult, default_multiple, make_plan, reconstruction_work_dir
-from structprune.recover import RecoverOptions, check_options, load_training_data, recover, write_json_atomically
-from structprune.resume import model_identity
+from structprune.io.atomic import write_json_atomically
+from structprune.recover.training import RecoverOptions, check_options, load_training_data, recover
+from structprune.score.journal import model_identity
 
 PathLike = Union[str, "os.PathLike[str]"]
 Announce = Callable[[str], None]

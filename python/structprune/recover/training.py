@@ -4,11 +4,11 @@ checkpoint of the same shapes and dtypes.
 Pipeline:
 
 1. **Data.** ``.txt`` files (and ``.jsonl`` files where some record has a ``text`` field, and
-   ``save_to_disk`` directories) are read by :func:`structprune.calibration.load_texts`, tokenized as one stream by
-   :func:`~structprune.calibration.token_stream` and cut into non-overlapping ``seq_len`` windows;
+   ``save_to_disk`` directories) are read by :func:`structprune.score.calibration.load_texts`, tokenized as one stream by
+   :func:`~structprune.score.calibration.token_stream` and cut into non-overlapping ``seq_len`` windows;
    every token after the first of a window is a target. ``.jsonl`` files of Alpaca records
    (``instruction``, ``output``, optional ``input``; no ``text`` field) become one example each:
-   the prompt is :data:`~structprune.calibration.ALPACA_TEMPLATE` (or ``..._NO_INPUT`` when
+   the prompt is :data:`~structprune.score.calibration.ALPACA_TEMPLATE` (or ``..._NO_INPUT`` when
    ``input`` is empty) up to and including ``### Response:\\n``, the response is ``output``
    followed by eos, both tokenized without special tokens; the loss is on the response tokens
    only (the prompt is given, not predicted), examples are truncated to ``seq_len`` and padded
@@ -22,8 +22,10 @@ Pipeline:
    ``torchrun``/``accelerate launch`` (DDP; FSDP through an accelerate config, see
    ``docs/architecture.md``). LoRA adapters come from peft; the optimizer is AdamW with a
    transformers scheduler, gradients are clipped. With a teacher (``RecoverOptions.teacher``) the
-   loss is the distillation objective of :mod:`structprune.distill`, optionally mixed with the LM
-   loss, over the same target positions and normalised the same way.
+   loss is the distillation objective of :mod:`structprune.recover.distill`, optionally mixed with the LM
+   loss, over the same target positions and normalised the same way. An encoder (BERT family)
+   trains on passages instead, with the dense model's embeddings as targets
+   (:mod:`structprune.recover.encoder`; ``--teacher`` is required).
 4. **Checkpoints** for ``resume`` (adapter weights, optimizer, scheduler, every process's RNG,
    step, losses) are written every ``save_every`` steps into a hidden work area beside the output,
    ``.OUT.structprune-recover/``, which is removed once the output is complete.
@@ -47,16 +49,15 @@ from contextlib import nullcontext
 from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from structprune import _core
-from structprune.apply import DEFAULT_MAX_SHARD_SIZE, check_output
-from structprune.console import import_peft, quiet_peft_deprecations
-from structprune.calibration import (
+from structprune.apply import DEFAULT_MAX_SHARD_SIZE, check_output, write_checkpoint
+from structprune.io.console import import_peft, quiet_peft_deprecations
+from structprune.score.calibration import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_NO_INPUT,
     batch_sha256,
@@ -64,8 +65,8 @@ from structprune.calibration import (
     read_jsonl_records,
     token_stream,
 )
-from structprune.checkpoint import Checkpoint, read_checkpoint
-from structprune.distill import (
+from structprune.io.checkpoint import Checkpoint, read_checkpoint, read_config
+from structprune.recover.distill import (
     DEFAULT_TOPK,
     CacheKey,
     Distillation,
@@ -77,10 +78,13 @@ from structprune.distill import (
     prepare_cache,
     resolve_distillation,
 )
-from structprune.errors import CalibrationError, MissingDependencyError, RecoveryError
-from structprune.evaluate import DEFAULT_WINDOW, perplexity
-from structprune.loading import DTYPE_NAMES, load_model, load_tokenizer
-from structprune.sizes import parse_size
+from structprune.errors import CalibrationError, MissingDependencyError, RecoveryError, SettingError
+from structprune.evaluate.perplexity import DEFAULT_WINDOW, perplexity
+from structprune.io.atomic import write_json_atomically
+from structprune.io.dtypes import COMPUTE_DTYPES, SAFETENSORS_DTYPES, STORED_COMPUTE_DTYPES
+from structprune.models.loading import encoder_class, load_model, load_tokenizer, resolve_device
+from structprune.models.sentence import Pooling, module_folders, read_pooling
+from structprune.recover import encoder as encoder_recovery
 
 if TYPE_CHECKING:  # heavy imports, done when training starts
     from accelerate import Accelerator
@@ -95,12 +99,6 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LOAD_IN = ("4bit", "8bit")
 _STATE_PREFIX = "step-"
 _STATE_DONE = "progress.json"
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_STORED_FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Options that change what training computes: a resumed run must agree on all of them.
 _TRAJECTORY_OPTIONS = (
     "seq_len", "text_field", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler",
@@ -157,7 +155,7 @@ class RecoverOptions:
     teacher: Optional[Path] = None
     """Dense checkpoint to distil from (same vocabulary as the pruned one): the loss becomes
     ``distill_weight`` × the teacher-student KL + (1 − ``distill_weight``) × the LM loss
-    (``structprune.distill``)."""
+    (``structprune.recover.distill``)."""
     teacher_logits: Optional[Path] = None
     """Directory for the teacher's top-``teacher_topk`` logits of every example, computed once
     before training (the teacher is then freed) and reused by later runs; ``None``: the teacher
@@ -217,7 +215,8 @@ class TrainingData:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     kind: str
-    """``text`` (packed windows) or ``instruction`` (one Alpaca record per example)."""
+    """``text`` (packed windows), ``instruction`` (one Alpaca record per example) or ``passages``
+    (an encoder's, ``structprune.recover.encoder``: no token targets)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -349,38 +348,43 @@ def check_options(options: RecoverOptions) -> None:
     positive = {"seq_len": options.seq_len, "batch_size": options.batch_size, "grad_accum": options.grad_accum, "rank": options.rank, "eval_window": options.eval_window}
     for name, value in positive.items():
         if value < 1:
-            raise RecoveryError(f"{name} must be a positive integer, got {value}")
+            raise SettingError(f"{name} must be a positive integer, got {value}", option=_flag(name))
     for name in ("max_steps", "eval_every", "save_every", "warmup_steps"):
         value = getattr(options, name)
         if value is not None and value < (0 if name == "warmup_steps" else 1):
-            raise RecoveryError(f"{name} must be {'non-negative' if name == 'warmup_steps' else 'positive'}, got {value}")
+            raise SettingError(f"{name} must be {'non-negative' if name == 'warmup_steps' else 'positive'}, got {value}", option=_flag(name))
     if options.epochs <= 0:
-        raise RecoveryError(f"epochs must be positive, got {options.epochs}")
+        raise SettingError(f"epochs must be positive, got {options.epochs}", option="--epochs")
     if options.lr <= 0:
-        raise RecoveryError(f"lr must be positive, got {options.lr}")
+        raise SettingError(f"lr must be positive, got {options.lr}", option="--lr")
     if not 0 <= options.dropout < 1:
-        raise RecoveryError(f"dropout must be in [0, 1), got {options.dropout}")
+        raise SettingError(f"dropout must be in [0, 1), got {options.dropout}", option="--dropout")
     if not 0 <= options.warmup_ratio < 1:
-        raise RecoveryError(f"warmup_ratio must be in [0, 1), got {options.warmup_ratio}")
+        raise SettingError(f"warmup_ratio must be in [0, 1), got {options.warmup_ratio}", option="--warmup-ratio")
     _check_choice("scheduler", options.scheduler, SCHEDULERS)
     _check_choice("mixed_precision", options.mixed_precision, MIXED_PRECISION)
     if options.load_in is not None:
         _check_choice("load_in", options.load_in, LOAD_IN)
-    _check_choice("dtype", options.dtype, tuple(DTYPE_NAMES))
+    _check_choice("dtype", options.dtype, tuple(COMPUTE_DTYPES))
     if not options.target_modules:
-        raise RecoveryError("target_modules is empty: name the modules to adapt, or all-linear")
+        raise SettingError("target_modules is empty: name the modules to adapt, or all-linear", option="--target-modules")
     check_distillation_options(
         options.teacher, options.teacher_logits, options.teacher_topk, options.temperature, options.distill_weight,
         options.teacher_dtype, compute_dtype(options),
     )
-    on_cpu = not options.device.startswith("cuda")
+    on_cpu = resolve_device(options.device).type == "cpu"
     if on_cpu and options.mixed_precision != "no":
-        raise RecoveryError(f"mixed precision {options.mixed_precision} needs a CUDA device (--device cuda); on the CPU train with --mixed-precision no (float32)")
+        raise SettingError(f"mixed precision {options.mixed_precision} needs a CUDA device (--device cuda); on the CPU train with --mixed-precision no (float32)", option="--mixed-precision")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise RecoveryError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise SettingError(f"{name} must be one of {', '.join(choices)}, got {value!r}", option=_flag(name))
+
+
+def _flag(name: str) -> str:
+    """The command line's spelling of an option the API spells ``name``."""
+    return "--" + name.replace("_", "-")
 
 
 def compute_dtype(options: RecoverOptions) -> str:
@@ -467,9 +471,14 @@ def recover(
     check_options(options)
     check_output(pruned, output, overwrite=overwrite)  # before training, not after it
     distillation = _distillation(pruned, options)
+    pooling = _encoder_pooling(pruned, options)
     accelerator = _accelerator(options)
     tokenizer = load_tokenizer(pruned)
-    data = load_training_data(options.data, tokenizer, seq_len=options.seq_len, text_field=options.text_field)
+    if pooling is None:
+        data = load_training_data(options.data, tokenizer, seq_len=options.seq_len, text_field=options.text_field)
+    else:
+        input_ids, mask = encoder_recovery.passages(Path(options.data), tokenizer, seq_len=options.seq_len, text_field=options.text_field)
+        data = TrainingData(input_ids, torch.full_like(input_ids, IGNORE_INDEX), mask, "passages")
     eval_stream = token_stream(load_texts(options.eval_data), tokenizer) if options.eval_data is not None else None
     schedule = Schedule(len(data), options.batch_size, options.grad_accum, accelerator.num_processes, options.seed)
     if len(data) < schedule.global_batch:
@@ -479,8 +488,15 @@ def recover(
     work = WorkArea(output)
 
     # Before the student is loaded: a cached teacher is freed before the student needs the memory.
-    teacher = None if distillation is None else _teacher(distillation, options, data, accelerator, progress=progress and accelerator.is_main_process)
-    trainer = _Trainer(accelerator, pruned, options, data, schedule, steps, teacher, distillation)
+    teacher, embedding_targets = None, None
+    if pooling is not None and distillation is not None:
+        embedding_targets = encoder_recovery.teacher_embeddings(
+            distillation.teacher, data.input_ids, data.attention_mask, pooling, dtype=distillation.teacher_dtype, device=accelerator.device,
+            progress=progress and accelerator.is_main_process,
+        )
+    elif distillation is not None:
+        teacher = _teacher(distillation, options, data, accelerator, progress=progress and accelerator.is_main_process)
+    trainer = _Trainer(accelerator, pruned, options, data, schedule, steps, teacher, distillation, embedding_targets=embedding_targets, pooling=pooling)
     history, resumed_from = _starting_point(trainer, work, run_id, resume)
     if eval_stream is not None and not history.evals:
         history.evals.append(EvalPoint(0, trainer.evaluate(eval_stream)))
@@ -503,6 +519,24 @@ def recover(
         seconds=time.perf_counter() - started,
         main_process=accelerator.is_main_process,
     )
+
+
+def _encoder_pooling(pruned: Path, options: RecoverOptions) -> Optional[Pooling]:
+    """The pooling of an encoder's embeddings (``None`` for a causal LM), after refusing the
+    options an encoder's recovery has no use for (``structprune.recover.encoder``)."""
+    if encoder_class(read_config(pruned) or {}) is None:
+        return None
+    refusals = {
+        "--teacher": (options.teacher is None, "recovering an encoder distils the dense model's embeddings: pass --teacher DENSE"),
+        "--teacher-logits": (options.teacher_logits is not None, "an encoder's teacher embeddings are computed once in memory; there are no logits to cache"),
+        "--distill-weight": (options.distill_weight != 1, "an encoder without an LM head has only the embedding distillation loss; leave --distill-weight at 1"),
+        "--eval-data": (options.eval_data is not None, "held-out perplexity needs a causal LM; measure an encoder with benches/bench_encoder.py's embedding cosine and retrieval"),
+        "--load-in": (options.load_in is not None, "quantized training is for causal LMs"),
+    }
+    for option, (refused, why) in refusals.items():
+        if refused:
+            raise SettingError(f"{pruned} is an encoder: {why}", option=option)
+    return read_pooling(pruned)
 
 
 def _distillation(pruned: Path, options: RecoverOptions) -> Optional[Distillation]:
@@ -605,20 +639,25 @@ def _accelerator(options: RecoverOptions) -> "Accelerator":
 class _Trainer:
     """The LoRA model, optimizer and scheduler of one process, and one optimizer step."""
 
-    def __init__(self, accelerator: "Accelerator", pruned: Path, options: RecoverOptions, data: TrainingData, schedule: Schedule, steps: int, teacher: Optional[Teacher], distillation: Optional[Distillation]) -> None:
+    def __init__(
+        self, accelerator: "Accelerator", pruned: Path, options: RecoverOptions, data: TrainingData, schedule: Schedule, steps: int, teacher: Optional[Teacher],
+        distillation: Optional[Distillation], *, embedding_targets: Optional[torch.Tensor] = None, pooling: Optional[Pooling] = None,
+    ) -> None:
         import_peft(quantizing=options.load_in is not None)  # first import: bitsandbytes' warning only where it matters
         from peft import LoraConfig, get_peft_model
         from transformers import get_scheduler
 
         self.accelerator, self.options, self.data, self.schedule = accelerator, options, data, schedule
         self.teacher, self.distillation = teacher, distillation
+        self.embedding_targets, self.pooling = embedding_targets, pooling
+        """An encoder's teacher embeddings of every example, and its pooling."""
         base = _training_base(pruned, options, accelerator.device)
         lora = LoraConfig(
             r=options.rank,
-            lora_alpha=options.alpha,
+            lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft annotates int, and scales by any number
             lora_dropout=options.dropout,
             target_modules=_target_modules(options.target_modules),
-            task_type="CAUSAL_LM",
+            task_type="CAUSAL_LM" if embedding_targets is None else "FEATURE_EXTRACTION",
         )
         with quiet_peft_deprecations():
             model = get_peft_model(base, lora)
@@ -638,7 +677,9 @@ class _Trainer:
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the mean token loss of the global batch."""
-        targets = int((self.data.labels[self.schedule.step_examples(step), 1:] != IGNORE_INDEX).sum())
+        examples = self.schedule.step_examples(step)
+        # An encoder's loss is per passage, a causal LM's per target token.
+        targets = len(examples) if self.embedding_targets is not None else int((self.data.labels[examples, 1:] != IGNORE_INDEX).sum())
         # DDP averages gradients over processes; scaling by their count makes the step's gradient
         # the gradient of the mean over all target tokens of the global batch.
         scale = self.accelerator.num_processes / max(targets, 1)
@@ -663,6 +704,8 @@ class _Trainer:
         input_ids = self.data.input_ids[rows].to(device)
         labels = self.data.labels[rows].to(device)
         mask = self.data.attention_mask[rows].to(device)
+        if self.embedding_targets is not None and self.pooling is not None:
+            return encoder_recovery.summed_embedding_loss(self.model, input_ids, mask, self.embedding_targets[rows], self.pooling)
         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         predicted, targets = logits[:, :-1].float(), labels[:, 1:]
         if self.teacher is None or self.distillation is None:
@@ -787,17 +830,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    """``data`` as JSON at ``path`` through a flushed temporary sibling: a kill leaves the old file or the new one whole."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _postfix(report: StepReport, history: _History) -> Dict[str, str]:
     postfix = {"loss": f"{report.loss:.4f}", "lr": f"{report.lr:.2e}"}
     if history.evals:
@@ -840,10 +872,13 @@ def _report(options: RecoverOptions, pruned: Path, data: TrainingData, schedule:
 def _write_output(pruned: Path, output: Path, trained: torch.nn.Module, state_dict: Dict[str, torch.Tensor], work: WorkArea, report: Dict[str, Any], options: RecoverOptions, overwrite: bool, progress: bool) -> None:
     """Saves the adapter, merges it into a fresh copy of the base and writes the checkpoint."""
     shutil.rmtree(work.adapter, ignore_errors=True)
-    trained.save_pretrained(str(work.adapter), state_dict=state_dict)
+    cast(Any, trained).save_pretrained(str(work.adapter), state_dict=state_dict)  # a peft model
     write_json_atomically(work.report, report)
     merged = merged_model(pruned, work.adapter)
-    write_merged(merged, pruned, output, includes=[(work.adapter, "adapter"), (work.report, "recovery.json")], max_shard_size=options.max_shard_size, overwrite=overwrite, progress=progress)
+    # A sentence-transformers checkpoint's module folders (pooling) come with it.
+    modules = [(pruned / folder, folder) for folder in module_folders(pruned)]
+    includes = [(work.adapter, "adapter"), (work.report, "recovery.json"), *modules]
+    write_merged(merged, pruned, output, includes=includes, max_shard_size=options.max_shard_size, overwrite=overwrite, progress=progress)
     shutil.rmtree(work.root, ignore_errors=True)
 
 
@@ -859,8 +894,8 @@ def merged_model(pruned: PathLike, adapter: PathLike) -> torch.nn.Module:
 
 def stored_dtype(checkpoint: Checkpoint) -> str:
     """The floating dtype the checkpoint stores its weights in (float32 when they are mixed)."""
-    found = {t.dtype for t in checkpoint.tensors.values() if t.dtype in _STORED_FLOAT_DTYPES}
-    return _STORED_FLOAT_DTYPES[found.pop()] if len(found) == 1 else "float32"
+    found = {t.dtype for t in checkpoint.tensors.values() if t.dtype in STORED_COMPUTE_DTYPES}
+    return STORED_COMPUTE_DTYPES[found.pop()] if len(found) == 1 else "float32"
 
 
 def write_merged(
@@ -876,7 +911,9 @@ def write_merged(
     """Writes ``model``'s weights as a checkpoint with the tensors (names, order, dtypes, shapes)
     of the checkpoint ``pruned``, and its other files, through the Rust shard writer."""
     checkpoint = read_checkpoint(pruned)
-    weights = model.state_dict()
+    # Checkpoints saved by older transformers store buffers that are no longer persistent
+    # (BERT's embeddings.position_ids): written back from the model's buffers, as they were read.
+    weights = {**dict(model.named_buffers()), **model.state_dict()}
     specs = []
     for info in checkpoint.tensors.values():
         tensor = weights.get(info.name)
@@ -888,31 +925,10 @@ def write_merged(
 
     def read_tensor(index: int) -> bytes:
         name, dtype, _ = specs[index]
-        tensor = weights[name].detach().to("cpu", _SAFETENSORS_DTYPES[dtype]).contiguous()
+        tensor = weights[name].detach().to("cpu", SAFETENSORS_DTYPES[dtype]).contiguous()
         return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
 
-    bar = _ByteBar(progress)
-    try:
-        _core.write_checkpoint(
-            str(output), specs, read_tensor, str(pruned), [(str(source), destination) for source, destination in includes],
-            None, parse_size(max_shard_size), overwrite, progress=bar.update,
-        )
-    finally:
-        bar.close()
-
-
-class _ByteBar:
-    def __init__(self, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="writing", disable=not enabled, dynamic_ncols=True)
-
-    def update(self, done: int, total: int) -> None:
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
+    write_checkpoint(output, specs, read_tensor, pruned, includes=includes, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Calibration text: read documents, turn them into one token stream, draw fixed-length windows.
+"""Calibration text: read documents, turn them into one token stream, draw fixed-length windows
+(for an encoder: passages of single documents, padded, see :func:`passage_batch`).
 
 Importance scoring runs the dense model on a small batch of token windows (the *calibration
 batch*). This module makes that batch reproducible: the same files, tokenizer, sizes and seed give
@@ -17,7 +18,7 @@ Inputs (:func:`load_texts`):
 
 The token stream (:func:`token_stream`) is what the model sees when the documents are written as a
 ``.txt`` file and that file is tokenized as one string: documents joined by ``"\\n" + eos + "\\n"``.
-Evaluation (``structprune.evaluate``) uses the same stream, so a held-out file is scored exactly as
+Evaluation (``structprune.evaluate.perplexity``) uses the same stream, so a held-out file is scored exactly as
 the reference perplexities in ``demo/README.md`` and the fixtures' README were computed.
 """
 
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 import numpy as np
 import torch
 
-from structprune import sizes
+from structprune.io import sizes
 from structprune.errors import CalibrationError, StructpruneIOError
 
 if TYPE_CHECKING:  # transformers is heavy to import and only needed by callers that have a tokenizer
@@ -311,11 +312,97 @@ def calibration_batch(
     seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = DEFAULT_SEED,
 ) -> torch.Tensor:
-    """The calibration batch ``[samples, seq_len]`` (``int64``) of :func:`token_stream` ``(texts)``.
+    """The calibration batch ``[samples, seq_len]`` (``int64``): windows of :func:`token_stream`
+    ``(texts)`` for a causal LM's tokenizer, :func:`passage_batch` for an encoder's (see
+    :func:`separates_passages`).
 
     Deterministic: the same texts, tokenizer, sizes and seed give an identical tensor.
     """
+    if separates_passages(tokenizer):
+        return passage_batch(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
     return sample_windows(token_stream(texts, tokenizer), samples=samples, seq_len=seq_len, seed=seed)
+
+
+def separates_passages(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer is an encoder's: it has a classification token (BERT's ``[CLS]``,
+    RoBERTa's ``<s>``) or no eos to join documents with. An encoder reads one passage at a time
+    between its own special tokens, never a stream of documents."""
+    return tokenizer.cls_token_id is not None or tokenizer.eos_token_id is None
+
+
+def passage_batch(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = DEFAULT_SEED,
+) -> torch.Tensor:
+    """``samples`` encoder inputs of ``seq_len`` tokens, each one passage of a single document
+    between the tokenizer's special tokens (``[CLS] … [SEP]``), as ``[samples, seq_len]``.
+
+    A passage is a window of ``seq_len`` tokens (less the special tokens) of one document, drawn
+    by ``numpy.random.default_rng(seed)`` uniformly among all windows of all documents; a document
+    shorter than that is one passage, padded at the end with the pad token, which therefore marks
+    the positions an attention mask hides (:func:`attention_mask`). Pad tokens inside the text
+    are dropped, so that they cannot be taken for padding.
+    """
+    _check_positive(samples=samples, seq_len=seq_len)
+    if seed < 0:
+        raise CalibrationError(f"seed must be a non-negative integer, got {seed}")
+    if not texts:
+        raise CalibrationError("no documents to tokenize")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise CalibrationError(f"tokenizer {type(tokenizer).__name__} has no pad token to pad passages with")
+    prefix, suffix = special_frame(tokenizer)
+    content = seq_len - len(prefix) - len(suffix)
+    if content < 1:
+        raise CalibrationError(f"seq_len {seq_len} leaves no room for text between the tokenizer's special tokens")
+    documents = document_tokens(texts, tokenizer)
+    # Window starts per document; numbering them all lets one draw pick a document and an offset.
+    starts = np.asarray([max(ids.size - content, 0) + 1 for ids in documents], dtype=np.int64)
+    firsts = np.concatenate([[0], np.cumsum(starts)])
+    drawn = np.random.default_rng(seed).integers(0, int(firsts[-1]), size=samples, dtype=np.int64)
+    batch = np.full((samples, seq_len), pad_id, dtype=np.int64)
+    for row, number in enumerate(drawn):
+        document = int(np.searchsorted(firsts, number, side="right")) - 1
+        offset = int(number - firsts[document])
+        window = documents[document][offset : offset + content].tolist()
+        ids = prefix + window + suffix
+        batch[row, : len(ids)] = ids
+    return torch.from_numpy(batch)
+
+
+def special_frame(tokenizer: PreTrainedTokenizerBase) -> Tuple[List[int], List[int]]:
+    """The special tokens the tokenizer puts before and after one text (``[CLS]``, ``[SEP]``).
+
+    Read off a one-word text tokenized with and without them: transformers 5 tokenizers no longer
+    all have ``build_inputs_with_special_tokens``."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return list(marked[:start]), list(marked[start + len(plain) :])
+    raise CalibrationError(f"tokenizer {type(tokenizer).__name__} changes a text's tokens when it adds its special tokens")
+
+
+def document_tokens(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> List[np.ndarray]:
+    """Each non-empty document's tokens without special tokens, pad tokens dropped."""
+    pad_id = tokenizer.pad_token_id
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    documents = [np.asarray([t for t in ids if t != pad_id], dtype=np.int64) for ids in encoded]
+    documents = [ids for ids in documents if ids.size]
+    if not documents:
+        raise CalibrationError("the documents hold no tokens")
+    return documents
+
+
+def attention_mask(input_ids: torch.Tensor, pad_token_id: Optional[int]) -> torch.Tensor:
+    """1 where a :func:`passage_batch` sample has a token, 0 on its padding."""
+    if pad_token_id is None:
+        return torch.ones_like(input_ids)
+    return (input_ids != pad_token_id).to(torch.int64)
 
 
 def _check_positive(**values: int) -> None:
@@ -380,7 +467,12 @@ def load_calibration(
     text_field: str = "text",
 ) -> Tuple[torch.Tensor, CalibrationSummary]:
     """Read ``path``, draw the calibration batch and describe it: ``(batch, summary)``."""
-    stream = token_stream(load_texts(path, text_field=text_field), tokenizer)
+    texts = load_texts(path, text_field=text_field)
+    if separates_passages(tokenizer):
+        batch = passage_batch(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+        tokens = sum(ids.size for ids in document_tokens(texts, tokenizer))
+        return batch, CalibrationSummary.of(batch, source=path, seed=seed, stream_tokens=tokens)
+    stream = token_stream(texts, tokenizer)
     batch = sample_windows(stream, samples=samples, seq_len=seq_len, seed=seed)
     return batch, CalibrationSummary.of(batch, source=path, seed=seed, stream_tokens=stream.numel())
 
@@ -395,10 +487,15 @@ __all__ = [
     "CalibrationSummary",
     "batch_sha256",
     "calibration_batch",
+    "document_tokens",
     "load_calibration",
+    "attention_mask",
     "load_texts",
+    "passage_batch",
     "record_text",
     "sample_windows",
+    "separates_passages",
+    "special_frame",
     "split_documents",
     "token_stream",
 ]

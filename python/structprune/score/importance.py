@@ -9,6 +9,7 @@ structure (sum, mean, max, prod or first). Adding an estimator is one small subc
 
 from __future__ import annotations
 
+import math
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import ClassVar, Dict, Optional, Type
 
 import torch
 
-from structprune.streaming import ParamStats
+from structprune.errors import SettingError
+from structprune.score.streaming import ParamStats
 
 
 @dataclass
@@ -52,6 +54,15 @@ class Importance(ABC):
     reselects: ClassVar[bool] = False
     """Whether the reconstruction pass chooses each layer's units itself (the scores then set only
     how many each layer loses); such an estimator needs reconstruction."""
+    perturbs: ClassVar[bool] = False
+    """Whether units are scored forward-only by masking random subsets of them (``Bonsai``): the
+    scorer runs the masked sub-models, regresses their calibration losses on the masks and hands
+    ``index_scores`` each consuming layer's per-input-column loss effects as ``weight``."""
+    gates: ClassVar[bool] = False
+    """Whether units are scored through gates on their outputs, sample by sample: the scorer then
+    hands ``index_scores`` one sample's input ``x`` (as ``weight``, ``[tokens, channels]``) and loss
+    gradient ``∂L/∂x`` (as ``grad``) at each layer that consumes units (o_proj for heads, down_proj
+    for MLP channels), along ``dim`` 1, and sums each sample's finalized unit scores."""
 
     @abstractmethod
     def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
@@ -170,7 +181,7 @@ class ObsSaliency(Importance):
     the diagonal OBS cost of removing input channel j of a consuming layer, ‖W[:, j]‖²·Σx_j² (the
     output error with nothing updated; only the consuming side scores). For choosing which units:
     ``reselects`` — the reconstruction pass picks each layer's units by greedy OBS with the inverse
-    Gram matrix of its pruned inputs (``structprune.reconstruct.obs_removals``), then refits."""
+    Gram matrix of its pruned inputs (``structprune.plan.reconstruct.obs_removals``), then refits."""
 
     name = "obs"
     needs_activations = True
@@ -184,6 +195,67 @@ class ObsSaliency(Importance):
         return activation.squares.to(column_norms) * column_norms
 
 
+class ActivationEntropy(Importance):
+    """Information carried by a unit's output, measured where it is consumed: for input channel j
+    of a consuming layer (o_proj for heads, down_proj for MLP channels), the differential entropy
+    of its calibration distribution taken as Gaussian, H_j = ½·log(2πe·Var(X_j)); a unit scores
+    the sum over its channels (their joint entropy if independent). The entropy criterion of Luo &
+    Wu 2017 ("An Entropy-based Pruning Method for CNN Compression"), which bins activations into a
+    histogram; the Gaussian form needs only the sums of squares already recorded, and ranks units
+    as their summed log-variances do. Only the consuming side of a unit scores; a channel constant
+    on the calibration data scores the floor (log of the smallest float64)."""
+
+    name = "entropy"
+    needs_activations = True
+
+    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
+        size = stats.weight.shape[dim]
+        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
+            return torch.zeros(size, device=stats.weight.device, dtype=torch.float64)
+        variance = activation.variance.double().clamp_min(torch.finfo(torch.float64).tiny)
+        return 0.5 * torch.log(2 * math.pi * math.e * variance)
+
+
+class HeadGate(TaylorVector):
+    """Michel et al. 2019 ("Are Sixteen Heads Really Better than One?"): a gate ξ = 1 multiplies
+    every unit's output, and a unit's importance is |∂L/∂ξ| averaged over calibration samples. A
+    head's output is its slice of o_proj's input ``x``, so ∂L/∂ξ = Σ over tokens and the head's
+    channels of x·∂L/∂x; the same gate on an MLP channel (down_proj's input) scores channels. The
+    |·| is taken per sample (``gates``), so gradients of opposite sign in different samples do not
+    cancel, as they do in vector-wise Taylor's |Σ w·g|. Per parameter and sample, the score is
+    vector-wise Taylor's: the gate's derivative is the sum of w·g over the unit's weights."""
+
+    name = "head-gate"
+    gates = True
+
+
+class Bonsai(Importance):
+    """Bonsai (Dery et al. 2024), forward-only: ``masks`` sub-models each drop a random
+    ``drop`` fraction of the units (a unit is dropped by zeroing its columns at the input of the
+    layer that consumes it), their calibration losses are measured, and a unit's importance is its
+    coefficient in the ridge regression of the losses on which units each sub-model dropped: the
+    loss a unit's removal adds. No backward pass; ``masks`` forwards of the calibration set (all
+    sub-models advance block by block together, so each block is read once).
+
+    The scorer regresses on the finest units of each consuming layer (a query head, an MLP
+    channel) and passes each input column its unit's coefficient divided by the unit's width
+    (``weight``), so that summing over a unit's columns, or a KV group's, gives its coefficient."""
+
+    name = "bonsai"
+    perturbs = True
+    masks: ClassVar[int] = 64
+    drop: ClassVar[float] = 0.2
+    ridge: ClassVar[float] = 1e-3
+    """λ relative to the mean diagonal of the masks' Gram matrix (keeps the regression defined when
+    there are more units than sub-models)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
+        return stats.weight
+
+
 def _grad(stats: ParamStats) -> torch.Tensor:
     if stats.grad is None:
         raise ValueError(f"{stats.name}: no gradient reached this parameter")
@@ -192,13 +264,13 @@ def _grad(stats: ParamStats) -> torch.Tensor:
 
 ESTIMATORS: Dict[str, Type[Importance]] = {
     cls.name: cls
-    for cls in (TaylorElementFirst, TaylorVector, TaylorElementSecond, MagnitudeL1, MagnitudeL2, RandomImportance, WandaStructured, Fluctuation, ObsSaliency)
+    for cls in (TaylorElementFirst, TaylorVector, TaylorElementSecond, MagnitudeL1, MagnitudeL2, RandomImportance, WandaStructured, Fluctuation, ObsSaliency, ActivationEntropy, HeadGate, Bonsai)
 }
 
 
 def estimator(name: str, *, seed: int = 0) -> Importance:
     """The estimator registered under ``name``."""
     if name not in ESTIMATORS:
-        raise ValueError(f"unknown importance '{name}'; choose one of {', '.join(sorted(ESTIMATORS))}")
+        raise SettingError(f"--importance: unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}", option="--importance")
     cls = ESTIMATORS[name]
-    return cls(seed) if cls is RandomImportance else cls()
+    return cls(seed) if cls in (RandomImportance, Bonsai) else cls()

@@ -34,10 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence, Type
 
 import torch
 
-from structprune.checkpoint import read_checkpoint
-from structprune.distributed import SINGLE, Workers
+from structprune.io.checkpoint import read_checkpoint
+from structprune.score.distributed import SINGLE, Workers
 from structprune.errors import ResumeError
-from structprune.streaming import atomic_save
+from structprune.io.atomic import TEMPORARY_GLOB, write_json_atomically
+from structprune.score.streaming import save_torch_atomically
 
 # Bumped whenever what a state file holds changes, so that old state is refused rather than misread.
 FORMAT_VERSION = 1
@@ -125,10 +126,10 @@ class Journal:
         self._remove_interrupted_saves()
 
     def _remove_interrupted_saves(self) -> None:
-        """Deletes the temporaries of saves a killed run never finished (``atomic_save`` removes its
+        """Deletes the temporaries of saves a killed run never finished (``write_atomically`` removes its
         own on an exception, not on SIGKILL): with the lock held, no live process is writing them."""
         for folder in (self._rank_dir, self.activations):
-            for leftover in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+            for leftover in folder.glob(TEMPORARY_GLOB) if folder.is_dir() else ():
                 leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> "Journal":
@@ -163,7 +164,7 @@ class Journal:
 
     def record(self, step: int, state: Dict[str, Any]) -> None:
         """Saves the state after ``step``; of the others only the one before it is kept."""
-        atomic_save({**state, "step": step}, self._state_file(step))
+        save_torch_atomically({**state, "step": step}, self._state_file(step))
         earlier = [old for old in self._steps() if old < step]
         kept = {step, earlier[-1]} if earlier else {step}
         for old in self._steps():
@@ -216,11 +217,9 @@ class Journal:
             return
         if self.directory.is_dir() and any(self.directory.iterdir()):
             raise ResumeError(f"{self.directory} is not empty and has no {MANIFEST}, so it is not a resume directory; choose a new or empty one")
-        temporary = manifest.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-            os.replace(temporary, manifest)
+            write_json_atomically(manifest, key, sort_keys=True)
         except OSError as err:
             raise ResumeError(f"{self.directory}: cannot be used as a resume directory ({err})") from err
 

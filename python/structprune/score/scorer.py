@@ -3,20 +3,23 @@ statistics into per-unit importance for every structure (see ``importance`` for 
 
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from structprune.distributed import SINGLE, Workers
-from structprune.graph import Member, StructureGraph
-from structprune.importance import ActivationStats, Importance
-from structprune.resume import Journal
-from structprune.sizes import DEFAULT_ACTIVATION_MEMORY
-from structprune.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
+from structprune.errors import SettingError
+from structprune.score.distributed import SINGLE, Workers
+from structprune.tracing.graph import Member, StructureGraph
+from structprune.score.importance import ActivationStats, Bonsai, Importance
+from structprune.score.journal import Journal
+from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY
+from structprune.score.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
 
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")
 
@@ -67,6 +70,10 @@ class _Folder:
         self.group_indices = self._group_indices()
         self.group_scores: Dict[int, Dict[int, np.ndarray]] = defaultdict(dict)
 
+    def member_sids(self) -> Set[int]:
+        """The structures being scored."""
+        return {sid for members in self.members.values() for sid, _, _ in members}
+
     def wants(self, names: Iterable[str]) -> bool:
         """Whether any of these parameters belongs to a structure being scored."""
         return any(name in self.members for name in names)
@@ -94,6 +101,22 @@ class _Folder:
                 self.member_scores[sid][i] = _finalize(self.importance, scores[member.index_matrix(units)].sum(axis=1))
                 if (sid, i) in self.group_indices:
                     self.group_scores[sid][i] = _finalize(self.importance, scores[self.group_indices[(sid, i)]].sum(axis=2))
+
+    def add_per_sample(self, name: str, dim: int, samples: List[torch.Tensor], workers: Workers) -> None:
+        """Folds the index scores of one parameter dimension sample by sample (a gate estimator's):
+        each sample's unit sums are finalized, then summed over the samples of every process."""
+        stacked = torch.stack(samples).double().numpy()  # [samples, indices]
+        for sid, i, member in self.members.get(name, ()):
+            if member.dim != dim:
+                continue
+            units = _finalize(self.importance, stacked[:, member.index_matrix(self.graph.get(sid).units)].sum(axis=2)).sum(axis=0)
+            totals = [torch.from_numpy(units)]
+            if (sid, i) in self.group_indices:
+                totals.append(torch.from_numpy(_finalize(self.importance, stacked[:, self.group_indices[(sid, i)]].sum(axis=3)).sum(axis=0)))
+            workers.sum_(totals)
+            self.member_scores[sid][i] = totals[0].numpy()
+            if len(totals) > 1:
+                self.group_scores[sid][i] = totals[1].numpy()
 
     def state(self) -> Dict[str, Any]:
         """The member scores so far, as tensors (what a resume directory can hold)."""
@@ -174,6 +197,244 @@ class _ActivationRecorder:
         return record
 
 
+def consuming_layers(model: StreamedModel, folder: "_Folder", importance: Importance) -> Dict[str, int]:
+    """Module path inside a block → input dim, for the linear layers whose inputs hold the units
+    of the scored structures: the one place where a gate (``head-gate``) or a mask (``bonsai``)
+    acts on a unit. Refuses structures whose units reach no such layer or several."""
+    input_dims: Dict[str, int] = {}
+    consumers: Dict[int, int] = defaultdict(int)
+    for name, members in folder.members.items():
+        path = _block_module_path(model.prefix, name)
+        module = model.block.get_submodule(path) if path is not None else None
+        for sid, _, member in members:
+            if path is not None and module is not None and linear_input_dim(module) == member.dim:
+                input_dims[path] = member.dim
+                consumers[sid] += 1
+    # Hidden channels feed every q/k/v/gate/up (and the head), not one layer.
+    refused = sorted({folder.graph.get(sid).kind for sid in folder.member_sids() if consumers[sid] != 1})
+    if refused:
+        raise SettingError(
+            f"importance (--importance) {importance.name}: acts on a unit at the input of the one layer that consumes it, and "
+            f"{', '.join(refused)} units have none or several: leave them out of the structures (--structures)", option="--importance",
+        )
+    return input_dims
+
+
+class _GateRecorder:
+    """For a gate estimator: in the backward pass, the input ``x`` of every layer that consumes
+    scored units and the loss gradient reaching it, turned into one sample's index scores as they
+    arrive (micro-batches hold one sample), then folded once the block is done."""
+
+    def __init__(self, model: StreamedModel, folder: "_Folder", importance: Importance) -> None:
+        self.model = model
+        self.folder = folder
+        self.importance = importance
+        self.input_dims = consuming_layers(model, folder, importance)
+        self.pending: Dict[str, List[torch.Tensor]] = defaultdict(list)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = [self.model.block.get_submodule(path).register_forward_hook(self._hook(path)) for path in sorted(self.input_dims)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, path: str) -> Callable[..., None]:
+        def on_forward(_module: nn.Module, inputs: Tuple[torch.Tensor, ...], _output: Any) -> None:
+            x = inputs[0]
+            if x.requires_grad:  # the backward pass's recomputation, not the forward pass
+                # The hook holds a detached view, not x itself: x → its hook → x would be a
+                # reference cycle keeping every micro-batch's activations until the collector ran.
+                values = x.detach()
+                x.register_hook(lambda grad: self._record(path, values, grad))
+
+        return on_forward
+
+    def _record(self, path: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        width = x.shape[-1]
+        stats = ParamStats(path, x.reshape(-1, width), grad.detach().reshape(-1, width))
+        self.pending[path].append(self.importance.index_scores(stats, 1, None).double().cpu())
+
+    def fold(self, index: int, workers: Workers) -> None:
+        for path in sorted(self.pending):
+            name = f"{self.model.prefix}.{index}.{path}.weight"
+            self.folder.add_per_sample(name, self.input_dims[path], self.pending[path], workers)
+        self.pending.clear()
+
+
+class _MaskedScoring:
+    """A perturbative estimator's scoring (``Bonsai``): the dense model and ``importance.masks``
+    sub-models, each dropping a random ``importance.drop`` of the units, run block by block side by
+    side (each block read once; their activations share the store), each sub-model's calibration
+    loss is measured, and the losses are regressed on the drops. The units dropped together are
+    the finest ones of each consuming layer (``_atoms``); the dense stream gives Block Influence."""
+
+    def __init__(self, model: StreamedModel, folder: "_Folder", importance: Bonsai, *, micro_batch: int, store: ActivationStore, workers: Workers, progress: Optional[Callable[[str, int, int], None]]) -> None:
+        self.model = model
+        self.folder = folder
+        self.importance = importance
+        self.masks = importance.masks
+        self.drop = importance.drop
+        self.ridge = importance.ridge
+        self.seed = importance.seed
+        self.input_dims = consuming_layers(model, folder, importance)
+        self.micro_batch = micro_batch
+        self.store = store
+        self.workers = workers
+        self.progress = progress
+        self.atoms: List[Tuple[str, int, np.ndarray]] = []
+        """Per consuming layer (weight name, input dim, atom of every input column; −1: in no unit)."""
+        self.drops: List[torch.Tensor] = []
+        """Per consuming layer, ``[masks, atoms]``: whether each sub-model drops each atom."""
+
+    def run(self, input_ids: torch.Tensor) -> np.ndarray:
+        """Scores every structure (into the folder); returns Block Influence."""
+        model = self.model
+        batches = list(input_ids.split(self.micro_batch))
+        streams = self.masks + 1  # stream 0 is the dense model
+        influence = np.zeros(model.num_blocks)
+        block_args = []
+        with torch.no_grad():
+            for m, batch in enumerate(batches):
+                hidden, args, kwargs = model.embed(batch)
+                self.store.put((0, m), hidden)
+                block_args.append((args, kwargs))
+            model.unload_outside()
+            for index in range(model.num_blocks):
+                model.load_block(index)
+                columns = self._draw(index)
+                for stream in range(streams):
+                    with self._masked(columns, stream):
+                        for m, (args, kwargs) in enumerate(block_args):
+                            source = (index, m if index == 0 else stream * len(batches) + m)
+                            hidden = self.store.get(source, model.device)
+                            out = model.run_block(hidden, args, kwargs)
+                            self.store.put((index + 1, stream * len(batches) + m), out)
+                            if stream == 0:
+                                influence[index] += self._cosine_sum(hidden, out)
+                for stream in range(streams):
+                    for m in range(len(batches)):
+                        self.store.release((index, m if index == 0 else stream * len(batches) + m))
+                if self.progress:
+                    self.progress("perturb", index + 1, model.num_blocks)
+            model.unload_block()  # the loss pass needs the head, not the last block
+            losses = self._losses(batches, streams)
+        tokens = self.workers.sum_values([sum(b.numel() for b in batches)])[0]
+        if self.drops:  # no units to score (blocks alone): Block Influence only
+            self._fold(self._regress(losses[1:]))
+        return 1.0 - np.asarray(self.workers.sum_values(influence.tolist())) / tokens
+
+    def _draw(self, index: int) -> Dict[str, torch.Tensor]:
+        """The atoms of block ``index``'s consuming layers and which of them each sub-model drops
+        (seeded by the seed and the block, so every process draws the same); returns each layer's
+        ``[streams, width]`` input-column multipliers (stream 0, the dense model: all ones)."""
+        columns = {}
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:bonsai:{index}".encode()))
+        for path in sorted(self.input_dims):
+            dim = self.input_dims[path]
+            name = f"{self.model.prefix}.{index}.{path}.weight"
+            weight = self.model.block.get_submodule(path).weight
+            assert isinstance(weight, torch.Tensor)  # a linear layer's (consuming_layers found it)
+            width = int(weight.shape[dim])
+            labels = _atoms(self.folder, name, dim, width)
+            atoms = int(labels.max()) + 1
+            drops = torch.rand(self.masks, atoms, generator=generator, dtype=torch.float64) < self.drop
+            self.atoms.append((name, dim, labels))
+            self.drops.append(drops)
+            multipliers = torch.ones(self.masks + 1, width, dtype=torch.float64)
+            covered = torch.from_numpy(labels >= 0)
+            multipliers[1:, covered] = (~drops[:, torch.from_numpy(labels[labels >= 0])]).double()
+            columns[path] = multipliers
+        return columns
+
+    @contextmanager
+    def _masked(self, columns: Dict[str, torch.Tensor], stream: int) -> Iterator[None]:
+        """Stream ``stream``'s dropped units zeroed at the inputs of their consuming layers."""
+        handles = []
+        if stream > 0:
+            for path, multipliers in columns.items():
+                scale = multipliers[stream].to(self.model.device, self.model.dtype)
+                handles.append(self.model.block.get_submodule(path).register_forward_pre_hook(lambda _module, inputs, scale=scale: (inputs[0] * scale, *inputs[1:])))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _cosine_sum(self, inputs: torch.Tensor, outputs: torch.Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(inputs.double(), outputs.double(), dim=-1).sum())
+
+    def _losses(self, batches: List[torch.Tensor], streams: int) -> np.ndarray:
+        """Every stream's calibration loss: the mean over samples (of all processes) of each
+        sample's mean token loss, as the backward pass measures it."""
+        total = self.workers.sum_values([sum(b.shape[0] for b in batches)])[0]
+        losses = np.zeros(streams)
+        for stream in range(streams):
+            for m, batch in enumerate(batches):
+                last = self.store.get((self.model.num_blocks, stream * len(batches) + m), self.model.device)
+                losses[stream] += float(self.model.loss(last, batch)) * batch.shape[0] / total
+        return np.asarray(self.workers.sum_values(losses.tolist()))
+
+    def _regress(self, losses: np.ndarray) -> torch.Tensor:
+        """Ridge regression of the sub-models' losses on their drops, in its dual form (a system of
+        one row per sub-model, fewer than units): the coefficient of every atom, in layer order."""
+        drops = torch.cat(self.drops, dim=1).double()
+        centred = drops - drops.mean(0, keepdim=True)
+        target = torch.from_numpy(losses - losses.mean())
+        gram = centred @ centred.T
+        damping = self.ridge * float(torch.diagonal(gram).mean()) or self.ridge
+        weights = torch.linalg.solve(gram + damping * torch.eye(gram.shape[0], dtype=torch.float64), target)
+        return centred.T @ weights
+
+    def _fold(self, coefficients: torch.Tensor) -> None:
+        """Each consuming layer's input column gets its atom's coefficient over the atom's width."""
+        start = 0
+        for (name, dim, labels), drops in zip(self.atoms, self.drops):
+            atoms = drops.shape[1]
+            mine = coefficients[start : start + atoms]
+            start += atoms
+            covered = labels >= 0
+            widths = np.bincount(labels[covered], minlength=atoms)
+            effects = torch.zeros(len(labels), dtype=torch.float64)
+            effects[torch.from_numpy(covered)] = (mine / torch.from_numpy(widths))[torch.from_numpy(labels[covered])]
+            self.folder.add({name: ParamStats(name, effects)}, {})
+
+
+def _atoms(folder: "_Folder", name: str, dim: int, width: int) -> np.ndarray:
+    """The finest units along input ``dim`` of weight ``name``: columns that every scored
+    structure puts in the same unit (a query head inside its KV group, an MLP channel) share an
+    atom, numbered 0, 1, … by their units; columns in no unit get −1."""
+    signatures = []
+    for sid, i, member in folder.members.get(name, ()):
+        if member.dim != dim:
+            continue
+        label = np.full(width, -1, dtype=np.int64)
+        matrix = member.index_matrix(folder.graph.get(sid).units)
+        label[matrix] = np.arange(matrix.shape[0])[:, None]
+        signatures.append(label)
+    stacked = np.stack(signatures, axis=1)
+    inside = (stacked >= 0).any(axis=1)
+    atoms = np.full(width, -1, dtype=np.int64)
+    _, numbered = np.unique(stacked[inside], axis=0, return_inverse=True)
+    atoms[inside] = numbered.reshape(-1)
+    return atoms
+
+
+def _block_module_path(prefix: str, name: str) -> Optional[str]:
+    """``model.layers.3.self_attn.o_proj.weight`` → ``self_attn.o_proj``; ``None`` outside the blocks."""
+    if not name.startswith(f"{prefix}.") or not name.endswith(".weight"):
+        return None
+    index, _, path = name[len(prefix) + 1 : -len(".weight")].partition(".")
+    return path if index.isdigit() and path else None
+
+
+def _block_index(prefix: str, params: Dict[str, ParamStats]) -> int:
+    first = next(iter(params))
+    return int(first[len(prefix) + 1 :].split(".", 1)[0])
+
+
 def linear_input_dim(module: nn.Module) -> Optional[int]:
     """The weight dimension that indexes a linear layer's inputs; ``None`` for other modules."""
     if isinstance(module, nn.Linear):
@@ -217,13 +478,22 @@ def score(
         raise ValueError("a journalled scoring run saves activations in its resume directory: pass no store")
     folder = _Folder(graph, importance, kinds)
     result = Scores(estimator=importance.name, reduction=reduction)
-    needs_data = importance.needs_gradients or importance.needs_activations
+    needs_data = importance.needs_gradients or importance.needs_activations or importance.perturbs
     if needs_data and input_ids is None:
         raise ValueError(f"importance '{importance.name}' needs calibration data")
     if record_means and input_ids is None:
         raise ValueError("recording the mean inputs of layers needs calibration data")
     if input_ids is None:
         _score_weights_only(model, folder, progress)
+    elif importance.perturbs:
+        assert isinstance(importance, Bonsai)  # the one perturbative estimator
+        if journal is not None:
+            raise SettingError(f"--resume: importance '{importance.name}' runs forward passes only and keeps no journal; run it without --resume", option="--resume")
+        store = store or ActivationStore(activation_memory)
+        try:
+            result.block_influence = _MaskedScoring(model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, progress=progress).run(input_ids)
+        finally:
+            store.close()
     else:
         store = store or ActivationStore(activation_memory, directory=journal.activations if journal else None)
         means_of = consuming_inputs(graph) if record_means else frozenset()
@@ -286,7 +556,8 @@ class _DataScoring:
         self.model = model
         self.folder = folder
         self.importance = importance
-        self.micro_batch = 1 if importance.needs_fisher else micro_batch
+        # Per-sample statistics (squared gradients, gates' |·|) need micro-batches of one sample.
+        self.micro_batch = 1 if importance.needs_fisher or importance.gates else micro_batch
         self.store = store
         self.workers = workers
         self.journal = journal
@@ -299,6 +570,7 @@ class _DataScoring:
         self.records = importance.needs_activations or bool(means_of)
         # Estimators that use activations need every linear's; means alone need only the consumers'.
         self.recorder = _ActivationRecorder(model, None if importance.needs_activations else means_of)
+        self.gates = _GateRecorder(model, folder, importance) if importance.gates else None
 
     def run(self, input_ids: torch.Tensor) -> Tuple[np.ndarray, Optional[float]]:
         """Block Influence per block and the calibration loss (``None`` without gradients)."""
@@ -347,7 +619,12 @@ class _DataScoring:
             self.recorder.detach()
 
     def _backward(self, streamed: StreamedPass, resumed: Optional[BackwardState], samples: int) -> float:
+        gates = self.gates
+
         def on_params(params: Dict[str, ParamStats]) -> None:
+            if gates is not None:  # the units' scores come from the gates, not from the weights' gradients
+                gates.fold(_block_index(self.model.prefix, params), self.workers)
+                return
             self._sum_gradients(params)
             self.folder.add(params, {})
 
@@ -359,10 +636,12 @@ class _DataScoring:
             if self.progress:
                 self.progress("backward", self.blocks - index, self.blocks)
 
-        local = backward_pass(
-            self.model, streamed, fisher=self.importance.needs_fisher, on_params=on_params, samples=samples,
-            start=resumed, on_state=on_state, progress=backward_progress, outside=self.folder.wants(self.model.outside_names()),
-        )
+        outside = gates is None and self.folder.wants(self.model.outside_names())
+        with gates.recording() if gates is not None else nullcontext():
+            local = backward_pass(
+                self.model, streamed, fisher=self.importance.needs_fisher, on_params=on_params, samples=samples,
+                start=resumed, on_state=on_state, progress=backward_progress, outside=outside,
+            )
         return self.workers.sum_values([local])[0]
 
     def _measure_influence(self, index: int, inputs: List[torch.Tensor], outputs: List[torch.Tensor]) -> None:

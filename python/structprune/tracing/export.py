@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from structprune.errors import StructpruneError
+from structprune.errors import TraceError
+from structprune.models.meta import instantiate_on_meta, load_config, meta_model, model_class
 
 FORMAT = "structprune.traced-graph"
 VERSION = 1
@@ -48,10 +49,6 @@ _ASSERT_OPS = frozenset(
 
 # Higher-order ops that only wrap a subgraph in a context (grad mode, autocast): inlined.
 _INLINED_HOPS = frozenset({"wrap_with_set_grad_enabled", "wrap_with_autocast"})
-
-
-class TraceError(StructpruneError, RuntimeError):
-    """The model could not be traced or its graph cannot be written as the IR."""
 
 
 @dataclass
@@ -161,19 +158,19 @@ def trace_model(source: Any, *, traced_layers: int = 2) -> TracedGraph:
 
     if traced_layers < 1:
         raise ValueError("traced_layers must be at least 1")
-    config = _load_config(source)
-    model_cls = _model_class(config)
+    config = load_config(source)
+    model_cls = model_class(config)
 
-    full, attn = _instantiate(model_cls, config, None)
+    full, attn = instantiate_on_meta(model_cls, config, None)
     n_total = _num_layers(config)
     prefix = _find_layer_stack(full, n_total)
     layers: Optional[Dict[str, Any]] = None
     model = full
-    if prefix is not None:
+    if prefix is not None and n_total is not None:
         k = min(n_total, traced_layers)
         if k < n_total and _homogeneous(full, prefix, n_total):
             small_cfg = _truncated_config(config, n_total, k)
-            small, attn_small = _instantiate(model_cls, small_cfg, attn)
+            small, attn_small = instantiate_on_meta(model_cls, small_cfg, attn)
             if _truncation_ok(full, small, prefix, n_total, k):
                 model, attn = small, attn_small
             else:
@@ -206,61 +203,6 @@ def trace_to_file(source: Any, path: Union[str, "os.PathLike[str]"], *, traced_l
 
 # ----------------------------------------------------------------------------------------------
 # building the model
-
-
-def _load_config(source: Any):
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(source, PretrainedConfig):
-        return copy.deepcopy(source)
-    path = Path(source)
-    if path.is_file() and path.name.endswith(".json"):
-        path = path.parent
-    if not (path / "config.json").is_file():
-        raise TraceError(f"{path}: no config.json")
-    try:
-        # Never the model directory's own code (`auto_map`): with trust_remote_code unset,
-        # transformers asks on stdin, and a piped "y" would run it.
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds
-        raise TraceError(f"{path}: cannot read config.json: {err}") from err
-
-
-def _model_class(config):
-    import transformers
-
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        cls = getattr(transformers, archs[0], None)
-        if cls is not None and hasattr(cls, "_from_config"):
-            return cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        if type(config) in auto._model_mapping:
-            return auto
-    raise TraceError(f"no transformers model class for model_type {getattr(config, 'model_type', None)!r}")
-
-
-def _instantiate(model_cls, config, attn: Optional[str]):
-    """The model on the meta device in float32, with sdpa attention where the class supports it
-    (else eager). Returns ``(model, attn_implementation)``."""
-    import torch
-
-    choices = [attn] if attn else ["sdpa", "eager"]
-    last: Optional[BaseException] = None
-    for impl in choices:
-        cfg = copy.deepcopy(config)
-        try:
-            with torch.device("meta"):
-                if hasattr(model_cls, "from_config"):
-                    model = model_cls.from_config(cfg, attn_implementation=impl, dtype=torch.float32)
-                else:
-                    model = model_cls._from_config(cfg, attn_implementation=impl, dtype=torch.float32)
-        except (ValueError, ImportError, NotImplementedError, TypeError) as err:
-            last = err
-            continue
-        used = getattr(model.config, "_attn_implementation", None) or impl
-        return model, used
-    raise TraceError(f"cannot build {getattr(model_cls, '__name__', model_cls)} on the meta device: {last}")
 
 
 def _num_layers(config) -> Optional[int]:
@@ -403,7 +345,7 @@ def _export(model):
 # the IR
 
 
-def _tensor_meta(val) -> Optional[Tuple[List[int], str]]:
+def _tensor_meta(val: Any) -> Optional[Tuple[List[int], Optional[str]]]:
     import torch
 
     if isinstance(val, torch.Tensor):
@@ -495,7 +437,7 @@ class _Builder:
         if tm is not None:
             entry["shape"], entry["dtype"] = tm
         elif isinstance(val, (list, tuple)) and val and all(_tensor_meta(v) is not None for v in val):
-            metas = [_tensor_meta(v) for v in val]
+            metas = [meta for meta in map(_tensor_meta, val) if meta is not None]
             entry["shapes"] = [m[0] for m in metas]
             entry["dtypes"] = [m[1] for m in metas]
         elif isinstance(val, (bool, int, float)):
@@ -551,8 +493,8 @@ class _Builder:
             if value[0] == "tuple":
                 env[node] = value[1][k]
             elif value[0] == "ref":
-                entry = {"op": "getitem", "args": [{"node": value[1]}, int(k)]}
-                env[node] = self.emit(self.with_meta(entry, node.meta.get("val")))
+                item = {"op": "getitem", "args": [{"node": value[1]}, int(k)]}
+                env[node] = self.emit(self.with_meta(item, node.meta.get("val")))
             else:
                 env[node] = ("py", value[1][k])
             return
@@ -781,14 +723,6 @@ def _to_ir(ep, model, meta: Dict[str, Any], layers: Optional[Dict[str, Any]]) ->
 
 
 __all__ = ["TraceError", "TracedGraph", "trace_model", "trace_to_file"]
-
-
-def meta_model(source: Any) -> Any:
-    """The model a config (or model directory) describes, on the meta device: no weights, no memory.
-    Used to check that an edited config implies the shapes a cut plan writes."""
-    config = _load_config(source)
-    model, _ = _instantiate(_model_class(config), config, None)
-    return model
 
 
 def checkpoint_name_map(source: Any, tensor_names: List[str]) -> Dict[str, str]:

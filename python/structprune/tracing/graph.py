@@ -1,6 +1,6 @@
 """Prunable structures of a model: which weight rows and columns go together.
 
-``trace`` runs the meta-device tracer (``structprune.tracing``) and hands the traced graph to the Rust
+``trace`` runs the meta-device tracer (``structprune.tracing.export``) and hands the traced graph to the Rust
 core, which propagates index couplings op by op and returns every structure that can be removed
 unit by unit (docs/architecture.md explains the algebra). Nothing here reads weights.
 """
@@ -14,8 +14,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from structprune import _core
+from structprune.errors import GraphError
 
 KINDS = ("heads", "kv_groups", "query_heads", "hidden", "channels")
+# The structures document this module reads (docs/structures-format.md). The compiled core writes
+# it, so an extension built from other sources than this package is refused here, not misread.
+STRUCTURES_FORMAT = "structprune.structures"
+STRUCTURES_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,13 @@ class StructureGraph:
 
     @classmethod
     def from_core(cls, data: Mapping[str, Any], model: Mapping[str, Any], tied: Mapping[str, str]) -> "StructureGraph":
+        found = (data.get("format"), data.get("version"))
+        if found != (STRUCTURES_FORMAT, STRUCTURES_VERSION):
+            raise GraphError(
+                f"structprune._core returned structures in format {found[0]!r} version {found[1]!r}, but this "
+                f"package reads {STRUCTURES_FORMAT!r} version {STRUCTURES_VERSION}: the compiled extension does "
+                "not match the Python sources (rebuild it: pip install -e .)"
+            )
         structures = [
             Structure(
                 id=s["id"],
@@ -130,11 +142,48 @@ def structures_from_ir(ir_json: str) -> StructureGraph:
     return StructureGraph.from_core(data, ir.get("model") or {}, ir.get("tied") or {})
 
 
-def trace(source: Any, *, traced_layers: int = 2) -> StructureGraph:
-    """Prunable structures of a model directory or ``PretrainedConfig`` (meta device, no weights)."""
-    from structprune.tracing import trace_model
+def trace(source: Any, *, traced_layers: int = 2, cache: bool = False) -> StructureGraph:
+    """Prunable structures of a model directory or ``PretrainedConfig`` (meta device, no weights).
 
-    return structures_from_ir(trace_model(source, traced_layers=traced_layers).to_json())
+    With ``cache``, a model directory (or config.json) seen before is read from the trace cache
+    (``structprune.tracing.cache``) without importing torch, and one not seen before is cached.
+    """
+    from structprune.tracing import cache as trace_cache
+
+    key = trace_cache.key_for(source, traced_layers=traced_layers, purpose="structures") if cache else None
+    if key is None:
+        return StructureGraph.from_core(*_traced_structures(source, traced_layers))
+    cached = _graph_from_entry(trace_cache.read_entry(key))
+    if cached is not None:
+        return cached
+    data, model, tied = _traced_structures(source, traced_layers)
+    trace_cache.write_entry(key, {"structures": data, "model": model, "tied": tied})
+    return StructureGraph.from_core(data, model, tied)
+
+
+def read_cached_trace(source: Any, *, traced_layers: int = 2) -> Optional[StructureGraph]:
+    """What ``trace(source, traced_layers=..., cache=True)`` returns when the trace cache holds it,
+    else ``None``; never traces, never imports torch."""
+    from structprune.tracing import cache as trace_cache
+
+    key = trace_cache.key_for(source, traced_layers=traced_layers, purpose="structures")
+    return None if key is None else _graph_from_entry(trace_cache.read_entry(key))
+
+
+def _graph_from_entry(entry: Any) -> Optional[StructureGraph]:
+    # An entry this code cannot read is a miss: traced again and rewritten.
+    try:
+        return StructureGraph.from_core(entry["structures"], entry["model"], entry["tied"])
+    except (KeyError, TypeError, ValueError, GraphError):
+        return None
+
+
+def _traced_structures(source: Any, traced_layers: int) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, str]]:
+    """The Rust core's structures document for ``source``, with the traced model's description and tied names."""
+    from structprune.tracing.export import trace_model
+
+    traced = trace_model(source, traced_layers=traced_layers)
+    return json.loads(_core.build_structures(traced.to_json())), traced.model or {}, traced.tied or {}
 
 
 @dataclass(frozen=True)
@@ -170,7 +219,7 @@ def layer_ranges(layers: Sequence[int]) -> str:
         return "all"
     parts: List[str] = []
     start = prev = layers[0]
-    for layer in list(layers[1:]) + [None]:  # type: ignore[list-item]
+    for layer in [*layers[1:], None]:
         if layer is not None and layer == prev + 1:
             prev = layer
             continue

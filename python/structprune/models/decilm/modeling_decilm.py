@@ -8,7 +8,7 @@ rather than per-layer config objects, because a config with a head count that do
 hidden size fails the stock config's validation even when ``head_dim`` is explicit.
 """
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple, cast
 
 import torch
 from torch import nn
@@ -92,7 +92,8 @@ class DeciLMForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def _decoder_layer(config: DeciLMConfig, index: int, block: Mapping[str, Any]) -> nn.Module:
-        layer = LlamaDecoderLayer(LayerConfig(config, block_overrides(config, block)), index)
+        # LayerConfig stands in for a LlamaConfig with this layer's widths.
+        layer: nn.Module = LlamaDecoderLayer(cast(Any, LayerConfig(config, block_overrides(config, block))), index)
         attention, ffn = block.get("attention", {}), block.get("ffn", {})
         for section in (attention, ffn):
             if section.get("replace_with_linear"):
