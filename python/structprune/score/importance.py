@@ -161,22 +161,34 @@ class WandaStructured(Importance):
         return _sum_except(scores, dim)
 
 
-class Fluctuation(Importance):
+class ConsumerScore(Importance):
+    """An estimator that scores a unit only where a linear layer consumes it as input channels (its
+    other members score zero): ``consumer_scores`` gets that layer's weight and the statistics of
+    its inputs."""
+
+    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
+        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
+            return torch.zeros(stats.weight.shape[dim], device=stats.weight.device, dtype=torch.float64)
+        return self.consumer_scores(stats.weight, dim, activation)
+
+    @abstractmethod
+    def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
+        """A score per input channel (``dim``) of the consuming layer's ``weight``."""
+
+
+class Fluctuation(ConsumerScore):
     """FLAP: for a layer's input channel j, Var(X_j)·‖W[:, j]‖² (how much removing it perturbs the
     output beyond a constant); only the consuming side of a unit scores."""
 
     name = "flap"
     needs_activations = True
 
-    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
-        size = stats.weight.shape[dim]
-        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
-            return torch.zeros(size, device=stats.weight.device, dtype=torch.float64)
-        column_norms = _sum_except(stats.weight.square(), dim)
+    def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
+        column_norms = _sum_except(weight.square(), dim)
         return activation.variance.to(column_norms) * column_norms
 
 
-class ObsSaliency(Importance):
+class ObsSaliency(ConsumerScore):
     """OBS selection (SlimGPT-style), in two parts. For planning (how many units each layer loses):
     the diagonal OBS cost of removing input channel j of a consuming layer, ‖W[:, j]‖²·Σx_j² (the
     output error with nothing updated; only the consuming side scores). For choosing which units:
@@ -187,15 +199,12 @@ class ObsSaliency(Importance):
     needs_activations = True
     reselects = True
 
-    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
-        size = stats.weight.shape[dim]
-        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
-            return torch.zeros(size, device=stats.weight.device, dtype=torch.float64)
-        column_norms = _sum_except(stats.weight.double().square(), dim)
+    def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
+        column_norms = _sum_except(weight.double().square(), dim)
         return activation.squares.to(column_norms) * column_norms
 
 
-class ActivationEntropy(Importance):
+class ActivationEntropy(ConsumerScore):
     """Information carried by a unit's output, measured where it is consumed: for input channel j
     of a consuming layer (o_proj for heads, down_proj for MLP channels), the differential entropy
     of its calibration distribution taken as Gaussian, H_j = ½·log(2πe·Var(X_j)); a unit scores
@@ -208,10 +217,7 @@ class ActivationEntropy(Importance):
     name = "entropy"
     needs_activations = True
 
-    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
-        size = stats.weight.shape[dim]
-        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
-            return torch.zeros(size, device=stats.weight.device, dtype=torch.float64)
+    def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
         variance = activation.variance.double().clamp_min(torch.finfo(torch.float64).tiny)
         return 0.5 * torch.log(2 * math.pi * math.e * variance)
 
