@@ -19,14 +19,13 @@ Target (issue 16): structprune >= 0.9x plain.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from interleaved import time_interleaved
 
 from structprune.evaluate.perplexity import DEFAULT_BATCH_SIZE, perplexity
 from structprune.io.threads import configure_torch_threads
@@ -59,14 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     runs: Dict[str, Callable[[], float]] = {"structprune": structprune_run, "plain": plain_run}
     losses = {name: run() for name, run in runs.items()}
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    load_start = os.getloadavg()[0]
-    for round_index in range(args.rounds):
-        for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
-            started = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - started)
-    load_end = os.getloadavg()[0]
+    times, load_start, load_end = time_interleaved(runs, args.rounds)
     tokens = args.windows * WINDOW
     print(f"SmolLM2-135M float32, {args.windows} windows of {WINDOW} tokens, batches of {DEFAULT_BATCH_SIZE}, {threads} torch thread(s),"
           f" load average {load_start:.1f} -> {load_end:.1f}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from interleaved import time_interleaved
 
 from structprune.io.threads import configure_torch_threads
 from structprune.models.loading import load_model
@@ -76,14 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs: Dict[str, Callable[[], None]] = {"streamed": streamed, "plain": plain}
     for run in runs.values():
         run()
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    load_start = os.getloadavg()[0]
-    for round_index in range(args.rounds):
-        for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
-            started = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - started)
-    load_end = os.getloadavg()[0]
+    times, load_start, load_end = time_interleaved(runs, args.rounds)
     print(f"SmolLM2-135M float32, {args.samples} x {args.seq_len} tokens, micro-batch {args.micro_batch}, {threads} torch thread(s),"
           f" load average {load_start:.1f} -> {load_end:.1f}")
     for name in runs:
