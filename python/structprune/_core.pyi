@@ -2,7 +2,7 @@
 
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Optional, TypedDict, Union, final
+from typing import Any, Callable, Optional, Sequence, TypedDict, Union, final
 
 _Path = Union[str, PathLike[str]]
 # (name, dtype, shape, file, nbytes)
@@ -72,9 +72,11 @@ def apply_plan(
     threads: int,
     overwrite: bool,
     progress: Optional[Callable[[int, int], None]] = None,
+    folders: Sequence[_Path] = ...,
 ) -> _ReportDict:
     """Writes the pruned checkpoint atomically; ``progress(done_bytes, total_bytes)`` is called
-    about ten times a second with the GIL held. Ctrl-C cancels and leaves no output."""
+    about ten times a second with the GIL held. Ctrl-C cancels and leaves no output. ``folders``
+    (relative to ``model_dir``) are copied whole into the output inside the same commit."""
 
 def write_checkpoint(
     output_dir: _Path,

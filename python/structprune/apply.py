@@ -14,7 +14,7 @@ from structprune import _core
 from structprune.io.checkpoint import TensorInfo
 from structprune.errors import PlanError, SettingError
 from structprune.plan.cut_plan import CutPlan, PlanLike
-from structprune.models.sentence import copy_module_folders
+from structprune.models.sentence import module_folders
 from structprune.models.shape_check import PLAN_WITHOUT_FILE, ShapeCheck, check_output_shapes, skipped
 from structprune.io.sizes import parse_size
 from structprune.io.termination import cleanup_on_sigterm
@@ -91,7 +91,7 @@ def apply_plan(
     may be replaced); the input is never modified; the same input and plan give byte-identical
     output. Only the checkpoint's own files are copied besides the weights (``skipped_files``
     lists what was left out), and a sentence-transformers checkpoint's module folders
-    (``1_Pooling``…; each staged and renamed once complete, after the checkpoint itself). ``progress`` is ``True`` for a progress bar on stderr or a
+    (``1_Pooling``…), inside the same commit. ``progress`` is ``True`` for a progress bar on stderr or a
     callable receiving ``(done_bytes, total_bytes)``.
 
     ``check_shapes``: before anything is written, build the model the output's config describes on
@@ -116,18 +116,18 @@ def apply_plan(
         thread_count,
         overwrite,
     )
-    with cleanup_on_sigterm(), naming_plan(name), _progress_reporter(progress) as report_progress:
-        raw = _core.apply_plan(*arguments, progress=report_progress)
     # The engine copies the checkpoint's top-level files; a sentence-transformers checkpoint also
-    # keeps its pooling (and other modules') settings in folders.
-    folders = copy_module_folders(model_dir, raw["output_dir"])
+    # keeps its pooling (and other modules') settings in folders, committed with the weights.
+    folders = module_folders(model_dir)
+    with cleanup_on_sigterm(), naming_plan(name), _progress_reporter(progress) as report_progress:
+        raw = _core.apply_plan(*arguments, progress=report_progress, folders=folders)
     return ApplyReport(
         output_dir=Path(raw["output_dir"]),
         tensors=raw["tensors"],
         bytes_written=raw["bytes_written"],
         total_size=raw["total_size"],
         shards=list(raw["shards"]),
-        copied_files=list(raw["copied_files"]) + [f"{folder}/" for folder in folders],
+        copied_files=list(raw["copied_files"]),
         skipped_files=list(raw["skipped_files"]),
         shape_check=shape_check,
     )

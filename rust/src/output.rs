@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde_json::{Map, Value};
@@ -179,6 +179,19 @@ fn is_checkpoint_file(name: &str) -> bool {
     let extension = Path::new(name).extension().and_then(|e| e.to_str()).unwrap_or_default();
     let upper = name.to_ascii_uppercase();
     !is_weight_file(name) && (COPIED_EXTENSIONS.contains(&extension) || COPIED_PREFIXES.iter().any(|p| upper.starts_with(p)))
+}
+
+/// Included files go inside the output: a relative path without `..`.
+pub(crate) fn check_relative(output: &Path, to: &Path) -> Result<()> {
+    let inside = !to.as_os_str().is_empty() && to.components().all(|c| matches!(c, Component::Normal(_)));
+    if inside {
+        Ok(())
+    } else {
+        Err(Error::Output {
+            path: output.to_owned(),
+            reason: format!("included files must go to a relative path inside the output, not '{}'", to.display()),
+        })
+    }
 }
 
 /// Every file under the directory `root` (or `root` itself when it is a file), to be copied to

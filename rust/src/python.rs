@@ -129,7 +129,7 @@ fn plan_layout<'py>(py: Python<'py>, model_dir: PathBuf, plan_json: &str, max_sh
 }
 
 #[pyfunction]
-#[pyo3(signature = (model_dir, plan_json, output_dir, max_shard_size, memory_budget, threads, overwrite, progress=None))]
+#[pyo3(signature = (model_dir, plan_json, output_dir, max_shard_size, memory_budget, threads, overwrite, progress=None, folders=Vec::new()))]
 #[allow(clippy::too_many_arguments)]
 fn apply_plan<'py>(
     py: Python<'py>,
@@ -141,9 +141,10 @@ fn apply_plan<'py>(
     threads: usize,
     overwrite: bool,
     progress: Option<Bound<'py, PyAny>>,
+    folders: Vec<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let plan = CutPlan::from_json(plan_json).map_err(to_pyerr)?;
-    let options = ApplyOptions { max_shard_size, memory_budget, threads, overwrite };
+    let options = ApplyOptions { max_shard_size, memory_budget, threads, overwrite, folders };
     let state = Arc::new(Progress::default());
     let (sender, mut receiver) = mpsc::channel();
     let engine_state = Arc::clone(&state);

@@ -5,7 +5,7 @@
 //! writes, and the result is byte-identical whatever the thread count or buffer size. Each worker
 //! owns its buffers, so peak memory is `memory_budget` however large the tensors and shards are.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use serde_json::{Map, Value};
@@ -14,7 +14,7 @@ use crate::checkpoint::{Checkpoint, CONFIG_FILE, MAX_CONFIG_BYTES};
 use crate::copy::{copy_tensors, workers};
 use crate::error::{Error, Result};
 use crate::layout::{place, Layout};
-use crate::output::{copied_bytes, create_shards, finish, other_files, pretty_json, report, write_synced};
+use crate::output::{check_relative, copied_bytes, create_shards, files_under, finish, other_files, pretty_json, report, write_synced};
 pub use crate::output::{ApplyReport, Progress};
 use crate::plan::{output_tensors, CutPlan};
 use crate::staging::Staging;
@@ -31,11 +31,15 @@ pub struct ApplyOptions {
     pub memory_budget: u64,
     pub threads: usize,
     pub overwrite: bool,
+    /// Folders of the input (relative paths inside it) copied whole into the same place in the
+    /// output, inside the same all-or-nothing commit as the weights: a sentence-transformers
+    /// checkpoint's module folders (`1_Pooling`…), which say how it pools and normalises.
+    pub folders: Vec<PathBuf>,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 64 << 20, threads: 4, overwrite: false }
+        ApplyOptions { max_shard_size: 5_000_000_000, memory_budget: 64 << 20, threads: 4, overwrite: false, folders: Vec::new() }
     }
 }
 
@@ -77,6 +81,10 @@ pub fn apply_plan(input: &Path, plan: &CutPlan, output: &Path, options: &ApplyOp
     let layout = layout(&checkpoint, plan, options.max_shard_size)?;
     let config = patched_config(input, plan)?;
     let (mut to_copy, skipped) = other_files(input, &checkpoint.weight_files(), config.is_some())?;
+    for folder in &options.folders {
+        check_relative(output, folder)?;
+        to_copy.extend(files_under(&input.join(folder), folder)?);
+    }
     to_copy.retain(|file| !plan.files.contains_key(file.to.to_string_lossy().as_ref()));
     progress.total.store(layout.total_size + copied_bytes(&to_copy), Ordering::Relaxed);
 

@@ -9,14 +9,16 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use crate::checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layout::{place, placed_from_fields, Layout};
-use crate::output::{copied_bytes, create_shards, files_under, finish, other_files, report, ApplyReport, CopiedFile, Progress};
+use crate::output::{
+    check_relative, copied_bytes, create_shards, files_under, finish, other_files, report, ApplyReport, CopiedFile, Progress,
+};
 use crate::staging::Staging;
 
 /// One tensor to write: its name, element type and shape.
@@ -172,19 +174,6 @@ fn check_unique_names(tensors: &[TensorSpec]) -> Result<()> {
     match tensors.iter().find(|t| !seen.insert(t.name.as_str())) {
         Some(t) => Err(Error::plan(&t.name, "the tensor is listed twice")),
         None => Ok(()),
-    }
-}
-
-/// Included files go inside the output: a relative path without `..`.
-fn check_relative(output: &Path, to: &Path) -> Result<()> {
-    let inside = !to.as_os_str().is_empty() && to.components().all(|c| matches!(c, Component::Normal(_)));
-    if inside {
-        Ok(())
-    } else {
-        Err(Error::Output {
-            path: output.to_owned(),
-            reason: format!("included files must go to a relative path inside the output, not '{}'", to.display()),
-        })
     }
 }
 

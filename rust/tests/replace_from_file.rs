@@ -82,7 +82,7 @@ fn contents_from_a_file_are_copied_byte_for_byte_whatever_the_buffer() {
     setup(tmp.path());
     for (run, budget) in [(0, 64u64 << 20), (1, 16 << 10)] {
         let out = tmp.path().join(format!("out{run}"));
-        let options = ApplyOptions { threads: 3, memory_budget: budget, max_shard_size: 1 << 40, overwrite: false };
+        let options = ApplyOptions { threads: 3, memory_budget: budget, max_shard_size: 1 << 40, ..ApplyOptions::default() };
         let progress = Progress { cancel: AtomicBool::new(false), ..Progress::default() };
         apply_plan(&tmp.path().join("model"), &plan(tmp.path(), "w"), &out, &options, &progress).unwrap();
         let written = out.join("model.safetensors");

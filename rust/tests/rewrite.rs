@@ -73,7 +73,7 @@ fn plan() -> CutPlan {
 }
 
 fn options(threads: usize, memory_budget: u64, max_shard_size: u64) -> ApplyOptions {
-    ApplyOptions { threads, memory_budget, max_shard_size, overwrite: false }
+    ApplyOptions { threads, memory_budget, max_shard_size, overwrite: false, folders: Vec::new() }
 }
 
 /// Element values of a tensor in an output shard, as written by `tensor` (value = source index).

@@ -84,7 +84,7 @@ fn plan(tensors: Value) -> CutPlan {
 }
 
 fn options(threads: usize, memory_budget: u64, max_shard_size: u64) -> ApplyOptions {
-    ApplyOptions { threads, memory_budget, max_shard_size, overwrite: false }
+    ApplyOptions { threads, memory_budget, max_shard_size, overwrite: false, folders: Vec::new() }
 }
 
 fn assert_copied_exactly(input: &[Tensor], output: &Path) {

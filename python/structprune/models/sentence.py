@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Union
@@ -155,31 +153,6 @@ def module_folders(model_dir: PathLike) -> List[str]:
     return folders
 
 
-def copy_module_folders(model_dir: PathLike, output_dir: PathLike) -> List[str]:
-    """Copies the module folders of a sentence-transformers checkpoint into ``output_dir``, so that
-    ``SentenceTransformer(output_dir)`` pools and normalises as the original did. Each folder is
-    copied under a temporary name inside ``output_dir`` and renamed when complete. Returns the
-    folders copied."""
-    copied = []
-    for relative in module_folders(model_dir):
-        target = Path(output_dir) / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as staging:
-            staged = Path(staging) / target.name
-            shutil.copytree(Path(model_dir) / relative, staged, symlinks=False, ignore=_linked_folders)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staged, target)
-        copied.append(relative)
-    return copied
-
-
-def _linked_folders(folder: str, names: List[str]) -> List[str]:
-    """Links to folders are not followed (as apply does not follow them at the top level); links
-    to files are, like a Hugging Face cache's links to its blobs."""
-    return [name for name in names if os.path.islink(os.path.join(folder, name)) and os.path.isdir(os.path.join(folder, name))]
-
-
 def _config_error(path: Path, message: str) -> ConfigError:
     error = ConfigError(message)
     error.path = str(path)
@@ -188,7 +161,6 @@ def _config_error(path: Path, message: str) -> ConfigError:
 
 __all__ = [
     "Pooling",
-    "copy_module_folders",
     "distillation_loss",
     "module_folders",
     "pool",
