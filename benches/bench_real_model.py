@@ -292,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(child(args, ["--one", config, "--ratio", str(ratio)]))
             print(json.dumps(rows[-1]), flush=True)
     print(f"load average after: {os.getloadavg()}")
-    print(f"\nSmolLM2-135M, dense perplexity {dense['ppl']:.2f} ({dense['windows']} windows of {WINDOW} tokens); "
+    print(f"\n{args.model}, dense perplexity {dense['ppl']:.2f} ({dense['windows']} windows of {WINDOW} tokens); "
           f"calibration {args.samples}×{args.seq_len} tokens, seed {args.seed}\n")
     print(render(rows, dense["ppl"]))
     if args.json:

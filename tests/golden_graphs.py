@@ -60,6 +60,12 @@ def _configs() -> Dict[str, Callable[[], Any]]:
             hidden_size=16, ffn_dim=40, num_attention_heads=4, word_embed_proj_dim=16, architectures=["OPTForCausalLM"],
             **SMALL,
         ),
+        # Mixture of experts: a router softmax, top-2 of 4 experts gathering the stacked gate_up
+        # [4, 2 × 24, 16] and down [4, 16, 24] weights (traced as batched products).
+        "mixtral": lambda: t.MixtralConfig(
+            hidden_size=16, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, architectures=["MixtralForCausalLM"], **SMALL,
+        ),
     }
 
 

@@ -319,19 +319,76 @@ def test_sweep_measures_an_encoder_by_embeddings(tmp_path: Path) -> None:
     assert "mean cosine" in (tmp_path / "sweep" / "sweep.md").read_text(encoding="utf-8")
 
 
-def test_module_folders_are_copied_and_paths_outside_the_model_refused(tmp_path: Path) -> None:
-    from structprune.models.sentence import copy_module_folders
-
+def test_module_folders_are_committed_with_the_weights_and_bad_ones_leave_no_output(tmp_path: Path) -> None:
     model = tmp_path / "model"
-    model.mkdir()
+    save_model("bert", model)
     sentence_transformers_folder(model)
+    graph = structprune.trace(model)
+    plan = checkpoint_cut_plan(model, graph, per_layer_selection(graph), layout="auto")
+    report = apply_plan(model, plan, tmp_path / "out")
+    assert "1_Pooling/config.json" in report.copied_files  # 2_Normalize has no folder
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").read_bytes() == (model / "1_Pooling" / "config.json").read_bytes()
     (tmp_path / "outside").mkdir()
     (model / "1_Pooling" / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
-    (tmp_path / "out").mkdir()
-    assert copy_module_folders(model, tmp_path / "out") == ["1_Pooling"]  # 2_Normalize has no folder
-    assert sorted(p.name for p in (tmp_path / "out" / "1_Pooling").iterdir()) == ["config.json"]  # folder links not followed
+    with pytest.raises(structprune.errors.OutputError, match="not followed"):
+        apply_plan(model, plan, tmp_path / "linked")
+    (model / "1_Pooling" / "linked").unlink()
     modules = json.loads((model / "modules.json").read_text(encoding="utf-8"))
     modules[1]["path"] = "../outside"
     (model / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
     with pytest.raises(structprune.errors.ConfigError, match="outside the model directory"):
-        copy_module_folders(model, tmp_path / "out")
+        apply_plan(model, plan, tmp_path / "escaped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out", "outside"]  # nothing half-written
+
+
+def reconstructed_states(model_dir: Path, graph: structprune.StructureGraph, selection: Selection, ids: Any, out: Path, target: str) -> Tuple[Any, Any]:
+    """The layer reports of reconstructing ``selection`` towards ``target``, and the last hidden
+    states on ``ids`` of the checkpoint written with the refitted weights."""
+    from structprune.plan.reconstruct import apply_to_plan, reconstruct, stored_dtype_map
+    from structprune.score.streaming import StreamedModel
+    from structprune.tracing.export import checkpoint_name_map
+
+    assert graph.blocks is not None
+    names = list(structprune.read_checkpoint(model_dir).tensors)
+    stored = {model_name: name for name, model_name in checkpoint_name_map(model_dir, names).items()}
+    streamed = StreamedModel(model_dir, blocks_prefix=graph.blocks.prefix)
+    result = reconstruct(streamed, graph, selection, ids, out.with_suffix(".weights"), stored_names=stored, stored_dtypes=stored_dtype_map(model_dir), target=target, micro_batch=4)
+    plan = checkpoint_cut_plan(model_dir, graph, selection, layout="auto")
+    apply_to_plan(plan, result)
+    apply_plan(model_dir, plan, out)
+    mask = attention_mask(ids, load_pruned(out).config.pad_token_id)
+    with torch.no_grad():
+        return result.layers, load_pruned(out)(input_ids=ids, attention_mask=mask).last_hidden_state * mask.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_post_norm_mlp_output_is_fitted_towards_the_dense_block_output(tmp_path: Path, arch: str) -> None:
+    """In a post-norm block the MLP's output projection feeds the block's final LayerNorm: the
+    ``dense`` target refits it so that the norm's input normalises to the dense block's output
+    (found by a probe; the attention output projection, whose norm does not end the block, keeps
+    the ``layer`` target), which brings the last hidden states closer to the dense model's than
+    the ``layer`` target does."""
+    model = save_model(arch, tmp_path / "model")
+    graph = structprune.trace(tmp_path / "model")
+    selection = per_layer_selection(graph)
+    pad = CONFIGS[arch]().pad_token_id
+    ids = passage_batch(TEXTS, tokenizer(), samples=16, seq_len=24, seed=1)
+    ids[ids == 0] = pad  # the test tokenizer pads with id 0; RoBERTa's pad is 1
+    mask = attention_mask(ids, pad)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).last_hidden_state * mask.unsqueeze(-1)
+    layer_reports, layer_states = reconstructed_states(tmp_path / "model", graph, selection, ids, tmp_path / "layer", "layer")
+    dense_reports, dense_states = reconstructed_states(tmp_path / "model", graph, selection, ids, tmp_path / "dense", "dense")
+    assert not any(r.to_block_output for r in layer_reports)
+    assert [r.to_block_output for r in dense_reports] == [r.weight.endswith(("output.dense.weight", "lin2.weight")) and "attention" not in r.weight for r in dense_reports]
+    assert any(r.to_block_output for r in dense_reports)
+    assert float(((dense_states - dense) ** 2).mean()) < float(((layer_states - dense) ** 2).mean())
+
+
+def test_hidden_channels_of_an_encoder_are_refused_as_pinned(tmp_path: Path) -> None:
+    """An encoder's hidden states are its output (the embeddings), so no hidden structure exists:
+    asking for one is a PlanError that says so, not a failure inside the planner."""
+    save_model("bert", tmp_path / "model")
+    options = PruneOptions(ratio=0.2, importance="l2", structures=("hidden",), reconstruct=False)
+    with pytest.raises(PlanError, match="hidden width is pinned"):
+        make_plan(tmp_path / "model", options)

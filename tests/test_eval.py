@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 import structprune
 from structprune.score.calibration import load_texts
 from structprune.cli import main
-from structprune.evaluate.costs import TimingProtocol, count_parameters, macs_per_token, measure_throughput
+from structprune.evaluate.costs import TimingProtocol, count_parameters, macs_per_token, measure_throughput, timing_estimate
 from structprune.errors import EvaluationError, MissingDependencyError, ModelLoadError, SettingError
 from structprune.models.loading import load_model
 
@@ -127,7 +127,11 @@ def test_throughput_protocol_on_a_tiny_model() -> None:
 
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
     model.train()
-    results = measure_throughput(model, TimingProtocol(context=8, batch_sizes=(1, 3), decode_tokens=2, warmup=1, repeats=2))
+    protocol = TimingProtocol(context=8, batch_sizes=(1, 3), decode_tokens=2, warmup=1, repeats=2)
+    estimates: List[float] = []
+    results = measure_throughput(model, protocol, announce=estimates.append)
+    assert len(estimates) == 1 and estimates[0] > 0  # said once, before the rest of the runs
+    assert timing_estimate(protocol, 2.0) == 2.0 * 3 * (1 + 3)  # 3 runs at each size, batch 3 costing 3x
     assert model.training  # restored
     assert [r.batch for r in results] == [1, 3]
     for r in results:
@@ -159,6 +163,8 @@ def test_eval_compare_prints_ratios(heldout: Path, half_mlp_model: Path) -> None
         assert ratios[name] == pytest.approx(pruned[name] / original[name])
     assert report["protocol"]["timing"]["batch_sizes"] == [1, 2]
     assert report["model"]["throughput"][1]["context"] == 16
+    said = [line for line in result.stderr.splitlines() if line.startswith("timing ") and "about" in line]
+    assert [line.split()[1] for line in said] == [f"{half_mlp_model}:", f"{DEMO_MODEL}:"]  # each model, before its runs
 
     text = invoke("eval", half_mlp_model, "--compare", DEMO_MODEL, "--no-timing")
     assert text.exit_code == 0, text.output

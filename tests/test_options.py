@@ -40,6 +40,7 @@ CASES = [
     pytest.param([*PRUNE, "--structures", "heads,hidden", "--bias-compensation", "--importance", "flap"], "--bias-compensation", id="prune-combination"),
     pytest.param(["prune", DEMO, "--ratio", "0.2", "--importance", "taylor"], "--calib", id="prune-needs-calib"),
     pytest.param([*PRUNE, "--protect", "1"], "--protect", id="prune-protect"),
+    pytest.param([*PRUNE, "--importance", "lora-grad", "--structures", "heads,hidden"], "--structures", id="prune-lora-grad-hidden"),
     pytest.param(["apply", DEMO, PLAN, "--memory-budget", "2TiB"], "--memory-budget", id="apply-budget"),
     pytest.param(["apply", DEMO, PLAN, "--threads", "0"], "--threads", id="apply-threads"),
     pytest.param(["apply", DEMO, PLAN, "--max-shard-size", "lots"], "--max-shard-size", id="apply-size"),

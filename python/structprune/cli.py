@@ -226,11 +226,15 @@ def _removed(before: int, after: int) -> str:
 @click.option("--traced-layers", type=click.IntRange(min=1), default=2, show_default=True, help="Blocks traced; the rest are copies of the last traced one.")
 @click.option("--json", "as_json", is_flag=True, help="Print every structure with its members as JSON.")
 @click.option("--no-cache", is_flag=True, help="Trace again, neither reading nor writing the trace cache ($XDG_CACHE_HOME/structprune/traces, ~/.cache without XDG_CACHE_HOME; safe to delete). A cached config is shown without importing torch.")
+@click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Mixture-of-experts models: also show each layer's share of routed tokens per expert on this calibration text (reads the weights, one block at a time).")
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True, help="With --calib: calibration windows.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="With --calib: tokens per window.")
 @reports_errors
-def inspect(model: Path, traced_layers: int, as_json: bool, no_cache: bool) -> None:
+def inspect(model: Path, traced_layers: int, as_json: bool, no_cache: bool, calib: Optional[Path], samples: int, seq_len: int) -> None:
     """Show the prunable structures of MODEL (a directory with config.json; no weights are read):
-    heads and KV groups, MLP channels, hidden channels and blocks per layer, what each unit costs,
-    whether a stock config can hold the cut, and what is pinned and why."""
+    heads and KV groups, MLP channels, hidden channels, routed experts and blocks per layer, what
+    each unit costs, whether a stock config can hold the cut, and what is pinned and why. With
+    --calib, a mixture-of-experts model's routing share per expert on that text."""
     from dataclasses import asdict
 
     from structprune.io.checkpoint import read_config
@@ -249,6 +253,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool, no_cache: bool) -> N
     elapsed = time.perf_counter() - started
     config = read_config(model if model.is_dir() else model.parent) or {}
     stock = _stock_config_reasons(graph, config, model, traced_layers=traced_layers, cache=not no_cache)
+    routing = _routing_shares(model, graph, calib, samples=samples, seq_len=seq_len) if calib is not None else None
     if as_json:
         click.echo(json.dumps({
             "model": graph.model,
@@ -258,6 +263,7 @@ def inspect(model: Path, traced_layers: int, as_json: bool, no_cache: bool) -> N
             "pinned": [asdict(p) for p in graph.pinned],
             "stock_config": {kind: reason is None for kind, reason in stock.items()},
             "stock_config_reasons": {kind: reason for kind, reason in stock.items() if reason},
+            **({"routing_share": {str(layer): share for layer, share in routing.items()}} if routing is not None else {}),
         }, indent=1))
         return
     click.echo(f"model       {model} ({graph.model.get('architecture', '?')}), {obtained} in {elapsed:.2f} s")
@@ -295,6 +301,26 @@ def inspect(model: Path, traced_layers: int, as_json: bool, no_cache: bool) -> N
         click.echo("\nnotes:")
         for (kind, note), count in sorted(notes.items()):
             click.echo(f"  {kind}: {note}" + (f" ({count} places)" if count > 1 else ""))
+    if routing is not None:
+        _print_routing(routing, samples=samples, seq_len=seq_len)
+
+
+def _routing_shares(model: Path, graph: "StructureGraph", calib: Path, *, samples: int, seq_len: int) -> Dict[int, List[float]]:
+    """Each MoE layer's share of routed (token, slot) pairs per expert on the calibration text."""
+    if not graph.by_kind("experts"):
+        raise click.UsageError("--calib shows the routing of a mixture-of-experts model; this model has no routed experts")
+    from structprune.score.routing import calibration_routing
+
+    stats = calibration_routing(model, graph, calib, samples=samples, seq_len=seq_len)
+    return {layer: [round(float(x), 6) for x in s.share] for layer, s in stats.items()}
+
+
+def _print_routing(routing: Dict[int, List[float]], *, samples: int, seq_len: int) -> None:
+    click.echo(f"\nrouting share per expert ({samples} windows of {seq_len} tokens; experts 0, 1, …):")
+    for layer, shares in sorted(routing.items()):
+        cells = " ".join(f"{100 * s:5.1f}%" for s in shares)
+        unused = sum(1 for s in shares if s == 0)
+        click.echo(f"  layer {layer:>3}  {cells}" + (f"  ({unused} never chosen)" if unused else ""))
 
 
 def _stock_config_reasons(graph: "StructureGraph", config: Dict[str, Any], model: Path, *, traced_layers: int, cache: bool) -> Dict[str, Optional[str]]:
@@ -317,7 +343,9 @@ def _stock_config_reasons(graph: "StructureGraph", config: Dict[str, Any], model
 
 
 PRUNING_OPTIONS = (
-    click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks."),
+    click.option("--structures", default="heads,mlp", show_default=True, help="Comma list of heads, mlp, hidden, blocks, experts (whole routed experts of MoE layers, with their router rows), expert-channels (intermediate channels inside every expert)."),
+    click.option("--experts", "expert_count", type=click.IntRange(min=0), default=None, help="With experts among --structures: remove exactly this many routed experts in every MoE layer, the rest of the ratio from the other structures."),
+    click.option("--expert-saliency", type=click.Choice(["reap", "frequency", "importance"]), default="reap", show_default=True, help="How whole experts are scored: reap (mean over the tokens routed to an expert of gate weight × norm of its output), frequency (how often it is chosen), importance (the --importance estimator on its weights, e.g. taylor)."),
     click.option("--blocks", "block_count", type=click.IntRange(min=0), default=None, help="With blocks and width structures together: remove this many whole blocks (lowest block influence), the rest of the ratio from widths. Depth speeds up every token step; width usually costs less quality."),
     click.option("--gqa", type=click.Choice(["query-heads", "kv-groups"]), default="query-heads", show_default=True, help="With grouped-query attention, remove query heads inside every KV group, or whole KV groups."),
     click.option("--multiple", type=click.IntRange(min=1), default=None, help="Kept MLP and hidden widths are multiples of this [default: 64 for MLPs of 2048+ channels, else 8]."),
@@ -337,7 +365,7 @@ PRUNING_OPTIONS = (
     click.option("--bias-compensation", is_flag=True, help="FLAP's bias compensation: the input channels o_proj/down_proj lose are replaced by their calibration means, folded into the layers' biases (turning on attention_bias/mlp_bias with zero q/k/v/gate/up biases where the model has none; refused where the stock config cannot hold the bias, with hidden, and with the DeciLM format)."),
     click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint."),
     click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix."),
-    click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj) is fitted to the dense block's output, taking up the drift the blocks before it left."),
+    click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj; BERT's output.dense, before its block's final norm) is fitted to the dense block's output, taking up the drift the blocks before it left."),
     click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers."),
 )
 """The options that say how a model is pruned, shared by ``prune`` and ``sweep`` so that a sweep
@@ -360,7 +388,8 @@ def _prune_options(ratio: float, importance: str, pruning: Dict[str, Any]) -> "P
         samples=pruning["samples"], seq_len=pruning["seq_len"], seed=pruning["seed"], device=pruning["device"], dtype=pruning["dtype"],
         micro_batch=pruning["micro_batch"], activation_memory=pruning["activation_memory"],
         planning="uniform" if pruning["uniform"] else "global", protect=_protection(pruning["protect"]), normalize=pruning["normalize"],
-        layout=pruning["layout"], blocks=pruning["block_count"], bias_compensation=pruning["bias_compensation"],
+        layout=pruning["layout"], blocks=pruning["block_count"], experts=pruning["expert_count"], expert_saliency=pruning["expert_saliency"],
+        bias_compensation=pruning["bias_compensation"],
         reconstruct=pruning["reconstruct"], damping=pruning["damping"], reconstruction_target=pruning["reconstruct_target"],
     )
 
@@ -369,7 +398,7 @@ def _prune_options(ratio: float, importance: str, pruning: Dict[str, Any]) -> "P
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output checkpoint directory (not needed with --dry-run).")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), required=True, help="Fraction of all parameters to remove.")
-@click.option("--importance", default="obs", show_default=True, help="Estimator: obs (OBS: widths from ‖W[:, j]‖²·Σx_j², units chosen by greedy optimal brain surgeon on each layer's pruned inputs while reconstructing; forward passes only), taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap, entropy (Gaussian entropy ½log(2πe·Var) of each unit's channels where they are consumed), head-gate (mean |∂L/∂ξ| of a gate ξ on each head's or channel's output, per sample), bonsai (forward only: calibration losses of 64 sub-models with random units masked, regressed on the masks).")
+@click.option("--importance", default="obs", show_default=True, help="Estimator: obs (OBS: widths from ‖W[:, j]‖²·Σx_j², units chosen by greedy optimal brain surgeon on each layer's pruned inputs while reconstructing; forward passes only), taylor (Σ|w·g|), taylor-vector (|Σw·g|), taylor2 (second order), l1, l2, random, wanda-sp, flap, entropy (Gaussian entropy ½log(2πe·Var) of each unit's channels where they are consumed), head-gate (mean |∂L/∂ξ| of a gate ξ on each head's or channel's output, per sample), bonsai (forward only: calibration losses of 64 sub-models with random units masked, regressed on the masks), lora-grad (LoRAPrune: Σ|W⊙(G_B·A + B·G_A − G_B·G_A)| from the gradients of LoRA adapters on the blocks' linears, no weight gradient formed; with --iterations and --recover-steps, the adapters recovery trained).")
 @pruning_options
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the plan JSON here.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out text: print perplexity (128-token windows) before and after.")
@@ -442,6 +471,17 @@ STAGES = {
     "sparsify": "sparsifying: masks (and SparseGPT's updates) of every linear layer, block by block",
 }
 """What each stage of ``make_plan``'s progress reports is doing, said once when it starts."""
+
+
+def _announce_timing(model: Optional[Path]) -> Callable[[float], None]:
+    """Tells how long ``eval``'s speed section will take, once its first run has been timed."""
+
+    def announce(seconds: float) -> None:
+        minutes, rest = divmod(round(seconds), 60)
+        duration = f"{minutes} min {rest} s" if minutes else f"{rest} s"
+        _say(f"timing {model}: about {duration} (--no-timing skips it; --repeats and --batch-sizes shorten it)")
+
+    return announce
 
 
 def _say(message: str) -> None:
@@ -629,8 +669,8 @@ def eval_command(model: Path, ppl: Optional[Path], windows: Tuple[int, ...], tex
         timing=TimingProtocol(context=context, batch_sizes=_comma_separated(batch_sizes, "--batch-sizes", int), decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, seed=seed),
     )
     before = costs.load_average()
-    measured = evaluate_model(model, options, progress=not as_json)
-    reference = evaluate_model(original, options, progress=not as_json) if original is not None else None
+    measured = evaluate_model(model, options, progress=not as_json, announce_timing=_announce_timing(model))
+    reference = evaluate_model(original, options, progress=not as_json, announce_timing=_announce_timing(original)) if original is not None else None
     load = costs.MachineLoad(before=before, after=costs.load_average(), cpus=costs.usable_cpus())
     busy = load.warning(comparing=reference is not None) if options.measure_speed else None
     if as_json:

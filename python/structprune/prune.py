@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from math import prod
 from pathlib import Path
@@ -26,18 +26,23 @@ from structprune.models.loading import resolve_device
 from structprune.plan.compensation import DECILM_REFUSAL, compensate_biases
 from structprune.plan.compensation import HIDDEN_REFUSAL as HIDDEN_COMPENSATION_REFUSAL
 from structprune.plan.cut_plan import CutPlan
-from structprune.plan.cuts import Selection, checkpoint_cut_plan
+from structprune.plan.cuts import Selection, checkpoint_cut_plan, router_top_k
 from structprune.plan.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, Reconstruction, apply_to_plan, reconstruct, stored_dtype_map
 from structprune.plan.selection import GQA_MODES, NORMALIZATIONS, PLANNINGS, STRUCTURE_CHOICES, Target, default_protection, layer_widths, plan_global, plan_uniform
 from structprune.score.calibration import batch_sha256
 from structprune.score.distributed import Workers, current, joined
 from structprune.score.importance import ESTIMATORS, Importance, estimator
 from structprune.score.journal import Journal, default_directory, run_key
+from structprune.score.lora_probes import adapter_sha256, check_adapter_dir
+from structprune.score.routing import SALIENCIES as ROUTING_SALIENCIES
+from structprune.score.routing import expert_saliency, routing_stats
 from structprune.score.scorer import REDUCTIONS, Scores, score
 from structprune.score.streaming import StreamedModel
 from structprune.tracing.graph import KINDS, StructureGraph, trace
 
 Progress = Callable[[str, int, int], None]
+EXPERT_SALIENCIES = (*ROUTING_SALIENCIES, "importance")
+MOE_STRUCTURES = ("experts", "expert-channels")
 RECONSTRUCTED_DIR = "structprune-reconstructed"
 """Beside a saved plan: the refitted weights it reads (files named by their content's hash)."""
 
@@ -76,6 +81,13 @@ class PruneOptions:
     blocks: Optional[int] = None
     """Whole blocks to remove when ``structures`` combines blocks with widths (the rest of the ratio
     comes from widths); ``None`` when blocks are pruned on their own."""
+    experts: Optional[int] = None
+    """Routed experts to remove in every MoE layer, exactly (the rest of the ratio from the other
+    structures); ``None``: the planner chooses how many."""
+    expert_saliency: str = "reap"
+    """How whole experts are scored (``structprune.score.routing``): ``reap`` (gate weight × output
+    norm over the tokens routed to each expert), ``frequency`` (how often each is chosen), or
+    ``importance`` (the ``importance`` estimator on the experts' weights, e.g. Taylor)."""
     bias_compensation: bool = False
     """FLAP's bias compensation (``structprune.plan.compensation``): the removed input channels of
     o_proj/down_proj (and their equivalents) are replaced by their calibration means, folded into the
@@ -92,6 +104,10 @@ class PruneOptions:
     of their own dense weights on the pruned inputs; ``dense`` (measured best on SmolLM2 at 20% and
     50%), the same except that a layer feeding the residual stream (down_proj) reproduces the dense
     block's output, correcting the drift of the blocks before."""
+    lora_adapter: Optional[Path] = None
+    """With ``lora-grad``: a peft LoRA adapter trained on (and merged into) this checkpoint, whose
+    gradients the estimator reads (``prune --iterations K --recover-steps N`` passes the one each
+    recovery trained); ``None``: fresh random probes."""
 
 
 @dataclass
@@ -138,7 +154,7 @@ def make_plan(
     started = time.perf_counter()
     model_dir = Path(model_dir)
     check_options(options)
-    importance = estimator(options.importance, seed=options.seed)
+    importance = estimator(options.importance, seed=options.seed, lora_adapter=options.lora_adapter)
     reconstruct_ = reconstructs(options)
     graph = trace(model_dir)
     if graph.blocks is None:
@@ -154,6 +170,7 @@ def make_plan(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     scores = _score(model, graph, importance, input_ids, options, workers=workers, resume=resume, progress=progress)
+    scores = _routed_expert_scores(model, graph, scores, input_ids, options, workers=workers, progress=progress)
     selection, target = plan_selection(model_dir, graph, scores, options)
     protect, multiple = target.protect, target.multiple
     metadata = {
@@ -161,6 +178,7 @@ def make_plan(
             "importance": options.importance, "reduction": options.reduction, "planning": options.planning, "structures": list(options.structures),
             "gqa": options.gqa, "multiple": multiple, "protect": list(protect), "normalize": options.normalize, "blocks": options.blocks,
             "reconstruct": reconstruct_,
+            **({"experts": options.experts, "expert_saliency": options.expert_saliency} if "experts" in options.structures else {}),
         },
         "seed": options.seed,
         "target_ratio": options.ratio,
@@ -206,14 +224,14 @@ def plan_selection(model_dir: Union[str, Path], graph: StructureGraph, scores: S
     protect = options.protect
     if protect is None:
         protect = default_protection(graph.blocks.count) if options.planning == "global" else (0, 0)
+    config = read_config(Path(model_dir)) or {}
     target = Target(
         ratio=options.ratio, structures=tuple(options.structures), gqa=options.gqa,
         multiple=options.multiple or default_multiple(graph), protect=protect, normalize=options.normalize,
-        blocks=options.blocks,
+        blocks=options.blocks, experts=options.experts, min_experts=router_top_k(config),
     )
     if options.planning == "global":
         return plan_global(graph, scores, target), target
-    config = read_config(Path(model_dir)) or {}
     heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
     return plan_uniform(graph, scores, target, heads, hidden), target
@@ -226,6 +244,8 @@ def reconstructs(options: PruneOptions) -> bool:
         return options.reconstruct
     if tuple(options.structures) == ("blocks",):
         return False  # no layer loses inputs: nothing to refit
+    if any(s in MOE_STRUCTURES for s in options.structures):
+        return False  # stacked expert weights are no nn.Linear to refit (_check_experts)
     if options.calib is None and options.importance != "obs":
         return False  # nothing to fit on; a data-free estimator still prunes
     if options.importance == "obs":
@@ -239,7 +259,9 @@ def check_options(options: PruneOptions) -> None:
     takes (``make_plan`` calls it first; the CLI before it loads anything)."""
     if not 0 < options.ratio < 1:
         _refuse("--ratio", f"must be between 0 and 1, got {options.ratio}")
-    estimator(options.importance, seed=options.seed)
+    estimator(options.importance, seed=options.seed, lora_adapter=options.lora_adapter)
+    if options.lora_adapter is not None:
+        check_adapter_dir(Path(options.lora_adapter))
     unknown = [s for s in options.structures if s not in STRUCTURE_CHOICES]
     if unknown or not options.structures:
         _refuse("--structures", f"{', '.join(map(repr, unknown)) or 'nothing'} given; choose from {', '.join(STRUCTURE_CHOICES)}")
@@ -262,16 +284,46 @@ def check_options(options: PruneOptions) -> None:
         _refuse("--protect", f"block counts must be at least 0, got {options.protect}")
     if options.blocks is not None and (options.blocks < 0 or "blocks" not in options.structures):
         _refuse("--blocks", f"removes whole blocks: it needs blocks among --structures and a count of at least 0, got {options.blocks} with {','.join(options.structures)}")
+    _check_experts(options)
     _check_combinations(options)
+
+
+def _check_experts(options: PruneOptions) -> None:
+    """The MoE options: ``--experts`` needs experts among the structures; expert structures are
+    scored from their weights or the routing, not from nn.Linear activations (the stacked expert
+    weights have no linear layer to hook), and not refitted (reconstruction refits nn.Linear layers)."""
+    if options.experts is not None and (options.experts < 0 or "experts" not in options.structures):
+        _refuse("--experts", f"removes routed experts: it needs experts among --structures and a count of at least 0, got {options.experts} with {','.join(options.structures)}")
+    if options.expert_saliency not in EXPERT_SALIENCIES:
+        _refuse("--expert-saliency", f"must be one of {', '.join(EXPERT_SALIENCIES)}, got {options.expert_saliency!r}")
+    moe = [s for s in options.structures if s in MOE_STRUCTURES]
+    if not moe:
+        return
+    importance = ESTIMATORS[options.importance]
+    if importance.reselects:
+        _refuse("--importance", (
+            f"'{options.importance}'{' (the default)' if options.importance == 'obs' else ''} chooses units while reconstructing, "
+            f"and stacked expert weights ({', '.join(moe)}) are not reconstructed: pass --importance taylor (or taylor2, l1, l2…)"
+        ))
+    scored_by_weights = "expert-channels" in moe or options.expert_saliency == "importance"
+    if scored_by_weights and (importance.needs_activations or importance.perturbs or importance.gates or importance.adapts):
+        _refuse("--importance", (
+            f"'{options.importance}' scores units from the inputs of nn.Linear layers, and stacked expert weights "
+            f"({', '.join(moe)}) have none: pass --importance taylor, taylor-vector, taylor2, l1, l2 or random"
+            + ("" if "expert-channels" in moe else ", or score whole experts by the routing (--expert-saliency reap or frequency)")
+        ))
+    if reconstructs(options):
+        _refuse("--reconstruct", f"reconstruction refits nn.Linear layers, and the stacked expert weights ({', '.join(moe)}) are none: pass --no-reconstruct")
 
 
 def needs_calibration(options: PruneOptions) -> bool:
     """Whether ``options`` need calibration text (gradients, activations, sub-model losses, block
     influence, means or reconstruction all come from it)."""
     importance = ESTIMATORS[options.importance]
+    routed = "experts" in options.structures and options.expert_saliency in ROUTING_SALIENCIES
     return bool(
         importance.needs_gradients or importance.needs_activations or importance.perturbs or "blocks" in options.structures or options.bias_compensation
-        or reconstructs(options)
+        or reconstructs(options) or routed
     )
 
 
@@ -282,6 +334,8 @@ def _check_combinations(options: PruneOptions) -> None:
             _refuse("--bias-compensation", HIDDEN_COMPENSATION_REFUSAL)
         if options.layout == "decilm":
             _refuse("--bias-compensation", DECILM_REFUSAL)
+    if ESTIMATORS[options.importance].adapts and "hidden" in options.structures:
+        _refuse("--structures", f"importance '{options.importance}' reads LoRA adapters on the blocks' linear layers; hidden channels also live in the embeddings and head, which carry none: leave hidden out")
     if ESTIMATORS[options.importance].reselects and tuple(options.structures) != ("blocks",):  # blocks go by Block Influence
         unsupported = [why for why, present in (
             ("--no-reconstruct", not reconstruct_), ("hidden channels", "hidden" in options.structures),
@@ -425,13 +479,37 @@ def _score(
     if resume is False:
         return scored()
     key = run_key(
-        model.model_dir, calibration_sha256=batch_sha256(input_ids), importance=options.importance, seed=options.seed,
+        model.model_dir, calibration_sha256=batch_sha256(input_ids), seed=options.seed,
+        importance=options.importance if options.lora_adapter is None else f"{options.importance}@{adapter_sha256(options.lora_adapter)}",
         micro_batch=options.micro_batch, dtype=options.dtype, device=str(model.device), processes=workers.world_size,
         kinds=kinds, input_means=options.bias_compensation,
     )
     directory = default_directory(key) if resume is True else Path(resume)
     with Journal(directory, key, workers) as journal:
         return scored(journal=journal)
+
+
+def _routed_expert_scores(
+    model: StreamedModel,
+    graph: StructureGraph,
+    scores: Scores,
+    input_ids: Optional[torch.Tensor],
+    options: PruneOptions,
+    *,
+    workers: Workers,
+    progress: Optional[Progress],
+) -> Scores:
+    """``scores`` with whole experts scored by the routing (``--expert-saliency reap`` or
+    ``frequency``: one more streamed forward pass) instead of the estimator."""
+    if "experts" not in options.structures or options.expert_saliency not in ROUTING_SALIENCIES or not graph.by_kind("experts"):
+        return scores
+    assert input_ids is not None  # needs_calibration asks for it
+    share = input_ids[workers.share(input_ids.shape[0])]
+    stats = routing_stats(
+        model, graph, share, micro_batch=options.micro_batch, activation_memory=options.activation_memory, workers=workers, progress=progress,
+    )
+    units = {**scores.units, **expert_saliency(graph, stats, options.expert_saliency)}
+    return replace(scores, units=units)
 
 
 def _calibration(model_dir: Path, options: PruneOptions) -> tuple:

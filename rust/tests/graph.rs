@@ -1,4 +1,4 @@
-//! The graph rules on golden traced graphs: the IR the tracer gives for tiny configs of four
+//! The graph rules on golden traced graphs: the IR the tracer gives for tiny configs of five
 //! architectures (rust/tests/data/graphs/*.ir.json, written by tests/golden_graphs.py, which
 //! tests/test_golden_graphs.py keeps current), so that the rules are tested here without Python.
 //!
@@ -71,7 +71,7 @@ fn check_golden(name: &str) {
 
 #[test]
 fn structures_are_the_golden_ones() {
-    for name in ["llama", "gpt2", "gpt_neox", "opt"] {
+    for name in ["llama", "gpt2", "gpt_neox", "opt", "mixtral"] {
         check_golden(name);
     }
 }
@@ -112,7 +112,7 @@ fn structures_are_tagged_with_their_format() {
 
 #[test]
 fn every_op_of_the_golden_graphs_has_a_rule_and_only_embeddings_heads_dims_and_outputs_are_pinned() {
-    for name in ["llama", "gpt2", "gpt_neox", "opt"] {
+    for name in ["llama", "gpt2", "gpt_neox", "opt", "mixtral"] {
         let set = build(name);
         let unexpected: Vec<&PinnedDim> = set
             .pinned
@@ -266,4 +266,38 @@ fn opt_heads_mlp_and_hidden_survive_the_flattened_mlp() {
     assert!(has_member(hidden, &l("fc1.weight"), 1) && has_member(hidden, &l("fc2.weight"), 0));
     assert!(has_member(hidden, "model.decoder.embed_positions.weight", 1));
     assert_eq!(pinned_for(&set, "model.decoder.embed_positions.weight"), [(0, EMBEDDING_ROWS)]);
+}
+
+#[test]
+fn mixtral_routed_experts_and_their_channels_are_structures_and_keep_heads_and_hidden() {
+    let set = build("mixtral");
+    for layer in 0..3 {
+        assert_eq!(kinds_in(&set, Some(layer)), [Kind::KvGroups, Kind::QueryHeads, Kind::Experts, Kind::ExpertChannels], "layer {layer}");
+    }
+    let l = |p: &str| format!("model.layers.2.mlp.{p}");
+    let experts = only(&set, Kind::Experts, Some(2));
+    assert_eq!(experts.units, 4);
+    assert_eq!(
+        experts.members,
+        [
+            member(&l("experts.down_proj"), 0, 0, 1, &[]),
+            member(&l("experts.gate_up_proj"), 0, 0, 1, &[]),
+            member(&l("gate.weight"), 0, 0, 1, &[])
+        ]
+    );
+    assert_eq!(experts.unit_params, 48 * 16 + 16 * 24 + 16);
+    assert!(experts.notes.iter().any(|n| n.ends_with("the softmax renormalises over the experts that stay")), "{:?}", experts.notes);
+    let channels = only(&set, Kind::ExpertChannels, Some(2));
+    assert_eq!(
+        channels.members,
+        [
+            member(&l("experts.down_proj"), 2, 0, 1, &[]),
+            member(&l("experts.gate_up_proj"), 1, 0, 1, &[]),
+            member(&l("experts.gate_up_proj"), 1, 24, 1, &[])
+        ]
+    );
+    let hidden = only(&set, Kind::Hidden, None);
+    for (param, dim) in [("experts.gate_up_proj", 2), ("experts.down_proj", 1), ("gate.weight", 1)] {
+        assert!(has_member(hidden, &l(param), dim), "{param} dim {dim}");
+    }
 }

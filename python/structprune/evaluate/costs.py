@@ -51,7 +51,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -144,21 +144,30 @@ def attention_query_widths(model: nn.Module) -> List[int]:
 
 
 def measure_throughput(
-    model: nn.Module, protocol: TimingProtocol, *, progress: bool = False
+    model: nn.Module, protocol: TimingProtocol, *, progress: bool = False, announce: Optional[Callable[[float], None]] = None
 ) -> List[Throughput]:
-    """Prefill and decode speed and peak memory at each batch size of ``protocol``."""
+    """Prefill and decode speed and peak memory at each batch size of ``protocol``. ``announce``
+    is called once, after the first run, with the seconds the whole measurement should take
+    (:func:`timing_estimate`)."""
     _check_protocol(model, protocol)
     generator = torch.Generator().manual_seed(protocol.seed)
-    results = []
+    results: List[Throughput] = []
     was_training = model.training
     model.eval()
+    runs = protocol.warmup + protocol.repeats
     try:
         for batch in tqdm(protocol.batch_sizes, desc="timing", unit="batch size", disable=not progress):
             prompt = random_prompt(model, batch, protocol.context, generator)
             with _peak_memory(model, prompt.device) as peak:
-                runs = protocol.warmup + protocol.repeats
-                prefill = statistics.median([prefill_seconds(model, prompt) for _ in range(runs)][protocol.warmup :])
-                decode = statistics.median([decode_seconds_per_token(model, prompt, protocol.decode_tokens) for _ in range(runs)][protocol.warmup :])
+                prefills, decodes = [], []
+                for run in range(runs):
+                    started = time.perf_counter()
+                    prefills.append(prefill_seconds(model, prompt))
+                    decodes.append(decode_seconds_per_token(model, prompt, protocol.decode_tokens))
+                    if announce is not None and not results and run == 0:
+                        announce(timing_estimate(protocol, time.perf_counter() - started))
+                prefill = statistics.median(prefills[protocol.warmup :])
+                decode = statistics.median(decodes[protocol.warmup :])
             results.append(
                 Throughput(
                     batch=batch,
@@ -173,6 +182,15 @@ def measure_throughput(
     finally:
         model.train(was_training)
     return results
+
+
+def timing_estimate(protocol: TimingProtocol, first_run_seconds: float) -> float:
+    """Seconds all of ``protocol``'s runs should take, from the first run at its first batch size:
+    every run costs as much, scaled by its batch size over the first (linear in the batch, as the
+    prefill's matrix products are on a CPU; decode grows more slowly, so this errs long)."""
+    first = protocol.batch_sizes[0]
+    runs = protocol.warmup + protocol.repeats
+    return first_run_seconds * runs * sum(batch / first for batch in protocol.batch_sizes)
 
 
 def random_prompt(model: nn.Module, batch: int, context: int, generator: torch.Generator) -> torch.Tensor:
@@ -331,6 +349,7 @@ __all__ = [
     "decode_seconds_per_token",
     "macs_per_token",
     "measure_throughput",
+    "timing_estimate",
     "prefill_seconds",
     "random_prompt",
     "weight_bytes",

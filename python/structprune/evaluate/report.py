@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -96,8 +96,11 @@ class ModelEvaluation:
         }
 
 
-def evaluate_model(model_dir: Path, options: EvalOptions, *, progress: bool = False) -> ModelEvaluation:
-    """Loads the model in ``model_dir`` and measures everything ``options`` asks for."""
+def evaluate_model(
+    model_dir: Path, options: EvalOptions, *, progress: bool = False, announce_timing: Optional[Callable[[float], None]] = None
+) -> ModelEvaluation:
+    """Loads the model in ``model_dir`` and measures everything ``options`` asks for;
+    ``announce_timing`` gets the seconds the speed measurement should take, after its first run."""
     model = load_model(model_dir, dtype=options.dtype, device=options.device)
     try:
         needs_tokenizer = options.ppl is not None or bool(options.tasks)
@@ -116,7 +119,7 @@ def evaluate_model(model_dir: Path, options: EvalOptions, *, progress: bool = Fa
 
             assert tokenizer is not None
             tasks = run_tasks(model, tokenizer, options.tasks, batch_size=options.batch_size, task_path=options.task_path, limit=options.limit)
-        throughput = measure_throughput(model, options.timing, progress=progress) if options.measure_speed else []
+        throughput = measure_throughput(model, options.timing, progress=progress, announce=announce_timing) if options.measure_speed else []
         return ModelEvaluation(
             model=str(model_dir),
             device=str(next(model.parameters()).device),

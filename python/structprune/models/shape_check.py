@@ -66,25 +66,40 @@ def check_output_shapes(model_dir: Path, plan_config: Mapping[str, Any], tensors
     layout = f" with per-layer widths ({formats.LAYERS_KEY})" if edited.get(formats.LAYERS_KEY) is not None else ""
     expected, aliases = _expected_shapes(model)
     from structprune.errors import TraceError
-    from structprune.tracing.export import model_name_map
+    from structprune.tracing.export import name_layout
 
     try:
-        names = model_name_map(model, [t.name for t in tensors])
+        names_on_load = name_layout(model, [t.name for t in tensors])
+        had_layout = name_layout(model, list(read_checkpoint(model_dir).tensors))
     except TraceError as err:
         return skipped(str(err))
     written: Set[str] = set()
+    experts_written: Dict[Tuple[str, int], Set[int]] = {}
     for tensor in tensors:
-        name = names[tensor.name]
+        piece = names_on_load.experts.get(tensor.name)
+        name = piece.param if piece is not None else names_on_load.renamed[tensor.name]
         written.add(name)
         want = expected.get(name)
+        if piece is not None and want is not None:
+            # One expert's slice of the stacked parameter; an expert number past the config's
+            # count would be left out on load.
+            if piece.expert >= want[0]:
+                _refuse(plan_name, tensor.name, f"tensor '{tensor.name}' is expert {piece.expert}, but the output's config.json builds {want[0]} experts ({class_name})")
+            want = (want[1] // piece.segments, *want[2:])
+            experts_written.setdefault((name, piece.segment), set()).add(piece.expert)
         if want is not None and tuple(want) != tuple(tensor.shape):
             _refuse(
                 plan_name, tensor.name,
                 f"tensor '{tensor.name}' would be {list(tensor.shape)} but the output's config.json builds it as {list(want)} "
                 f"({class_name}, model_type {model_type!r})",
             )
+    for (name, segment), experts in sorted(experts_written.items()):
+        count = expected[name][0]
+        missing = sorted(set(range(count)) - experts)
+        if missing:
+            _refuse(plan_name, name, f"the output lacks expert {missing[0]} of '{name}' (part {segment + 1}), which its config.json's {count} experts need ({class_name})")
     # A weight the input lacks already is no fault of the plan (transformers reports it on load).
-    had = set(model_name_map(model, list(read_checkpoint(model_dir).tensors)).values())
+    had = set(had_layout.renamed.values()) | {piece.param for piece in had_layout.experts.values()}
     for name in aliases:
         if name in had and name not in written and not (aliases[name] & written):
             _refuse(plan_name, name, f"the output lacks tensor '{name}', which its config.json needs ({class_name}, model_type {model_type!r})")

@@ -23,10 +23,16 @@ from structprune.models.meta import config_class, meta_model_of
 from structprune.errors import PlanError
 from structprune.tracing.graph import StructureGraph
 from structprune.plan.cut_plan import CutPlan, TensorCut
+from structprune.tracing.export import ExpertPiece
 
 # Config keys that hold an MLP width, by model family (DistilBERT: hidden_dim); the one whose value
 # matches the structure wins.
-CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "hidden_dim")
+CHANNEL_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "hidden_dim", "shared_expert_intermediate_size")
+# Mixture of experts: the key holding the number of routed experts, and the one holding an expert's
+# width (Mixtral and OLMoE call it intermediate_size, having no dense MLP), matched by value.
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_CHANNEL_KEYS = ("moe_intermediate_size", "intermediate_size")
+TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
 
 
 @dataclass
@@ -47,6 +53,7 @@ def cut_plan(
     tensor_names: Iterable[str],
     *,
     model_names: Optional[Mapping[str, str]] = None,
+    expert_pieces: Optional[Mapping[str, ExpertPiece]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     verify: bool = True,
     layout: str = "stock",
@@ -55,10 +62,12 @@ def cut_plan(
     checkpoint format ``layout`` (``structprune.models.formats``: stock, decilm, layers or auto).
 
     ``model_names`` maps checkpoint names to the model's state-dict names where transformers renames
-    keys on load (``tracing.checkpoint_name_map``); the plan is written in checkpoint names.
+    keys on load (``tracing.checkpoint_name_map``); ``expert_pieces`` the per-expert tensors it
+    stacks into one parameter (``tracing.checkpoint_layout``). The plan is written in checkpoint names.
     """
     names = sorted(set(tensor_names))
-    to_model = {name: (model_names or {}).get(name, name) for name in names}
+    pieces = dict(expert_pieces or {})
+    to_model = {name: (model_names or {}).get(name, name) for name in names if name not in pieces}
     _validate(graph, selection)
     removed = removed_indices(graph, selection)
     dropped_layers = set(selection.blocks)
@@ -66,19 +75,24 @@ def cut_plan(
     plan = CutPlan(metadata=dict(metadata or {}))
     shared: Dict[Tuple[int, ...], str] = {}
     for name in names:
-        model_name = to_model[name]
+        piece = pieces.get(name)
+        model_name = piece.param if piece is not None else to_model[name]
         source = graph.tied.get(model_name, model_name)
         layer = _layer_of(graph, model_name)
         if layer is not None and layer in dropped_layers:
             plan.tensors[name] = TensorCut(drop=True)
             continue
-        cut = TensorCut()
-        for dim, gone in sorted(removed.get(source, {}).items()):
-            size = graph.params[source][dim]
-            kept = tuple(int(i) for i in np.setdiff1d(np.arange(size), np.fromiter(gone, dtype=np.int64)))
-            cut.keep[dim] = _shared_set(kept, shared, plan)
+        if piece is not None:
+            cut = _expert_piece_cut(name, piece, graph.params[source], removed.get(source, {}), shared, plan)
+        else:
+            cut = TensorCut()
+            for dim, gone in sorted(removed.get(source, {}).items()):
+                cut.keep[dim] = _shared_set(_kept(graph.params[source][dim], gone), shared, plan)
+        if cut.drop:
+            plan.tensors[name] = cut
+            continue
         if layer is not None and new_layer[layer] != layer:
-            cut.rename = _renumber(graph, name, layer, new_layer[layer])
+            cut.rename = _renumber(graph, cut.rename or name, layer, new_layer[layer])
         if cut.keep or cut.rename:
             plan.tensors[name] = cut
     plan.config, chosen = _config_patch(graph, config, selection, layout, verify=verify)
@@ -86,8 +100,50 @@ def cut_plan(
         plan.files = formats.decilm_files()
     plan.metadata.setdefault("format", chosen)
     if verify:
-        _verify_with_head_dim(config, plan.config, lambda: verify_config(graph, config, plan, to_model, dropped_layers))
+        stacked = _stacked_shapes(graph, pieces, removed)
+        _verify_with_head_dim(config, plan.config, lambda: verify_config(graph, config, plan, to_model, dropped_layers, stacked=stacked))
     return plan
+
+
+def _kept(size: int, gone: Iterable[int]) -> Tuple[int, ...]:
+    return tuple(int(i) for i in np.setdiff1d(np.arange(size), np.fromiter(gone, dtype=np.int64)))
+
+
+def _expert_piece_cut(
+    name: str, piece: ExpertPiece, fused_shape: Tuple[int, ...], removed: Mapping[int, Set[int]], shared: Dict[Tuple[int, ...], str], plan: CutPlan
+) -> TensorCut:
+    """The cut of one per-expert checkpoint tensor, given what is removed from the stacked
+    parameter it is loaded into (``fused_shape``, dimension 0 the experts): dropped with its
+    expert, renamed to its expert's new number (the experts after a removed one move down, as the
+    stacked parameter's rows do), its rows and columns cut where the stacked dimensions 1 and 2 are
+    (dimension 1 only inside this piece's segment of the fused gate/up rows)."""
+    gone_experts = removed.get(0, set())
+    if piece.expert in gone_experts:
+        return TensorCut(drop=True)
+    cut = TensorCut()
+    expert = piece.expert - sum(1 for e in gone_experts if e < piece.expert)
+    if expert != piece.expert:
+        cut.rename = piece.renamed(name, expert)
+    for dim, gone in sorted(removed.items()):
+        if dim == 0:
+            continue
+        size, start = fused_shape[dim], 0
+        if dim == 1:
+            size = fused_shape[1] // piece.segments
+            start = piece.offset(fused_shape[1])
+        local = [i - start for i in gone if start <= i < start + size]
+        if local:
+            cut.keep[dim - 1] = _shared_set(_kept(size, local), shared, plan)
+    return cut
+
+
+def _stacked_shapes(graph: StructureGraph, pieces: Mapping[str, ExpertPiece], removed: Mapping[str, Mapping[int, Set[int]]]) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of the stacked expert parameters the cut pieces load into (by model name)."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for param in {piece.param for piece in pieces.values()}:
+        gone = removed.get(param, {})
+        shapes[param] = tuple(size - len(gone.get(dim, ())) for dim, size in enumerate(graph.params[param]))
+    return shapes
 
 
 def _verify_with_head_dim(config: Mapping[str, Any], patch: Dict[str, Any], verify: Callable[[], None]) -> None:
@@ -99,7 +155,8 @@ def _verify_with_head_dim(config: Mapping[str, Any], patch: Dict[str, Any], veri
         return
     except PlanError as first:
         head_dim = _head_dim(config)
-        if head_dim is None or "head_dim" in patch or "head_dim" in config or not patch:
+        # A config stating head_dim null (Mixtral's) derives it, like one without the key.
+        if head_dim is None or "head_dim" in patch or config.get("head_dim") is not None or not patch:
             raise
         patch["head_dim"] = head_dim
         try:
@@ -257,6 +314,7 @@ def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selecti
     channels = _remaining_per_layer(graph, "channels", selection, dropped)
     if channels:
         widths.set(_channel_key(config, graph.by_kind("channels")[0].units), "channels", graph.by_kind("channels")[0].units, channels)
+    _expert_widths(graph, config, selection, widths)
     hidden = graph.by_kind("hidden")
     if hidden and selection.units.get(hidden[0].id):
         widths.uniform[keys["hidden_size"]] = hidden[0].units - len(selection.units[hidden[0].id])
@@ -270,10 +328,60 @@ def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selecti
     return widths
 
 
+def _expert_widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, widths: _Widths) -> None:
+    """The expert count and expert width the selection leaves, into ``widths``. Fewer experts
+    than the router's top-k is refused: every token must still find k experts."""
+    dropped = set(selection.blocks)
+    experts = _remaining_per_layer(graph, "experts", selection, dropped)
+    if experts:
+        before = graph.by_kind("experts")[0].units
+        widths.set(_moe_key(config, EXPERT_KEYS, before, "number of experts"), "experts", before, experts)
+        top_k = router_top_k(config)
+        if min(experts.values()) < top_k:
+            layer = min(experts, key=lambda layer: experts[layer])
+            raise PlanError(
+                f"removing experts leaves {experts[layer]} in layer {layer}, fewer than the {top_k} the router picks per token "
+                f"(num_experts_per_tok): keep at least {top_k} experts in every layer"
+            )
+    channels = _remaining_per_layer(graph, "expert_channels", selection, dropped)
+    if channels:
+        before = graph.by_kind("expert_channels")[0].units
+        widths.set(_moe_key(config, EXPERT_CHANNEL_KEYS, before, "expert width"), "expert_channels", before, channels)
+
+
+def router_top_k(config: Mapping[str, Any]) -> int:
+    """How many experts the router picks per token (1 where the config does not say)."""
+    return next((int(config[key]) for key in TOP_K_KEYS if isinstance(config.get(key), int)), 1)
+
+
+def _moe_key(config: Mapping[str, Any], keys: Tuple[str, ...], value: int, what: str) -> str:
+    for key in keys:
+        if config.get(key) == value:
+            return key
+    raise PlanError(f"cannot find the config key holding the {what} {value} (looked for {', '.join(keys)})")
+
+
+# A stock MoE config has one expert count and one expert width for all layers.
+NON_UNIFORM_EXPERTS = (
+    "the stock {model_type} config holds one {key} for every layer, this selection leaves {detail}; "
+    "remove the same number in every layer: plan without --global (uniform), or set the count with --experts N"
+)
+
+
+def _refuse_non_uniform_experts(config: Mapping[str, Any], widths: _Widths) -> None:
+    """Per-layer expert counts or widths: no format structprune writes loads them (the layers
+    format rebuilds dense MLPs), so they are refused whatever the layout, naming the options."""
+    for key, kind in widths.kinds.items():
+        if kind in ("experts", "expert_channels"):
+            detail = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(widths.remaining[key].items(), key=lambda kv: kv[0] or 0))
+            raise PlanError(NON_UNIFORM_EXPERTS.format(model_type=config.get("model_type"), key=key, detail=detail))
+
+
 def _config_patch(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, layout: str, *, verify: bool = True) -> Tuple[Dict[str, Any], str]:
     """The config merge patch and the format it is written in (``structprune.models.formats``);
     without ``verify``, a stock patch is written even where no stock config can hold the cut."""
     widths = _widths(graph, config, selection)
+    _refuse_non_uniform_experts(config, widths)
     head_key = _key_names(config)["num_attention_heads"]
     per_layer = widths.per_layer
     patch = dict(widths.uniform)
@@ -334,11 +442,21 @@ def _channel_key(config: Mapping[str, Any], units: int) -> str:
 
 
 def planned_shapes(
-    graph: StructureGraph, plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
+    graph: StructureGraph,
+    plan: CutPlan,
+    to_model: Mapping[str, str],
+    dropped_layers: Set[int],
+    *,
+    stacked: Optional[Mapping[str, Tuple[int, ...]]] = None,
 ) -> Dict[str, Tuple[int, ...]]:
     """Output shapes of ``plan`` by the model's state-dict names (tied aliases take their source's
-    shape). Tensors the plan adds are named as in the output already, in ``to_model`` as well."""
+    shape). Tensors the plan adds are named as in the output already, in ``to_model`` as well;
+    ``stacked`` gives the shapes of stacked expert parameters (written as per-expert pieces)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
+    for param, stacked_shape in (stacked or {}).items():
+        layer = _layer_of(graph, param)
+        if layer is None or layer not in dropped_layers:
+            shapes[output_name(graph, param, dropped_layers)] = stacked_shape
     for name, model_name in to_model.items():
         cut = plan.tensors.get(name, TensorCut())
         if cut.add is not None:
@@ -365,10 +483,17 @@ def output_name(graph: StructureGraph, model_name: str, dropped_layers: Set[int]
 
 
 def verify_config(
-    graph: StructureGraph, config: Mapping[str, Any], plan: CutPlan, to_model: Mapping[str, str], dropped_layers: Set[int]
+    graph: StructureGraph,
+    config: Mapping[str, Any],
+    plan: CutPlan,
+    to_model: Mapping[str, str],
+    dropped_layers: Set[int],
+    *,
+    stacked: Optional[Mapping[str, Tuple[int, ...]]] = None,
 ) -> None:
     """Raises ``PlanError`` unless the edited config implies exactly the shapes the plan writes."""
-    _check_shapes(graph, merge_patch(dict(config), plan.config), planned_shapes(graph, plan, to_model, dropped_layers))
+    produced = planned_shapes(graph, plan, to_model, dropped_layers, stacked=stacked)
+    _check_shapes(graph, merge_patch(dict(config), plan.config), produced)
 
 
 def _check_shapes(graph: StructureGraph, edited: Mapping[str, Any], produced: Mapping[str, Tuple[int, ...]]) -> None:
@@ -515,8 +640,12 @@ def checkpoint_cut_plan(
     """``cut_plan`` for a checkpoint directory: its tensor names, its config.json, and the renames
     transformers applies to its keys on load."""
     from structprune.io.checkpoint import read_checkpoint, read_config
-    from structprune.tracing.export import checkpoint_name_map
+    from structprune.tracing.export import checkpoint_layout
 
     names = list(read_checkpoint(model_dir).tensors)
     config = read_config(Path(model_dir)) or {}
-    return cut_plan(graph, config, selection, names, model_names=checkpoint_name_map(model_dir, names), metadata=metadata, layout=layout)
+    names_on_load = checkpoint_layout(model_dir, names)
+    return cut_plan(
+        graph, config, selection, names,
+        model_names=names_on_load.renamed, expert_pieces=names_on_load.experts, metadata=metadata, layout=layout,
+    )

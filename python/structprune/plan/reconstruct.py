@@ -18,7 +18,10 @@ block's output (down_proj of a pre-norm block: probed, not assumed), another out
 same pruned inputs, ``W_K' = Y X_Kᵀ (G[K, K] + λI)⁻¹``: the layer's own output plus whatever the
 pruned block's output still misses of the dense block's output. The dense model runs beside the
 pruned one, block by block on its own hidden states (the loaded block, before its refit), so the
-layer also cancels the drift in the residual stream that the blocks before left. Only sums are
+layer also cancels the drift in the residual stream that the blocks before left. In a post-norm
+block (BERT's ``output.dense``: the block's output is ``LayerNorm(residual + dense(h))``, also
+probed) the same is done before the norm: ``Y`` is the layer's output plus what the norm's input
+misses of a preimage of the dense block's output (``_norm_preimage``). Only sums are
 kept: ``G``, ``Y Xᵀ`` and ``‖Y‖²``. Other layers keep the ``layer`` target (see ``TARGETS``).
 
 The blocks are reconstructed one after another on the inputs that the already pruned and
@@ -197,8 +200,9 @@ default): the same, except for a layer whose output is added unchanged to its bl
 (down_proj of a pre-norm block, both projections of a parallel block: found by a probe,
 ``_adds_to_block_output``), which is fitted to its own output plus what the pruned block's output
 still misses of the dense block's, so that it also takes up the drift that the pruned blocks
-before left in the residual stream. (Fitting the other layers to their outputs in the dense
-model as well was measured and lost: docs/benchmarks.md.)"""
+before left in the residual stream; and a layer whose output is added to the input of a post-norm
+block's final LayerNorm (``_final_norm``), fitted likewise before the norm. (Fitting the other
+layers to their outputs in the dense model as well was measured and lost: docs/benchmarks.md.)"""
 
 
 @dataclass
@@ -219,9 +223,13 @@ class _Statistics:
 
 
 @contextmanager
-def _captured_inputs(module: nn.Module) -> Iterator[List[torch.Tensor]]:
-    """The first positional input of every call of ``module`` while the context is open."""
+def _captured_inputs(module: Optional[nn.Module]) -> Iterator[List[torch.Tensor]]:
+    """The first positional input of every call of ``module`` while the context is open (none
+    without a module)."""
     seen: List[torch.Tensor] = []
+    if module is None:
+        yield seen
+        return
     handle = module.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0].detach()))
     try:
         yield seen
@@ -412,10 +420,11 @@ def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch
     weight) over every calibration micro-batch, for ``target``."""
     module = model.block.get_submodule(path)
     residual = target == "dense" and _adds_to_block_output(model, index, module, streams)
+    norm = _final_norm(model, index, module, streams) if target == "dense" and not residual else None
     w = weight.double()
     total: Optional[_Statistics] = None
     for m, (args, kwargs) in enumerate(streams.block_args):
-        with _captured_inputs(module) as seen:
+        with _captured_inputs(module) as seen, _captured_inputs(norm) as summed:
             output = model.run_block(streams.pruned.get((index, m), model.device), args, kwargs)
         if not seen:
             raise PlanError(f"reconstruction: the layer '{path}' of block {index} never ran on the calibration data")
@@ -424,6 +433,11 @@ def _layer_statistics(model: StreamedModel, index: int, path: str, weight: torch
         if residual:  # this layer's output plus what the whole block still misses
             assert streams.dense is not None
             y = x @ w.T + _rows(streams.dense.get((index + 1, m), model.device) - output)
+            part.cross, part.energy = y.T @ x, (y * y).sum()
+        elif norm is not None:  # the same before a post-norm block's final norm (see _norm_preimage)
+            assert streams.dense is not None
+            z = _rows(summed[0])
+            y = x @ w.T + _norm_preimage(norm, z, _rows(streams.dense.get((index + 1, m), model.device))) - z
             part.cross, part.energy = y.T @ x, (y * y).sum()
         if total is None:
             total = part
@@ -442,15 +456,8 @@ def _adds_to_block_output(model: StreamedModel, index: int, module: nn.Module, s
     args, kwargs = streams.block_args[0]
     hidden = streams.pruned.get((index, 0), model.device)
     base = model.run_block(hidden, args, kwargs)
-    generator = torch.Generator().manual_seed(index)
     shifts: List[torch.Tensor] = []
-
-    def shift(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        scale = float(output.detach().float().abs().mean()) or 1.0
-        shifts.append((torch.randn(output.shape, generator=generator) * scale).to(output))
-        return output + shifts[-1]
-
-    handle = module.register_forward_hook(shift)
+    handle = module.register_forward_hook(_random_shift(index, shifts))
     try:
         moved = model.run_block(hidden, args, kwargs)
     finally:
@@ -458,8 +465,84 @@ def _adds_to_block_output(model: StreamedModel, index: int, module: nn.Module, s
     if len(shifts) != 1 or shifts[0].numel() != base.numel():
         return False
     added = shifts[0].reshape(base.shape)  # OPT runs its MLP on [tokens, hidden], not [batch, seq, hidden]
+    return _moved_by(base, moved, added)
+
+
+def _random_shift(seed: int, shifts: List[torch.Tensor]) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor]:
+    """A forward hook adding a random shift, of the output's own scale, to a module's output; each
+    shift is appended to ``shifts``."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def shift(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        scale = float(output.detach().float().abs().mean()) or 1.0
+        shifts.append((torch.randn(output.shape, generator=generator) * scale).to(output))
+        return output + shifts[-1]
+
+    return shift
+
+
+def _moved_by(base: torch.Tensor, moved: torch.Tensor, added: torch.Tensor) -> bool:
+    """Whether ``moved`` is ``base + added`` up to rounding."""
     rounding = 8 * torch.finfo(base.dtype).eps * float(base.abs().max())
     return float((moved - base - added).abs().max()) <= 1e-3 * float(added.abs().max()) + rounding
+
+
+def _final_norm(model: StreamedModel, index: int, module: nn.Module, streams: _Streams) -> Optional[nn.LayerNorm]:
+    """The LayerNorm that ends a post-norm block, when ``module``'s output is added unchanged to
+    the sum it normalises (BERT's ``output.dense``: the block's output is
+    ``LayerNorm(residual + dense(h))``); ``None`` otherwise. Probed as ``_adds_to_block_output``
+    is: with a random shift added to the module's output on the first micro-batch, the norm's input
+    must move by exactly that shift and its output must be the block's output."""
+    norms = [m for m in model.block.modules() if isinstance(m, nn.LayerNorm)]
+    if not norms:
+        return None
+    args, kwargs = streams.block_args[0]
+    hidden = streams.pruned.get((index, 0), model.device)
+    shifts: List[torch.Tensor] = []
+    with _norm_calls(norms) as base_calls:
+        model.run_block(hidden, args, kwargs)
+    handle = module.register_forward_hook(_random_shift(index, shifts))
+    try:
+        with _norm_calls(norms) as moved_calls:
+            moved = model.run_block(hidden, args, kwargs)
+    finally:
+        handle.remove()
+    if len(shifts) != 1:
+        return None
+    for norm in norms:
+        before, after = base_calls[norm], moved_calls[norm]
+        if len(before) != 1 or len(after) != 1 or after[0][1].shape != moved.shape or not torch.equal(after[0][1], moved):
+            continue
+        if after[0][0].numel() == shifts[0].numel() and _moved_by(before[0][0], after[0][0], shifts[0].reshape(after[0][0].shape)):
+            return norm
+    return None
+
+
+@contextmanager
+def _norm_calls(norms: Sequence[nn.LayerNorm]) -> Iterator[Dict[nn.Module, List[Tuple[torch.Tensor, torch.Tensor]]]]:
+    """The (input, output) of every call of each of ``norms`` while the context is open."""
+    calls: Dict[nn.Module, List[Tuple[torch.Tensor, torch.Tensor]]] = {norm: [] for norm in norms}
+    handles = [norm.register_forward_hook(lambda module, inputs, output: calls[module].append((inputs[0].detach(), output.detach()))) for norm in norms]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _norm_preimage(norm: nn.LayerNorm, summed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Rows that ``norm`` maps to ``target`` (the dense block's output), at the mean and scale of
+    ``summed`` (the pruned model's input to the norm, ``[rows, width]``, float64): the dense
+    target of a post-norm block's last layer is then its own output plus ``preimage − summed``, the
+    pre-norm analogue of the drift the dense target takes up. A norm is indifferent to each row's
+    mean and scale, so the pruned rows' own are kept, and the fit corrects only their direction.
+    A channel with a zero norm weight has no preimage and keeps its pruned value."""
+    weight = (norm.weight if norm.weight is not None else torch.ones_like(summed[0])).to(summed)
+    bias = (norm.bias if norm.bias is not None else torch.zeros_like(summed[0])).to(summed)
+    mean = summed.mean(dim=-1, keepdim=True)
+    scale = torch.sqrt(summed.var(dim=-1, unbiased=False, keepdim=True) + norm.eps)
+    normalised = torch.where(weight != 0, (target - bias) / torch.where(weight != 0, weight, 1.0), (summed - mean) / scale)
+    return mean + scale * normalised
 
 
 def _unconstrained_fit(weight: torch.Tensor, statistics: _Statistics, damping: float) -> torch.Tensor:

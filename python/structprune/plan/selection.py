@@ -42,7 +42,7 @@ from structprune.tracing.graph import Structure, StructureGraph
 if TYPE_CHECKING:  # scoring needs torch; planning reads scores only, so the CLI stays light
     from structprune.score.scorer import Scores
 
-STRUCTURE_CHOICES = ("heads", "mlp", "hidden", "blocks")
+STRUCTURE_CHOICES = ("heads", "mlp", "hidden", "blocks", "experts", "expert-channels")
 NORMALIZATIONS = ("none", "mean", "max", "sum", "l2")
 PLANNINGS = ("uniform", "global")
 GQA_MODES = ("query-heads", "kv-groups")
@@ -58,7 +58,10 @@ class Target:
     how many of the first and of the last blocks are left unpruned. ``normalize``: how global
     planning makes scores of different structures comparable (one of ``NORMALIZATIONS``).
     ``blocks``: whole blocks to remove when "blocks" is combined with width structures (``None``
-    when blocks are pruned on their own: then the ratio sets their number)."""
+    when blocks are pruned on their own: then the ratio sets their number). ``experts``: routed
+    experts to remove in every MoE layer, exactly (the rest of the ratio from the other structures;
+    ``None``: the planner chooses the count). ``min_experts``: experts every MoE layer keeps at
+    least (the router's top-k)."""
 
     ratio: float
     structures: Tuple[str, ...] = ("heads", "mlp")
@@ -67,6 +70,8 @@ class Target:
     protect: Tuple[int, int] = (0, 0)
     normalize: str = "none"
     blocks: Optional[int] = None
+    experts: Optional[int] = None
+    min_experts: int = 1
 
 
 def default_protection(depth: int) -> Tuple[int, int]:
@@ -100,11 +105,22 @@ def _kinds_for(graph: StructureGraph, target: Target) -> List[str]:
             elif graph.by_kind("query_heads"):
                 kinds.append("query_heads")
         elif name == "mlp":
-            kinds.append("channels")
+            if graph.by_kind("channels"):  # Mixtral's only MLPs are its experts
+                kinds.append("channels")
         elif name == "hidden":
+            if not graph.by_kind("hidden"):
+                raise PlanError(
+                    "the model's hidden width is pinned, so 'hidden' has nothing to remove (an encoder's hidden "
+                    "states are its output, the embeddings; `structprune inspect MODEL` lists what is pinned and why)"
+                )
             kinds.append("hidden")
         elif name == "blocks":
             kinds.append("blocks")
+        elif name in ("experts", "expert-channels"):
+            # A dense model has no MoE structures: nothing to add (an error if nothing else is named).
+            kind = name.replace("-", "_")
+            if graph.by_kind(kind):
+                kinds.append(kind)
         else:
             raise PlanError(f"unknown structure '{name}'; choose from {', '.join(STRUCTURE_CHOICES)}")
     return kinds
@@ -124,6 +140,8 @@ class _Kind:
     cumulative: np.ndarray
     """cumulative[k]: summed scores of each structure's k lowest units (k = 0 … units)."""
     per_unit_of_heads: int = 1
+    keep_at_least: int = 0
+    """Units every structure keeps whatever the step (experts: the router's top-k)."""
 
 
 def _removal_costs(structure: Structure, scores: Scores) -> np.ndarray:
@@ -162,7 +180,7 @@ def _fill(fine: List[_Kind], steps: Dict[str, int], budget: float) -> Tuple[Dict
             step = steps[k.name]
             # Kept widths stay multiples of the step: remove units ≡ units (mod step).
             new = counts[k.name] + step if counts[k.name] or k.units % step == 0 else k.units % step
-            if new > k.units - step:
+            if new > k.units - max(step, k.keep_at_least):
                 continue
             cost = float(k.cumulative[new] - k.cumulative[counts[k.name]])
             params = (new - counts[k.name]) * k.params_per_step
@@ -193,8 +211,18 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
     kinds = [k for k in kinds if k != "blocks"]
     wanted -= len(removed_blocks) * _block_params(graph)
     protected = protected_layers(graph, target) | frozenset(removed_blocks)
+    fixed = _fixed_experts(graph, scores, target, kinds, protected)
+    if fixed is not None:
+        kinds = [k for k in kinds if k != "experts"]
+        wanted -= _removed_params(graph, fixed)
+        if not kinds:
+            fixed.blocks = removed_blocks
+            return fixed
     head_kind = next((_kind(graph, scores, k, head_count, protected) for k in kinds if k in _HEAD_KINDS), None)
     fine = [_kind(graph, scores, k, head_count, protected) for k in kinds if k not in _HEAD_KINDS]
+    for k in fine:
+        if k.name == "experts":
+            k.keep_at_least = target.min_experts
     best: Optional[Tuple[float, float, Dict[str, int]]] = None
     tolerance = max([k.params_per_step * target.multiple for k in fine] + [0.005 * graph.total_params])
     for removed_heads in range(head_kind.units if head_kind else 1):
@@ -204,7 +232,7 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
             continue  # transformers' configs need hidden_size to be a multiple of the head count
         head_params = removed_heads * head_kind.params_per_step if head_kind else 0
         head_score = float(head_kind.cumulative[removed_heads]) if head_kind else 0.0
-        steps = {k.name: int(np.lcm(target.multiple, heads)) if k.name == "hidden" and heads else target.multiple for k in fine}
+        steps = {k.name: _step(k.name, target, heads) for k in fine}
         counts, score, removed = _fill(fine, steps, wanted - head_params)
         if head_kind:
             counts[head_kind.name] = removed_heads
@@ -215,7 +243,50 @@ def plan_uniform(graph: StructureGraph, scores: Scores, target: Target, head_cou
     assert best is not None
     selection = _select(graph, scores, kinds, best[2], protected)
     selection.blocks = removed_blocks
+    if fixed is not None:
+        selection.units.update(fixed.units)
     return selection
+
+
+def _step(kind: str, target: Target, heads: int) -> int:
+    """Units one uniform step removes in every layer: experts one at a time, hidden widths a
+    multiple of the head count too, other widths ``target.multiple``."""
+    if kind == "experts":
+        return 1
+    if kind == "hidden" and heads:
+        return int(np.lcm(target.multiple, heads))
+    return target.multiple
+
+
+def _fixed_experts(graph: StructureGraph, scores: Scores, target: Target, kinds: Sequence[str], protected: FrozenSet[int]) -> Optional[Selection]:
+    """With ``target.experts``: that many lowest-scoring experts of every unprotected MoE layer
+    (``None`` without it). Refused where a layer would keep fewer than the router picks, or where
+    the experts alone remove the ratio or more."""
+    if target.experts is None:
+        return None
+    if "experts" not in kinds:
+        raise PlanError(f"--experts {target.experts} removes routed experts: it needs experts among --structures")
+    structures = _targeted(graph, "experts", protected)
+    if not structures:
+        raise PlanError("--experts: the model has no routed experts (no router top-k gathering stacked expert weights was found)")
+    fewest = min(s.units for s in structures)
+    if not 0 <= target.experts <= fewest - target.min_experts:
+        raise PlanError(
+            f"--experts {target.experts}: layers have {fewest} experts and the router picks {target.min_experts} per token, "
+            f"so at most {fewest - target.min_experts} can go"
+        )
+    selection = _select_per_structure(graph, scores, {s.id: target.experts for s in structures})
+    removed = _removed_params(graph, selection)
+    if removed >= target.ratio * graph.total_params:
+        raise PlanError(
+            f"removing {target.experts} experts per layer already removes {removed / graph.total_params:.1%} of the parameters, "
+            f"not less than the ratio {target.ratio:.1%}; ask for fewer experts or a larger ratio"
+        )
+    return selection
+
+
+def _removed_params(graph: StructureGraph, selection: Selection) -> int:
+    return sum(len(units) * graph.get(sid).unit_params for sid, units in selection.units.items())
 
 
 def _plan_blocks(graph: StructureGraph, scores: Scores, wanted: float) -> Selection:
@@ -329,10 +400,12 @@ class _Ladder:
         return cost / max(params, 1), params
 
 
-def _ladder(structure: Structure, scores: Scores, step: int) -> _Ladder:
-    """Kept widths stay multiples of ``step`` and at least ``step`` (one unit for heads)."""
+def _ladder(structure: Structure, scores: Scores, step: int, keep_at_least: int = 0) -> _Ladder:
+    """Kept widths stay multiples of ``step`` and at least ``step`` (one unit for heads) and
+    ``keep_at_least`` (experts: the router's top-k)."""
     cumulative = np.concatenate([[0.0], np.cumsum(_removal_costs(structure, scores))])
-    stops = [0] + [r for r in range(1, structure.units) if (structure.units - r) % step == 0 and structure.units - r >= step]
+    floor = max(step, keep_at_least)
+    stops = [0] + [r for r in range(1, structure.units) if (structure.units - r) % step == 0 and structure.units - r >= floor]
     return _Ladder(structure, stops, [float(cumulative[r]) for r in stops])
 
 
@@ -350,13 +423,17 @@ def plan_global(graph: StructureGraph, scores: Scores, target: Target) -> Select
     removed_blocks = _blocks_with_widths(graph, scores, target, kinds)
     kinds = [k for k in kinds if k != "blocks"]
     protected = protected_layers(graph, target) | frozenset(removed_blocks)
+    fixed = _fixed_experts(graph, scores, target, kinds, protected)
+    if fixed is not None:
+        kinds = [k for k in kinds if k != "experts"]
     ranked = normalized(graph, scores, target.normalize)
     ladders = [
-        _ladder(s, ranked, 1 if kind in _HEAD_KINDS else target.multiple)
+        _ladder(s, ranked, 1 if kind in _HEAD_KINDS or kind == "experts" else target.multiple, target.min_experts if kind == "experts" else 0)
         for kind in kinds
         for s in _targeted(graph, kind, protected)
     ]
     budget = target.ratio * graph.total_params - len(removed_blocks) * _block_params(graph)
+    budget -= _removed_params(graph, fixed) if fixed is not None else 0
     removed = 0
     queue: List[Tuple[float, int, int]] = []
     for position, ladder in enumerate(ladders):
@@ -379,6 +456,8 @@ def plan_global(graph: StructureGraph, scores: Scores, target: Target) -> Select
     counts = {ladder.structure.id: ladder.stops[ladder.position] for ladder in ladders}
     selection = _select_per_structure(graph, scores, counts)
     selection.blocks = removed_blocks
+    if fixed is not None:
+        selection.units.update(fixed.units)
     return selection
 
 

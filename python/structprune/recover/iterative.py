@@ -43,6 +43,7 @@ from structprune.models.loading import load_tokenizer
 from structprune.prune import Progress, PruneOptions, PruneResult, default_multiple, make_plan, reconstruction_work_dir
 from structprune.io.atomic import write_json_atomically
 from structprune.recover.training import RecoverOptions, check_options, load_training_data, recover
+from structprune.score.importance import ESTIMATORS
 from structprune.score.journal import model_identity
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -175,6 +176,7 @@ def prune_iteratively(
     # Resolved once: the default depends on the MLP width, which the steps shrink.
     steps_options = replace(options, multiple=options.multiple or default_multiple(trace(model)))
     records = work.start(_fingerprint(model, options, iterative), resume=resume, announce=say)
+    keeps_adapters = recovery is not None and ESTIMATORS[options.importance].adapts
     resumed = sum(1 for r in records if recovery is None or r.recovery is not None)
 
     def begin(step: int) -> Tuple[Path, PruneOptions]:
@@ -182,7 +184,9 @@ def prune_iteratively(
         source = model if step == 1 else work.model_after(step - 1, recovered=recovery is not None)
         ratio = _step_ratio(original, source, options.ratio, step, iterative.iterations)
         say(f"step {step}/{iterative.iterations}: pruning {ratio:.1%} of the current model")
-        return source, replace(steps_options, ratio=ratio, blocks=_step_blocks(options.blocks, step, iterative.iterations))
+        # lora-grad reads the gradients of the adapters the recovery before this step trained.
+        adapter = work.adapter(step - 1) if keeps_adapters and step > 1 else options.lora_adapter
+        return source, replace(steps_options, ratio=ratio, blocks=_step_blocks(options.blocks, step, iterative.iterations), lora_adapter=adapter)
 
     try:
         for step in range(1, iterative.iterations):
@@ -195,7 +199,8 @@ def prune_iteratively(
                 work.drop_step(step - 1)
             if recovery is not None and records[step - 1].recovery is None:
                 say(f"step {step}/{iterative.iterations}: recovering for {iterative.recover_steps} steps" + (f" (distilled from {model})" if iterative.distill else ""))
-                records[step - 1] = replace(records[step - 1], recovery=_recover_step(work.pruned(step), work.recovered(step), recovery, progress_bars))
+                trained = _recover_step(work.pruned(step), work.recovered(step), recovery, progress_bars, keep_adapter=work.adapter(step) if keeps_adapters else None)
+                records[step - 1] = replace(records[step - 1], recovery=trained)
                 work.save(records)
                 shutil.rmtree(work.pruned(step))
         last = iterative.iterations
@@ -294,12 +299,17 @@ def _recovery_options(model: Path, options: PruneOptions, iterative: IterativeOp
     return recovery
 
 
-def _recover_step(pruned: Path, recovered: Path, options: RecoverOptions, progress_bars: bool) -> RecoveryRecord:
+def _recover_step(pruned: Path, recovered: Path, options: RecoverOptions, progress_bars: bool, *, keep_adapter: Optional[Path]) -> RecoveryRecord:
     """Recovers ``pruned`` into ``recovered``, leaving a plain checkpoint: the next step would copy
-    ``recovery.json`` (about this intermediate model, soon deleted) into its output."""
+    ``recovery.json`` (about this intermediate model, soon deleted) into its output. The adapter is
+    moved to ``keep_adapter`` when given (``lora-grad`` reads its gradients next), else deleted."""
     result = recover(pruned, recovered, options, overwrite=True, progress=progress_bars)
     (recovered / "recovery.json").unlink()
-    shutil.rmtree(recovered / "adapter")
+    if keep_adapter is not None:
+        shutil.rmtree(keep_adapter, ignore_errors=True)
+        (recovered / "adapter").rename(keep_adapter)
+    else:
+        shutil.rmtree(recovered / "adapter")
     return RecoveryRecord(steps=result.steps, losses=result.losses, seconds=result.seconds)
 
 
@@ -359,6 +369,10 @@ class WorkDir:
 
     def scores(self, step: int) -> Path:
         return self.root / f"step-{step}" / "scores"
+
+    def adapter(self, step: int) -> Path:
+        """The adapter step ``step``'s recovery trained, kept for ``lora-grad`` in the next step."""
+        return self.root / f"step-{step}" / "adapter"
 
     def model_after(self, step: int, *, recovered: bool) -> Path:
         """The checkpoint step ``step`` ends with, which the next step prunes."""

@@ -13,6 +13,7 @@ import math
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Dict, Optional, Type
 
 import torch
@@ -63,6 +64,10 @@ class Importance(ABC):
     hands ``index_scores`` one sample's input ``x`` (as ``weight``, ``[tokens, channels]``) and loss
     gradient ``∂L/∂x`` (as ``grad``) at each layer that consumes units (o_proj for heads, down_proj
     for MLP channels), along ``dim`` 1, and sums each sample's finalized unit scores."""
+    adapts: ClassVar[bool] = False
+    """Whether gradients come from LoRA adapters on the block's linear layers rather than from the
+    weights (``LoraGrad``): the scorer hands ``index_scores`` each linear weight with its adapter
+    and the adapter's gradients (``ParamStats.adapter``); no weight gradient is ever formed."""
 
     @abstractmethod
     def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
@@ -262,6 +267,53 @@ class Bonsai(Importance):
         return stats.weight
 
 
+class LoraGrad(Importance):
+    """LoRAPrune (Zhang et al. 2023, "LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient
+    Fine-Tuning", arXiv 2305.18403): the weight gradient estimated from the gradients of a LoRA
+    adapter ``s·B·A`` on the weight, so that scoring needs a LoRA fine-tune's memory, not a full
+    backward's. Per weight, as the paper's criterion (and its code, ``compute_sensitivity``):
+
+        |(W + s·B·A) ⊙ (G_B·A + B·G_A − G_B·G_A)|,   G_A = ∂L/∂A, G_B = ∂L/∂B,
+
+    summed over the unit's weights as element-wise Taylor sums |w·g|; parameters without an adapter
+    (biases, norms) score zero. ``W + s·B·A`` is the layer's effective weight, the one loaded
+    (``structprune.score.lora_probes``: a trained adapter was merged into it, and the adapter is
+    hooked in at zero value). ``adapter``: a peft adapter trained on this checkpoint (what recovery
+    between ``--iterations`` steps leaves); without one, fresh probes of rank ``rank`` with A and B
+    both random (see ``lora_probes`` for why not B = 0). Unlike LoRAPrune, whose moving average runs
+    over fine-tuning steps, the gradients are those of the calibration loss over the whole batch,
+    as Taylor's are; LoRAPrune's per-layer L2 normalisation is ``--normalize l2`` (with ``--global``)."""
+
+    name = "lora-grad"
+    needs_gradients = True
+    adapts = True
+    rank: ClassVar[int] = 16
+    """Rank of the fresh probes (that of recovery's adapters by default)."""
+
+    def __init__(self, seed: int = 0, adapter: Optional[Path] = None) -> None:
+        self.seed = seed
+        self.adapter = adapter
+
+    def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
+        adapter, weight = stats.adapter, stats.weight
+        scores = torch.zeros(weight.shape[dim], dtype=torch.float64, device=weight.device)
+        if adapter is None:
+            return scores
+        # G_B·A + B·G_A − G_B·G_A = [G_B, B − G_B]·[A; G_A]: one product of inner size 2r.
+        left = torch.cat([adapter.grad_b, adapter.b - adapter.grad_b], dim=1)
+        right = torch.cat([adapter.a, adapter.grad_a], dim=0)
+        # Row slices of the weight's size at most 16 MiB in float32: the estimate is never whole.
+        step = max(1, (16 << 20) // (4 * weight.shape[1]))
+        for start in range(0, weight.shape[0], step):
+            rows = slice(start, start + step)
+            part = (left[rows] @ right).mul_(weight[rows]).abs_()
+            if dim == 0:
+                scores[rows] = part.sum(dim=1).double()
+            else:
+                scores += part.sum(dim=0).double()
+        return scores
+
+
 def _grad(stats: ParamStats) -> torch.Tensor:
     if stats.grad is None:
         raise ValueError(f"{stats.name}: no gradient reached this parameter")
@@ -270,13 +322,17 @@ def _grad(stats: ParamStats) -> torch.Tensor:
 
 ESTIMATORS: Dict[str, Type[Importance]] = {
     cls.name: cls
-    for cls in (TaylorElementFirst, TaylorVector, TaylorElementSecond, MagnitudeL1, MagnitudeL2, RandomImportance, WandaStructured, Fluctuation, ObsSaliency, ActivationEntropy, HeadGate, Bonsai)
+    for cls in (TaylorElementFirst, TaylorVector, TaylorElementSecond, MagnitudeL1, MagnitudeL2, RandomImportance, WandaStructured, Fluctuation, ObsSaliency, ActivationEntropy, HeadGate, Bonsai, LoraGrad)
 }
 
 
-def estimator(name: str, *, seed: int = 0) -> Importance:
-    """The estimator registered under ``name``."""
+def estimator(name: str, *, seed: int = 0, lora_adapter: Optional[Path] = None) -> Importance:
+    """The estimator registered under ``name`` (``lora_adapter``: the trained adapter ``lora-grad`` reads)."""
     if name not in ESTIMATORS:
         raise SettingError(f"--importance: unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}", option="--importance")
     cls = ESTIMATORS[name]
+    if lora_adapter is not None and cls is not LoraGrad:
+        raise SettingError(f"lora_adapter: is the adapter whose gradients lora-grad reads; importance {name!r} reads none", option="lora_adapter")
+    if cls is LoraGrad:
+        return LoraGrad(seed, lora_adapter)
     return cls(seed) if cls in (RandomImportance, Bonsai) else cls()

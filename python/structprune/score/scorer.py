@@ -16,8 +16,9 @@ from torch import nn
 from structprune.errors import SettingError
 from structprune.score.distributed import SINGLE, Workers
 from structprune.tracing.graph import Member, StructureGraph
-from structprune.score.importance import ActivationStats, Bonsai, Importance
+from structprune.score.importance import ActivationStats, Bonsai, Importance, LoraGrad
 from structprune.score.journal import Journal
+from structprune.score.lora_probes import LoraProbes
 from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY
 from structprune.score.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
 
@@ -262,6 +263,32 @@ class _GateRecorder:
             name = f"{self.model.prefix}.{index}.{path}.weight"
             self.folder.add_per_sample(name, self.input_dims[path], self.pending[path], workers)
         self.pending.clear()
+
+
+def lora_probes(model: StreamedModel, folder: "_Folder", importance: LoraGrad) -> LoraProbes:
+    """Adapters on the block's linear layers whose weights hold units of the scored structures.
+    Refuses structures with members outside the blocks (hidden channels: the embeddings and head
+    carry no adapter) and GPT-2's Conv1D layers (stored transposed; no adapter here)."""
+    if folder.wants(model.outside_names()):
+        raise SettingError(
+            f"importance (--importance) {importance.name}: reads LoRA adapters on the blocks' linear layers, and hidden units also live in the "
+            f"embeddings and head: leave them out of the structures (--structures)", option="--importance",
+        )
+    paths: Set[str] = set()
+    for name in folder.members:
+        path = _block_module_path(model.prefix, name)
+        if path is None:
+            continue
+        input_dim = linear_input_dim(model.block.get_submodule(path))
+        if input_dim == 0:
+            raise SettingError(f"importance (--importance) {importance.name}: {name} is a Conv1D layer, which takes no adapter here", option="--importance")
+        if input_dim == 1:
+            paths.add(path)
+    dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
+    return LoraProbes(
+        model.block, model.prefix, sorted(paths), rank=importance.rank, seed=importance.seed, dtype=dtype, device=model.device,
+        adapter_dir=importance.adapter,
+    )
 
 
 class _MaskedScoring:
@@ -571,6 +598,7 @@ class _DataScoring:
         # Estimators that use activations need every linear's; means alone need only the consumers'.
         self.recorder = _ActivationRecorder(model, None if importance.needs_activations else means_of)
         self.gates = _GateRecorder(model, folder, importance) if importance.gates else None
+        self.probes = lora_probes(model, folder, importance) if isinstance(importance, LoraGrad) else None
 
     def run(self, input_ids: torch.Tensor) -> Tuple[np.ndarray, Optional[float]]:
         """Block Influence per block and the calibration loss (``None`` without gradients)."""
@@ -619,12 +647,16 @@ class _DataScoring:
             self.recorder.detach()
 
     def _backward(self, streamed: StreamedPass, resumed: Optional[BackwardState], samples: int) -> float:
-        gates = self.gates
+        gates, probes = self.gates, self.probes
 
         def on_params(params: Dict[str, ParamStats]) -> None:
             if gates is not None:  # the units' scores come from the gates, not from the weights' gradients
                 gates.fold(_block_index(self.model.prefix, params), self.workers)
                 return
+            if probes is not None:  # the gradients are the adapters', not the weights'
+                adapters = probes.grads()
+                self.workers.sum_([t for a in adapters.values() for t in (a.grad_a, a.grad_b)])
+                params = {n: ParamStats(n, p.weight, adapter=adapters.get(n)) for n, p in params.items()}
             self._sum_gradients(params)
             self.folder.add(params, {})
 
@@ -637,10 +669,11 @@ class _DataScoring:
                 self.progress("backward", self.blocks - index, self.blocks)
 
         outside = gates is None and self.folder.wants(self.model.outside_names())
-        with gates.recording() if gates is not None else nullcontext():
+        with gates.recording() if gates is not None else probes.attached() if probes is not None else nullcontext():
             local = backward_pass(
                 self.model, streamed, fisher=self.importance.needs_fisher, on_params=on_params, samples=samples,
                 start=resumed, on_state=on_state, progress=backward_progress, outside=outside,
+                weight_grads=probes is None, on_load=probes.load if probes is not None else None,
             )
         return self.workers.sum_values([local])[0]
 

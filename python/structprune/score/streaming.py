@@ -29,7 +29,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 import torch
 from torch import nn
@@ -43,8 +43,10 @@ from structprune.score.calibration import attention_mask
 from structprune.errors import StreamingError
 from structprune.score.float32_compute import float32_linears
 from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY
-from structprune.tracing.export import checkpoint_name_map
+from structprune.tracing.export import ExpertPiece, checkpoint_layout
 
+if TYPE_CHECKING:
+    from structprune.score.lora_probes import AdapterGrads
 
 
 
@@ -62,6 +64,8 @@ class ParamStats:
     """Gradient of the summed calibration loss (sum over samples of per-sample mean-token losses / N)."""
     fisher: Optional[torch.Tensor] = None
     """Mean over samples of the squared per-sample gradient."""
+    adapter: Optional["AdapterGrads"] = None
+    """A LoRA adapter on this weight and its gradients, in place of ``grad`` (``lora-grad``)."""
 
 
 class _Captured(Exception):
@@ -255,6 +259,8 @@ class StreamedModel:
         self.block_returns_tuple = False
         """Whether the blocks return a tuple (older transformers) rather than a tensor: seen when a
         block runs; the loss pass mimics it."""
+        self._pieces: Dict[str, List[Tuple[ExpertPiece, TensorInfo]]] = {}
+        """Stacked expert parameters (model names) → the per-expert checkpoint tensors they are read from."""
         self._stored = self._index_checkpoint()
         self.shell = self._build_shell()
         self.encoder = is_encoder(self.shell)
@@ -273,10 +279,13 @@ class StreamedModel:
     # -- loading ---------------------------------------------------------------------------------
 
     def _index_checkpoint(self) -> Dict[str, TensorInfo]:
-        """The stored tensors under the model's names for them."""
+        """The stored tensors under the model's names for them (per-expert tensors that transformers
+        stacks on load go to ``_pieces``)."""
         checkpoint = read_checkpoint(self.model_dir)
-        to_model = checkpoint_name_map(self.model_dir, list(checkpoint.tensors))
-        return {to_model[name]: info for name, info in checkpoint.tensors.items()}
+        names_on_load = checkpoint_layout(self.model_dir, list(checkpoint.tensors))
+        for name, piece in names_on_load.experts.items():
+            self._pieces.setdefault(piece.param, []).append((piece, checkpoint.tensors[name]))
+        return {model_name: checkpoint.tensors[name] for name, model_name in names_on_load.renamed.items()}
 
     def _build_shell(self) -> nn.Module:
         from structprune.models.meta import model_class as shell_class
@@ -306,6 +315,9 @@ class StreamedModel:
     def _read_into(self, name: str, target: torch.Tensor) -> None:
         """Reads a model-named tensor into ``target`` (a parameter or buffer of the shell): straight
         into its memory when it is a CPU tensor of the stored dtype, else through one stored copy."""
+        if name in self._pieces:
+            self._read_stacked(name, target)
+            return
         info = self._stored[name]
         if tuple(target.shape) != info.shape:
             raise StreamingError(f"{self.model_dir / info.file}: tensor '{info.name}' has shape {list(info.shape)}, the model expects {list(target.shape)}")
@@ -315,16 +327,38 @@ class StreamedModel:
         else:
             target.copy_(self._read_stored(name))
 
+    def _read_stacked(self, name: str, target: torch.Tensor) -> None:
+        """Fills a stacked expert parameter ``[experts, rows, …]`` from its per-expert tensors, each
+        into its expert and its segment of the rows (Mixtral's w1 and w3 are the two halves of
+        ``gate_up_proj``), as transformers stacks them on load."""
+        target = target.detach()
+        experts = {piece.expert for piece, _ in self._pieces[name]}
+        if experts != set(range(target.shape[0])):
+            raise StreamingError(f"{self.model_dir}: the checkpoint's experts for '{name}' are {sorted(experts)}, the model has {target.shape[0]}")
+        for piece, info in sorted(self._pieces[name], key=lambda item: (item[1].file, item[1].offset or 0)):
+            start = piece.offset(target.shape[1])
+            part = target[piece.expert, start : start + info.shape[0]]
+            if tuple(part.shape) != info.shape:
+                raise StreamingError(f"{self.model_dir / info.file}: tensor '{info.name}' has shape {list(info.shape)}, the model expects {list(part.shape)}")
+            part.copy_(self._read_info(info))
+
     def _read_stored(self, name: str) -> torch.Tensor:
         """A model-named tensor as stored (CPU, stored dtype)."""
-        info = self._stored[name]
+        return self._read_info(self._stored[name])
+
+    def _read_info(self, info: TensorInfo) -> torch.Tensor:
+        """A checkpoint tensor as stored (CPU, stored dtype)."""
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         _read_bytes(self.model_dir, info, raw)
         return raw.view(_stored_dtype(self.model_dir, info)).reshape(info.shape)
 
     def _by_position(self, names: Sequence[str]) -> List[str]:
         """``names`` in file order, so that reads go through each shard front to back."""
-        return sorted(names, key=lambda n: (self._stored[n].file, self._stored[n].offset or 0))
+        def position(name: str) -> Tuple[str, int]:
+            info = self._stored[name] if name in self._stored else self._pieces[name][0][1]
+            return info.file, info.offset or 0
+
+        return sorted(names, key=position)
 
     def _load_outside_blocks(self) -> None:
         block_prefix = f"{self.prefix}.0."
@@ -567,13 +601,17 @@ def backward_pass(
     on_state: Optional[Callable[[BackwardState], None]] = None,
     progress: Optional[Callable[[int], None]] = None,
     outside: bool = True,
+    weight_grads: bool = True,
+    on_load: Optional[Callable[[int], None]] = None,
 ) -> float:
     """Back-propagates the calibration loss block by block, last to first, handing each block's
     parameter statistics to ``on_params`` (then the parameters outside the blocks), and the state
     after each block to ``on_state``. The loss is the mean over ``samples`` samples (default: the
     samples here; more when other processes score the rest) of each sample's mean token loss;
     returns this process's part of it. ``start`` resumes a pass that ``on_state`` saw. Without
-    ``outside``, the parameters outside the blocks get no gradients (nothing asks for them).
+    ``outside``, the parameters outside the blocks get no gradients (nothing asks for them);
+    without ``weight_grads``, neither do the blocks' (only the inputs' gradients flow, and whatever
+    ``on_load(index)``, called once a block's weights are in, hooks into the block).
 
     With ``fisher``, micro-batches must hold one sample, so that the squared gradient of each sample
     is accumulated (F = mean over samples of g²) without keeping per-sample copies.
@@ -589,9 +627,11 @@ def backward_pass(
     model.unload_outside()
     for index in reversed(range(state.lowest_done)):
         model.load_block(index)
+        if on_load is not None:
+            on_load(index)
         params = model.block_parameters(index)
         tracker = _GradTracker(params, fisher)
-        with _grad_enabled(params):
+        with _grad_enabled(params if weight_grads else {}):
             for m in range(len(batches)):
                 hidden = streamed.store.get((index, m), model.device).requires_grad_(True)
                 args, kwargs = streamed.block_args[m]

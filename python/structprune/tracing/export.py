@@ -190,8 +190,20 @@ def trace_model(source: Any, *, traced_layers: int = 2) -> TracedGraph:
         "config_dtype": _dtype_name(_config_dtype(config)),
         "versions": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version()},
     }
+    _trace_experts_as_gathers(model)
     ep = _export(model)
     return _to_ir(ep, model, meta, layers)
+
+
+def _trace_experts_as_gathers(model: Any) -> None:
+    """Routed experts computed as ``gate_up_proj[top_k_index]`` and batched matrix products
+    (transformers' ``batched_mm`` experts implementation) rather than by its default grouped-GEMM
+    custom op: the gather by the router's top-k indices is what shows the graph builder which
+    dimension of the stacked expert weights is the router's experts, and plain ATen ops have rules
+    where the custom op has none. Same weights, same arithmetic; only the traced kernels differ."""
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if can_set is not None and can_set():
+        model.set_experts_implementation("batched_mm")
 
 
 def trace_to_file(source: Any, path: Union[str, "os.PathLike[str]"], *, traced_layers: int = 2) -> TracedGraph:
@@ -729,29 +741,103 @@ def checkpoint_name_map(source: Any, tensor_names: List[str]) -> Dict[str, str]:
     """Checkpoint tensor name → the model's state-dict name, as transformers renames keys on load
     (GPT-NeoX's ``embed_out`` is ``lm_head``; old BERT ``gamma``/``beta``; checkpoints saved from the
     base model lack its prefix). Plans are written in checkpoint names, structures use model names.
-    A tensor that transformers converts rather than renames (fused or split on load) cannot be cut
-    by index, so it raises ``TraceError``."""
+    A tensor that transformers converts rather than renames (fused or split on load) has no model
+    name of its own, so it raises ``TraceError``; :func:`checkpoint_layout` maps stacked experts."""
     return model_name_map(meta_model(source), tensor_names)
 
 
 def model_name_map(model: Any, tensor_names: List[str]) -> Dict[str, str]:
     """:func:`checkpoint_name_map` for a model already built (on the meta device)."""
+    layout = name_layout(model, tensor_names)
+    if layout.experts:
+        name, piece = next(iter(sorted(layout.experts.items())))
+        raise TraceError(
+            f"checkpoint tensor '{name}' is stacked into '{piece.param}' by transformers on load; "
+            "this step cannot read stacked expert tensors"
+        )
+    return layout.renamed
+
+
+@dataclass(frozen=True)
+class ExpertPiece:
+    """A checkpoint tensor that transformers stacks into a fused expert parameter on load: rows
+    ``segment·rows … (segment+1)·rows − 1`` of expert ``expert`` of ``param`` (Mixtral's
+    ``experts.3.w3.weight`` is the second of the two ``rows``-row halves of expert 3 of
+    ``experts.gate_up_proj``; a ``down_proj`` piece is the whole expert, ``segments == 1``)."""
+
+    param: str
+    expert: int
+    segment: int
+    segments: int
+    span: Tuple[int, int]
+    """Where the expert index sits in the checkpoint name (renumbering experts rewrites it)."""
+
+    def offset(self, fused_rows: int) -> int:
+        """First row of this piece in dimension 1 of the fused parameter."""
+        return self.segment * (fused_rows // self.segments)
+
+    def renamed(self, name: str, expert: int) -> str:
+        """``name`` (this piece's checkpoint name) for expert number ``expert``."""
+        return f"{name[: self.span[0]]}{expert}{name[self.span[1]:]}"
+
+
+@dataclass
+class NameLayout:
+    """Checkpoint names → the model's: ``renamed`` for tensors loaded as they are (under a new name
+    or their own), ``experts`` for per-expert tensors stacked into one parameter on load."""
+
+    renamed: Dict[str, str] = field(default_factory=dict)
+    experts: Dict[str, ExpertPiece] = field(default_factory=dict)
+
+
+def checkpoint_layout(source: Any, tensor_names: List[str]) -> NameLayout:
+    """:func:`name_layout` of the model a directory or config describes."""
+    return name_layout(meta_model(source), tensor_names)
+
+
+def name_layout(model: Any, tensor_names: List[str]) -> NameLayout:
+    """How transformers maps ``tensor_names`` onto ``model``'s state dict on load. The one
+    conversion it accepts is the stacking of per-expert MoE weights (``MergeModulelist(dim=0)``,
+    optionally followed by ``Concatenate(dim=1)`` of gate and up): any other converted tensor cannot
+    be cut by index and raises ``TraceError`` naming it."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # transformers without load-time renaming: names are used as they are
-        return {name: name for name in tensor_names}
+        return NameLayout(renamed={name: name for name in tensor_names})
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
-    mapping: Dict[str, str] = {}
+    layout = NameLayout()
     for name in tensor_names:
-        renamed, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
-        if converter is not None:
-            raise TraceError(
-                f"checkpoint tensor '{name}' is converted by transformers on load (pattern {converter!r}); "
-                "cutting converted tensors is not supported"
-            )
-        mapping[name] = renamed
-    return mapping
+        renamed, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        if pattern is None:
+            layout.renamed[name] = renamed
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        layout.experts[name] = _expert_piece(name, renamed, pattern, converter)
+    return layout
+
+
+def _expert_piece(name: str, param: str, pattern: str, converter: Any) -> ExpertPiece:
+    """The piece of a stacked expert parameter that checkpoint tensor ``name`` is, or a
+    ``TraceError`` when ``converter`` does something else than stack experts."""
+    import re
+
+    operations = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    stacks = operations in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)])
+    # The converter's glob: '*' stands for the expert number, the rest is a regular expression.
+    match = re.search(pattern.replace("*", r"(\d+)"), name) if pattern.count("*") == 1 else None
+    if not stacks or match is None:
+        raise TraceError(
+            f"checkpoint tensor '{name}' is converted by transformers on load (pattern {pattern!r}, "
+            f"operations {[op for op, _ in operations]}); cutting converted tensors other than stacked experts is not supported"
+        )
+    return ExpertPiece(
+        param=param,
+        expert=int(match.group(1)),
+        segment=converter.source_patterns.index(pattern),
+        segments=len(converter.source_patterns),
+        span=match.span(1),
+    )

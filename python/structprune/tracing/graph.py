@@ -16,11 +16,11 @@ import numpy as np
 from structprune import _core
 from structprune.errors import GraphError
 
-KINDS = ("heads", "kv_groups", "query_heads", "hidden", "channels")
+KINDS = ("heads", "kv_groups", "query_heads", "hidden", "channels", "experts", "expert_channels")
 # The structures document this module reads (docs/structures-format.md). The compiled core writes
 # it, so an extension built from other sources than this package is refused here, not misread.
 STRUCTURES_FORMAT = "structprune.structures"
-STRUCTURES_VERSION = 1
+STRUCTURES_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ pub fn propagate(graph: &Graph) -> Result<Propagation> {
         scalar_buffers: HashMap::new(),
         score_origin: HashMap::new(),
         probabilities: HashSet::new(),
+        routers: routing_softmaxes(graph),
+        index_values: HashMap::new(),
+        pending_router_pins: Vec::new(),
         spaces: Spaces::default(),
         values: Vec::with_capacity(graph.nodes.len()),
         param_dims: BTreeMap::new(),
@@ -143,7 +146,9 @@ pub fn propagate(graph: &Graph) -> Result<Propagation> {
         let value = p.run(id, node)?;
         p.values.push(value);
         p.track_eager_attention(id, node);
+        p.track_index_values(id, node);
     }
+    p.resolve_router_softmaxes();
     for &out in &graph.outputs {
         let dims = p.all_dims(&p.values[out].clone());
         for d in dims {
@@ -161,13 +166,85 @@ struct Propagator {
     score_origin: HashMap<usize, (SpaceId, SpaceId)>,
     /// Softmax outputs (attention probabilities), followed through elementwise ops.
     probabilities: HashSet<usize>,
+    /// Softmax nodes whose output a `topk` searches along the normalised dimension: a router's
+    /// probabilities, when the top-k indices then pick experts (`routing_softmaxes`).
+    routers: HashSet<usize>,
+    /// Node → the space its integer *values* index into (`topk` indices and reshapes of them).
+    index_values: HashMap<usize, SpaceId>,
+    /// Router softmaxes' normalised spaces and the pin reason they get unless experts are found.
+    pending_router_pins: Vec<(SpaceId, String)>,
     spaces: Spaces,
     values: Vec<Val>,
     param_dims: BTreeMap<String, Dims>,
     nested: Vec<(SpaceId, SpaceId)>,
 }
 
+/// Ops through which an index tensor keeps its values (`top_k_index.reshape(-1)`, a dtype cast, the
+/// clamp expert parallelism adds).
+const INDEX_PRESERVING: &[&str] = &["to", "_to_copy", "clone", "contiguous", "alias", "detach", "clamp", "clamp_min", "clamp_max"];
+
+/// The softmax nodes a `topk` reads (through casts) along the softmax's own dimension: candidate
+/// routers. Found before propagation because the softmax comes first and would otherwise pin the
+/// expert dimension before the gathers that reveal it are seen.
+fn routing_softmaxes(graph: &Graph) -> HashSet<usize> {
+    let mut routers = HashSet::new();
+    for node in graph.nodes.iter().filter(|n| n.base_op() == "topk") {
+        let topk_dim = node.args.get(2).or_else(|| node.kwargs.get("dim")).and_then(Value::as_i64).unwrap_or(-1);
+        let mut source = node.args.first().and_then(as_node);
+        while let Some(id) = source {
+            let input = &graph.nodes[id];
+            match input.base_op() {
+                "to" | "_to_copy" | "clone" | "contiguous" => source = input.args.first().and_then(as_node),
+                "softmax" | "_softmax" => {
+                    let rank = input.shape.as_ref().map_or(0, Vec::len) as i64;
+                    let softmax_dim = input.args.get(1).and_then(Value::as_i64).unwrap_or(-1);
+                    let normalise = |d: i64| if d < 0 { d + rank } else { d };
+                    if normalise(softmax_dim) == normalise(topk_dim) {
+                        routers.insert(id);
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+    routers
+}
+
 impl Propagator {
+    /// Follows integer tensors whose values are indices into a known space: `topk`'s indices, then
+    /// reshapes and casts of them.
+    fn track_index_values(&mut self, id: usize, node: &Node) {
+        let op = node.base_op();
+        let source = node.args.first().and_then(as_node);
+        let space = match op {
+            "getitem" if node.args.get(1).and_then(Value::as_u64) == Some(1) => source.and_then(|s| self.index_values.get(&s)),
+            _ if RESHAPES.contains(&op) || INDEX_PRESERVING.contains(&op) => source.and_then(|s| self.index_values.get(&s)),
+            _ => None,
+        };
+        if let Some(&space) = space {
+            self.index_values.insert(id, space);
+        }
+    }
+
+    /// A router softmax whose dimension turned out to pick experts is not pinned: removing experts
+    /// removes their router rows, and the softmax then renormalises over the experts that stay.
+    /// Any other softmax pins its dimension as usual.
+    fn resolve_router_softmaxes(&mut self) {
+        for (space, reason) in std::mem::take(&mut self.pending_router_pins) {
+            if self.spaces.tags(space).contains(&Tag::Experts) {
+                self.spaces.note(
+                    space,
+                    format!(
+                        "{reason}: removing experts removes their router rows, and the softmax renormalises over the experts that stay"
+                    ),
+                );
+            } else {
+                self.spaces.pin_deep(space, &reason);
+            }
+        }
+    }
+
     /// Eager attention has no attention op: `softmax(q @ kᵀ · scale) @ v`. A dimension contracted by
     /// a product whose result a softmax normalises is a head_dim (its size sets the temperature), and
     /// the batch dimension before the sequence is the heads; the value side's last dimension is the
@@ -275,7 +352,9 @@ impl Propagator {
             "cat" | "concat" | "concatenate" => self.cat(node, &context),
             "stack" => self.stack(node, &context),
             "scaled_dot_product_attention" => self.attention(node, &context),
-            "softmax" | "_softmax" | "log_softmax" | "_log_softmax" => self.softmax(node, &context),
+            "softmax" | "_softmax" | "log_softmax" | "_log_softmax" => self.softmax(id, node, &context),
+            "topk" => self.topk(id, node, &context),
+            "index" => self.index(node, &context),
             "layer_norm" | "native_layer_norm" | "rms_norm" | "_fused_rms_norm" => self.norm(node, &context),
             "tril" | "triu" => self.elementwise(node, &context).inspect(|v| {
                 if let Val::Tensor(dims) = v {
@@ -768,11 +847,76 @@ impl Propagator {
         }
     }
 
-    fn softmax(&mut self, node: &Node, context: &str) -> Option<Val> {
+    fn softmax(&mut self, id: usize, node: &Node, context: &str) -> Option<Val> {
         let x = self.tensor_arg(node, 0)?;
         let dim = Self::normalize_dim(self.int_arg(node, 1, "dim")?, x.len())?;
-        self.spaces.pin_deep(x[dim], &format!("normalised by {context}"));
+        let reason = format!("normalised by {context}");
+        if self.routers.contains(&id) {
+            self.pending_router_pins.push((x[dim], reason));
+        } else {
+            self.spaces.pin_deep(x[dim], &reason);
+        }
         Some(Val::Tensor(x))
+    }
+
+    /// `topk(x, k, dim)`: values and indices share x's other dimensions and a new k-dimension; the
+    /// indices' values point into x's searched dimension (a router's experts).
+    fn topk(&mut self, id: usize, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let k = self.arg(node, 1, "k")?.as_u64()?;
+        let dim = Self::normalize_dim(self.arg(node, 2, "dim").and_then(Value::as_i64).unwrap_or(-1), x.len())?;
+        let searched = x[dim];
+        self.spaces.note(searched, format!("top-{k} chosen by {context}: at least {k} must stay"));
+        let mut out = x;
+        out[dim] = self.spaces.fresh(k);
+        self.index_values.insert(id, searched);
+        Some(Val::Tuple(vec![Some(out.clone()), Some(out)]))
+    }
+
+    /// `x[..., idx, ...]` (`aten.index.Tensor`, adjacent index tensors). An index tensor whose values
+    /// are known to point into a space (the experts `topk` chose) couples the indexed dimension
+    /// with that space: `gate_up_proj[top_k_index]` makes the expert dimension of the stacked
+    /// weights the router's rows. Any other gather pins the dimension it gathers along; the other
+    /// dimensions pass through (gathering hidden states by token keeps the hidden channels).
+    fn index(&mut self, node: &Node, context: &str) -> Option<Val> {
+        let x = self.tensor_arg(node, 0)?;
+        let shape = node.shape.clone()?;
+        let list = self.arg(node, 1, "indices")?.as_array()?;
+        let positions: Vec<(usize, usize)> = list.iter().enumerate().filter_map(|(d, v)| as_node(v).map(|i| (d, i))).collect();
+        let (first, last) = (positions.first()?.0, positions.last()?.0);
+        if last + 1 - first != positions.len() || last >= x.len() {
+            return None;
+        }
+        let index_dims: Vec<Dims> = positions
+            .iter()
+            .map(|&(_, i)| match &self.values[i] {
+                Val::Tensor(dims) => Some(dims.clone()),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        for &(d, i) in &positions {
+            match self.index_values.get(&i).copied() {
+                Some(space) if self.size(space) == self.size(x[d]) => {
+                    self.spaces.unify(x[d], space, context);
+                    self.spaces.tag(space, Tag::Experts);
+                }
+                _ => self.spaces.pin_deep(x[d], &format!("{context} gathers along this dimension by computed indices")),
+            }
+        }
+        let rank = index_dims.iter().map(Vec::len).max()?;
+        let gathered = if index_dims.len() == 1 {
+            index_dims[0].clone()
+        } else {
+            let out = self.fresh_from(shape.get(first..first + rank)?);
+            for dims in &index_dims {
+                self.broadcast_into(dims, &out, context);
+            }
+            out
+        };
+        let mut out = x[..first].to_vec();
+        out.extend(gathered);
+        out.extend_from_slice(&x[last + 1..]);
+        (out.len() == shape.len()).then_some(Val::Tensor(out))
     }
 
     fn reduction(&mut self, node: &Node, context: &str) -> Option<Val> {
@@ -842,7 +986,7 @@ mod tests {
 
     use super::*;
     use crate::graph::spaces::Occurrence;
-    use crate::graph::test_ir::{attention, embed, lm_head, n, swiglu, Ir, SEQ};
+    use crate::graph::test_ir::{attention, embed, lm_head, n, routed_experts, swiglu, Ir, SEQ};
 
     impl Propagation {
         fn root(&mut self, param: &str, dim: usize) -> SpaceId {
@@ -1069,6 +1213,62 @@ mod tests {
         let (a_rows, b_rows) = (p.root("a", 0), p.root("b", 0));
         let leaves = p.leaves("c", 1);
         assert_eq!(leaves.iter().map(|o| (o.root, o.offset)).collect::<Vec<_>>(), [(a_rows, 0), (b_rows, 4)]);
+    }
+
+    #[test]
+    fn top_k_indices_gathering_stacked_weights_couple_their_expert_dimension_with_the_router_rows() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = routed_experts(&mut ir, x, "moe", 8, 4, 6, 2);
+        let out = lm_head(&mut ir, y, 16, 8);
+        let mut p = run(&ir, &[out]);
+        assert!(p.coupled(("moe.gate.weight", 0), ("moe.experts.gate_up_proj", 0)));
+        assert!(p.coupled(("moe.gate.weight", 0), ("moe.experts.down_proj", 0)));
+        let experts = p.root("moe.gate.weight", 0);
+        assert!(p.spaces.tags(experts).contains(&Tag::Experts));
+        assert_eq!(p.pinned_reason("moe.gate.weight", 0), None, "the router softmax does not pin the experts");
+        let notes: Vec<String> = p.spaces.notes(experts).into_iter().collect();
+        assert!(notes.iter().any(|n| n.contains("the softmax renormalises over the experts that stay")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.starts_with("top-2 chosen by aten.topk.default") && n.ends_with("at least 2 must stay")),
+            "{notes:?}"
+        );
+        // Inside each expert: gate and up halves of the fused rows are the down projection's columns.
+        let down_columns = p.root("moe.experts.down_proj", 2);
+        let halves: Vec<(SpaceId, u64)> = p.leaves("moe.experts.gate_up_proj", 1).iter().map(|o| (o.root, o.offset)).collect();
+        assert_eq!(halves, [(down_columns, 0), (down_columns, 6)]);
+        // The gathers keep the hidden stream: gathered rows by token, expert weights by expert.
+        for (param, dim) in [("moe.experts.gate_up_proj", 2), ("moe.experts.down_proj", 1), ("moe.gate.weight", 1)] {
+            assert!(p.coupled((param, dim), ("model.embed.weight", 1)), "{param} dim {dim}");
+            assert_eq!(p.pinned_reason(param, dim), None);
+        }
+    }
+
+    #[test]
+    fn a_softmax_searched_by_top_k_whose_indices_pick_nothing_is_pinned() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let w = ir.param("w", &[4, 8]);
+        let logits = ir.op("linear.default", json!([n(x), n(w)]), &[1, SEQ, 4]);
+        let probabilities = ir.op("softmax.int", json!([n(logits), -1]), &[1, SEQ, 4]);
+        let top = ir.op_tuple("topk.default", json!([n(probabilities), 2]), &[&[1, SEQ, 2], &[1, SEQ, 2]]);
+        let mut p = run(&ir, &[top[0]]);
+        assert_eq!(p.pinned_reason("w", 0).as_deref(), Some("normalised by aten.softmax.int at node 5"));
+    }
+
+    #[test]
+    fn a_gather_by_computed_indices_pins_the_gathered_dimension_only() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let flat = ir.op("view.default", json!([n(x), [-1, 8]]), &[SEQ, 8]);
+        let positions = ir.op("arange.default", json!([SEQ]), &[SEQ]);
+        let gathered = ir.op("index.Tensor", json!([n(flat), [n(positions)]]), &[SEQ, 8]);
+        let table = ir.param("table", &[5, 8]);
+        let rows = ir.op("index.Tensor", json!([n(table), [n(positions)]]), &[SEQ, 8]);
+        let sum = ir.op("add.Tensor", json!([n(gathered), n(rows)]), &[SEQ, 8]);
+        let mut p = run(&ir, &[sum]);
+        assert!(p.pinned_reason("table", 0).is_some_and(|r| r.ends_with("gathers along this dimension by computed indices")));
+        assert!(p.coupled(("table", 1), ("model.embed.weight", 1)));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum Tag {
     Hidden,
     /// Created by `expand`/`repeat`: the same data seen several times (GQA's query heads per KV head).
     Broadcast,
+    /// Picked by a router's top-k indices (`gate_up_proj[top_k_index]`): the experts of an MoE layer.
+    Experts,
 }
 
 #[derive(Debug, Clone)]

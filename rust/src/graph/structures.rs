@@ -14,7 +14,7 @@ use super::spaces::{SpaceId, Tag};
 /// an extension built from other sources than the Python reading it fails loudly instead of being
 /// misread. Bump `VERSION` on any change a reader could notice.
 pub const FORMAT: &str = "structprune.structures";
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,6 +29,12 @@ pub enum Kind {
     Hidden,
     /// Any other channel space, e.g. MLP intermediate channels.
     Channels,
+    /// Mixture of experts: a unit is one routed expert, its router row and its slice of every
+    /// stacked expert weight.
+    Experts,
+    /// Mixture of experts: a unit is one intermediate channel, in every expert of the layer at once
+    /// (stacked expert weights hold one width for all experts).
+    ExpertChannels,
 }
 
 /// Indices of unit `u` along `dim` of `param`: `offset + u·stride + Σ j_k·free_k.1`, `j_k < free_k.0`.
@@ -128,6 +134,7 @@ pub fn extract(graph: &Graph, mut propagation: Propagation) -> StructureSet {
     pinned.sort_by(|a, b| (&a.param, a.dim, &a.reason).cmp(&(&b.param, b.dim, &b.reason)));
     pinned.dedup_by(|a, b| a.param == b.param && a.dim == b.dim && a.reason == b.reason);
 
+    let expert_params = stacked_expert_params(&propagation.param_dims, spaces);
     let layer_of = |name: &str| graph.layers.as_ref().and_then(|l| layer_index(&l.prefix, name));
     let mut structures = Vec::new();
     let mut id_of_root = BTreeMap::new();
@@ -136,12 +143,16 @@ pub fn extract(graph: &Graph, mut propagation: Propagation) -> StructureSet {
         let tags = spaces.tags(root);
         let kind = if tags.contains(&Tag::Hidden) {
             Kind::Hidden
+        } else if tags.contains(&Tag::Experts) {
+            Kind::Experts
         } else if tags.contains(&Tag::KvHeads) && tags.contains(&Tag::QueryHeads) {
             Kind::Heads
         } else if tags.contains(&Tag::KvHeads) {
             Kind::KvGroups
         } else if tags.contains(&Tag::QueryHeads) {
             Kind::QueryHeads
+        } else if members.iter().all(|m| expert_params.contains(&m.param)) {
+            Kind::ExpertChannels
         } else {
             Kind::Channels
         };
@@ -170,6 +181,16 @@ pub fn extract(graph: &Graph, mut propagation: Propagation) -> StructureSet {
         expand_layers(&mut set, layers);
     }
     set
+}
+
+/// Parameters with an experts dimension (stacked expert weights, routers): a channel space found
+/// only in them is a width inside the experts.
+fn stacked_expert_params(param_dims: &BTreeMap<String, Vec<SpaceId>>, spaces: &mut super::spaces::Spaces) -> BTreeSet<String> {
+    param_dims
+        .iter()
+        .filter(|(_, dims)| dims.iter().any(|&d| spaces.tags(d).contains(&Tag::Experts)))
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// Parameters removed with one unit: per parameter, everything outside the surviving sub-block (a
@@ -268,7 +289,7 @@ fn expand_layers(set: &mut StructureSet, layers: &Layers) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::test_ir::{attention, embed, lm_head, n, swiglu, Ir, SEQ};
+    use crate::graph::test_ir::{attention, embed, lm_head, n, routed_experts, swiglu, Ir, SEQ};
 
     /// The structures of `ir` with `x` fed to a 16-word head as the model output.
     fn with_head(mut ir: Ir, x: usize) -> StructureSet {
@@ -433,6 +454,34 @@ mod tests {
             let groups = &set.structures[slots.nested_in.expect("slots nest in groups")];
             assert_eq!((groups.kind, groups.layer), (Kind::KvGroups, slots.layer));
         }
+    }
+
+    #[test]
+    fn routed_experts_give_expert_and_expert_channel_structures() {
+        let mut ir = Ir::default();
+        let x = embed(&mut ir, 16, 8);
+        let y = routed_experts(&mut ir, x, "moe", 8, 4, 6, 2);
+        let set = with_head(ir, y);
+        let of_kind = |kind| set.structures.iter().find(|s| s.kind == kind).expect("a structure of each MoE kind");
+        let experts = of_kind(Kind::Experts);
+        assert_eq!(experts.units, 4);
+        assert_eq!(
+            experts.members,
+            [
+                member("moe.experts.down_proj", 0, 1, &[]),
+                member("moe.experts.gate_up_proj", 0, 1, &[]),
+                member("moe.gate.weight", 0, 1, &[])
+            ]
+        );
+        // An expert: its [12, 8] fused gate/up rows, its [8, 6] down projection, its router row.
+        assert_eq!(experts.unit_params, 12 * 8 + 8 * 6 + 8);
+        let channels = of_kind(Kind::ExpertChannels);
+        assert_eq!(channels.units, 6);
+        let up_half = Member { offset: 6, ..member("moe.experts.gate_up_proj", 1, 1, &[]) };
+        assert_eq!(channels.members, [member("moe.experts.down_proj", 2, 1, &[]), member("moe.experts.gate_up_proj", 1, 1, &[]), up_half]);
+        // A channel: two rows and a column in each of the 4 experts.
+        assert_eq!(channels.unit_params, 4 * (2 * 8 + 8));
+        assert!(set.structures.iter().all(|s| s.kind != Kind::Channels));
     }
 
     #[test]

@@ -113,3 +113,38 @@ pub fn attention(ir: &mut Ir, x: usize, prefix: &str, heads: u64, kv_heads: u64,
     let out = ir.op("linear.default", json!([n(merged), n(o)]), &[1, SEQ, hidden]);
     ir.op("add.Tensor", json!([n(x), n(out)]), &[1, SEQ, hidden])
 }
+
+/// A routed-expert layer as transformers' `batched_mm` experts trace: `softmax(router(x))`, its
+/// top-`k` indices gathering the stacked `{prefix}.experts.gate_up_proj` `[experts, 2·width,
+/// hidden]` and `down_proj` `[experts, hidden, width]`, batched products, the outputs weighted by
+/// the top-k probabilities and summed per token, added to `x`.
+pub fn routed_experts(ir: &mut Ir, x: usize, prefix: &str, hidden: u64, experts: u64, width: u64, k: u64) -> usize {
+    let router = ir.param(&format!("{prefix}.gate.weight"), &[experts, hidden]);
+    let gate_up = ir.param(&format!("{prefix}.experts.gate_up_proj"), &[experts, 2 * width, hidden]);
+    let down = ir.param(&format!("{prefix}.experts.down_proj"), &[experts, hidden, width]);
+    let pairs = SEQ * k;
+    let flat = ir.op("view.default", json!([n(x), [-1, hidden]]), &[SEQ, hidden]);
+    let logits = ir.op("linear.default", json!([n(flat), n(router)]), &[SEQ, experts]);
+    let probabilities = ir.op("softmax.int", json!([n(logits), -1]), &[SEQ, experts]);
+    let top = ir.op_tuple("topk.default", json!([n(probabilities), k]), &[&[SEQ, k], &[SEQ, k]]);
+    let weights = ir.op("reshape.default", json!([n(top[0]), [-1]]), &[pairs]);
+    let ids = ir.op("reshape.default", json!([n(top[1]), [-1]]), &[pairs]);
+    let repeated = ir.op("repeat_interleave.self_int", json!([n(flat), k, 0]), &[pairs, hidden]);
+    let selected = ir.op("index.Tensor", json!([n(gate_up), [n(ids)]]), &[pairs, 2 * width, hidden]);
+    let column = ir.op("unsqueeze.default", json!([n(repeated), -1]), &[pairs, hidden, 1]);
+    let projected = ir.op("bmm.default", json!([n(selected), n(column)]), &[pairs, 2 * width, 1]);
+    let projected = ir.op("squeeze.dim", json!([n(projected), -1]), &[pairs, 2 * width]);
+    let halves = ir.op_tuple("chunk.default", json!([n(projected), 2, -1]), &[&[pairs, width], &[pairs, width]]);
+    let activated = ir.op("silu.default", json!([n(halves[0])]), &[pairs, width]);
+    let product = ir.op("mul.Tensor", json!([n(activated), n(halves[1])]), &[pairs, width]);
+    let selected = ir.op("index.Tensor", json!([n(down), [n(ids)]]), &[pairs, hidden, width]);
+    let column = ir.op("unsqueeze.default", json!([n(product), -1]), &[pairs, width, 1]);
+    let out = ir.op("bmm.default", json!([n(selected), n(column)]), &[pairs, hidden, 1]);
+    let out = ir.op("squeeze.dim", json!([n(out), -1]), &[pairs, hidden]);
+    let weights = ir.op("unsqueeze.default", json!([n(weights), -1]), &[pairs, 1]);
+    let weighted = ir.op("mul.Tensor", json!([n(out), n(weights)]), &[pairs, hidden]);
+    let per_token = ir.op("view.default", json!([n(weighted), [SEQ, k, hidden]]), &[SEQ, k, hidden]);
+    let summed = ir.op("sum.dim_IntList", json!([n(per_token), [1]]), &[SEQ, hidden]);
+    let back = ir.op("reshape.default", json!([n(summed), [1, SEQ, hidden]]), &[1, SEQ, hidden]);
+    ir.op("add.Tensor", json!([n(x), n(back)]), &[1, SEQ, hidden])
+}

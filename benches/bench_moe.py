@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Removing routed experts from a tiny mixture-of-experts model: which saliency keeps the right ones.
+
+The model is a tiny Mixtral (vocabulary and tokenizer of ``demo/model``, hidden 64, 2 layers,
+8 experts of width 128, top-2 routing, 4 query heads over 2 KV heads) trained here briefly
+(``--steps`` AdamW steps on ``demo/text/calib.txt``, windows of 64 tokens, the router's
+load-balancing loss on) and saved to ``--work``; a random model would have nothing worth keeping.
+Then, for 25% and 50% of the experts (2 and 4 of 8 in every layer), it runs
+
+    structprune prune MODEL --structures experts --experts N --expert-saliency S --no-reconstruct \
+        --calib demo/text/calib.txt --samples 32 --seq-len 64 --importance taylor
+
+for S = reap (gate weight × expert output norm over the tokens routed to it), frequency (drop the
+least frequently routed experts: the baseline), importance (Taylor Σ|w·g| on the experts' weights,
+from the streamed backward), and random (``--importance random`` on the weights), each in its own
+process (``--threads``, default 1), and prints a table: held-out perplexity
+(``demo/text/heldout.txt``, windows of 128 tokens), the run's wall time and the process's peak
+RSS. See benches/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo"
+CALIB = DEMO / "text" / "calib.txt"
+HELDOUT = DEMO / "text" / "heldout.txt"
+EXPERTS = 8
+SALIENCIES: Tuple[Tuple[str, str, str], ...] = (
+    ("reap", "reap", "taylor"),
+    ("frequency", "frequency", "taylor"),
+    ("taylor", "importance", "taylor"),
+    ("random", "importance", "random"),
+)
+"""(label, --expert-saliency, --importance)."""
+
+
+@dataclass
+class Row:
+    saliency: str
+    removed: int
+    perplexity: float
+    seconds: float
+    peak_rss_mib: float
+
+
+def train_tiny_mixtral(out: Path, *, steps: int, seed: int = 0) -> float:
+    """A tiny Mixtral trained ``steps`` steps on the calibration text; returns the seconds taken."""
+    from structprune.models.loading import load_tokenizer
+    from structprune.score.calibration import calibration_batch, load_texts
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(DEMO / "model")
+    config = transformers.MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=2, max_position_embeddings=256,
+        output_router_logits=True, router_aux_loss_coef=0.02, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    windows = calibration_batch(load_texts(CALIB), tokenizer, samples=steps * 8, seq_len=64, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    started = time.perf_counter()
+    model.train()
+    for batch in windows.split(8):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - started
+    model.eval()
+    model.config.output_router_logits = False
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "model" / name, out / name)
+    return seconds
+
+
+def perplexity(model_dir: Path) -> float:
+    from structprune.evaluate.perplexity import perplexity_of_text
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return perplexity_of_text(model, HELDOUT, window=128, tokenizer=None).perplexity
+
+
+def prune_in_child(model: Path, out: Path, removed: int, saliency: str, importance: str) -> Tuple[float, float]:
+    """Runs ``structprune prune`` in a child process: (wall seconds, the child's peak RSS in MiB)."""
+    command = [
+        sys.executable, "-m", "structprune", "prune", str(model), "-o", str(out), "--overwrite", "--ratio", "0.9",
+        "--structures", "experts", "--experts", str(removed), "--expert-saliency", saliency, "--importance", importance,
+        "--no-reconstruct", "--calib", str(CALIB), "--samples", "32", "--seq-len", "64", "--threads", str(torch.get_num_threads()),
+    ]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = child.stderr.read().decode() if child.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def run(work: Path, steps: int, fractions: Sequence[float]) -> List[Row]:
+    model = work / "tiny-mixtral"
+    if not (model / "config.json").exists():
+        seconds = train_tiny_mixtral(model, steps=steps)
+        print(f"trained {model} for {steps} steps in {seconds:.0f} s", file=sys.stderr)
+    rows = [Row("dense", 0, perplexity(model), 0.0, 0.0)]
+    for fraction in fractions:
+        removed = round(EXPERTS * fraction)
+        for label, saliency, importance in SALIENCIES:
+            out = work / f"pruned-{label}-{removed}"
+            seconds, rss = prune_in_child(model, out, removed, saliency, importance)
+            rows.append(Row(label, removed, perplexity(out), seconds, rss))
+            print(f"{label} -{removed}: done", file=sys.stderr)
+    return rows
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    print(f"{'saliency':<10} {'experts removed':>16} {'perplexity':>11} {'time (s)':>9} {'peak RSS (MiB)':>15}")
+    for r in rows:
+        removed = f"{r.removed}/{EXPERTS} ({100 * r.removed / EXPERTS:.0f}%)" if r.removed else "-"
+        timing = f"{r.seconds:9.1f} {r.peak_rss_mib:15.0f}" if r.removed else f"{'-':>9} {'-':>15}"
+        print(f"{r.saliency:<10} {removed:>16} {r.perplexity:11.2f} {timing}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/structprune-bench-moe"), help="Where the trained model and the outputs go (the model is reused).")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps of the tiny model (batches of 8 windows of 64 tokens).")
+    parser.add_argument("--threads", type=int, default=1, help="Torch threads, here and in the pruning runs (one is fastest on a busy machine).")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print_table(run(args.work, args.steps, (0.25, 0.5)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Mixture-of-experts models: the routed-expert pattern found in the traced graph, whole experts and
+expert channels cut from per-expert checkpoint tensors, and the pruned model checked against the
+original with those experts masked out of the router (or those channels zeroed)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner, Result
+
+from structprune import apply_plan, trace
+from structprune.cli import main
+from structprune.errors import PlanError
+from structprune.models.loading import load_tokenizer
+from structprune.plan.cut_plan import CutPlan, TensorCut
+from structprune.plan.cuts import Selection, checkpoint_cut_plan
+from structprune.plan.selection import Target, plan_global
+from structprune.score.calibration import calibration_batch, load_texts
+from structprune.score.routing import calibration_routing
+from structprune.score.scorer import Scores
+from structprune.tracing.graph import StructureGraph
+
+COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+# Tiny random configs, fp32: Mixtral (experts only), Qwen2-MoE (a shared expert beside the routed
+# ones, its own sigmoid gate), OLMoE (q/k norms over the whole projection), Qwen3-MoE (per-head q/k
+# norms, top-k weights renormalised).
+CONFIGS: Dict[str, Callable[[], Any]] = {
+    "mixtral": lambda: transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **COMMON),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6,
+        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], **COMMON,
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(intermediate_size=24, num_experts=6, num_experts_per_tok=2, **COMMON),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        intermediate_size=64, moe_intermediate_size=16, num_experts=5, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], head_dim=8, **COMMON,
+    ),
+}
+EXPERTS = {"mixtral": 4, "qwen2_moe": 6, "olmoe": 6, "qwen3_moe": 5}
+WIDTH = {"mixtral": 48, "qwen2_moe": 24, "olmoe": 24, "qwen3_moe": 16}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def moe_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = CONFIGS[request.param]()
+    config.pad_token_id = config.eos_token_id = config.bos_token_id = 0
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(path)
+    return path
+
+
+def _model_type(path: Path) -> str:
+    return str(transformers.AutoConfig.from_pretrained(path).model_type)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(1, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _load(path: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _routers(model: Any) -> List[torch.Tensor]:
+    """Each MoE layer's router weight, in layer order."""
+    return [layer.mlp.gate.weight for layer in model.model.layers]
+
+
+@contextlib.contextmanager
+def _experts_masked(model: Any, removed: Mapping[int, List[int]]) -> Iterator[None]:
+    """Router logits of the ``removed`` experts (per layer) set to -inf before the softmax: the
+    original model choosing among the other experts only."""
+    routers = {id(weight): layer for layer, weight in enumerate(_routers(model))}
+    linear = torch.nn.functional.linear
+
+    def masked(x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
+        out = linear(x, weight, bias)
+        layer = routers.get(id(weight))
+        if layer is not None and removed.get(layer):
+            out = out.clone()
+            out[..., removed[layer]] = float("-inf")
+        return out
+
+    torch.nn.functional.linear = masked
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def _prune(path: Path, graph: StructureGraph, selection: Selection, out: Path) -> Any:
+    plan = checkpoint_cut_plan(path, graph, selection)
+    report = apply_plan(path, plan, out)
+    assert report.shape_check.checked, report.shape_check.note
+    return plan
+
+
+def test_traced_structures_hold_experts_and_expert_channels_and_keep_heads_and_hidden(moe_model: Path) -> None:
+    model_type = _model_type(moe_model)
+    graph = trace(moe_model)
+    experts, channels = graph.by_kind("experts"), graph.by_kind("expert_channels")
+    assert [s.layer for s in experts] == [0, 1, 2] and [s.layer for s in channels] == [0, 1, 2]
+    assert {s.units for s in experts} == {EXPERTS[model_type]}
+    assert {s.units for s in channels} == {WIDTH[model_type]}
+    members = {(m.param.split(".", 3)[-1], m.dim) for m in experts[0].members}
+    assert members == {("mlp.experts.gate_up_proj", 0), ("mlp.experts.down_proj", 0), ("mlp.gate.weight", 0)}
+    assert any("renormalises over the experts that stay" in note for note in experts[0].notes)
+    # The routing gathers no longer pin the hidden stream or the attention heads.
+    assert graph.by_kind("hidden") and (graph.by_kind("kv_groups") or graph.by_kind("heads"))
+    shared = [s for s in graph.by_kind("channels") if s.layer == 0]
+    assert [s.units for s in shared] == ([40] if model_type == "qwen2_moe" else [])
+
+
+def test_pruning_experts_equals_masking_them_out_of_the_router(moe_model: Path, tmp_path: Path) -> None:
+    graph = trace(moe_model)
+    removed = {0: [1], 1: [0], 2: [EXPERTS[_model_type(moe_model)] - 1]}
+    selection = Selection(units={s.id: removed[s.layer] for s in graph.by_kind("experts")})
+    plan = _prune(moe_model, graph, selection, tmp_path / "out")
+    original = _load(moe_model)
+    with _experts_masked(original, removed):
+        expected = _logits(original)
+    pruned = _load(tmp_path / "out")
+    assert pruned.config.num_experts_per_tok == 2
+    assert all(weight.shape[0] == EXPERTS[_model_type(moe_model)] - 1 for weight in _routers(pruned))
+    torch.testing.assert_close(_logits(pruned), expected, rtol=1e-5, atol=1e-5)
+    # The experts above a removed one moved down a place, on disk.
+    renamed = [cut.rename for cut in plan.tensors.values() if cut.rename]
+    assert renamed and all(".experts." in name for name in renamed)
+
+
+def test_pruning_expert_channels_equals_zeroing_them(moe_model: Path, tmp_path: Path) -> None:
+    graph = trace(moe_model)
+    # Four channels: transformers' grouped GEMM wants expert rows of a multiple of 16 bytes on CPU.
+    channels = [0, 3, 7, 9]
+    selection = Selection(units={s.id: channels for s in graph.by_kind("expert_channels")})
+    _prune(moe_model, graph, selection, tmp_path / "out")
+    original = _load(moe_model)
+    with torch.no_grad():
+        for layer in original.model.layers:
+            layer.mlp.experts.down_proj[:, :, channels] = 0
+    pruned = _load(tmp_path / "out")
+    width = WIDTH[_model_type(moe_model)]
+    assert pruned.model.layers[0].mlp.experts.down_proj.shape[-1] == width - len(channels)
+    torch.testing.assert_close(_logits(pruned), _logits(original), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_and_expert_channels_cut_together_equal_masking_and_zeroing(moe_model: Path, tmp_path: Path) -> None:
+    graph = trace(moe_model)
+    units = {s.id: [0] for s in graph.by_kind("experts")}
+    units.update({s.id: [1, 2, 5, 8] for s in graph.by_kind("expert_channels")})
+    _prune(moe_model, graph, Selection(units=units), tmp_path / "out")
+    original = _load(moe_model)
+    with torch.no_grad():
+        for layer in original.model.layers:
+            layer.mlp.experts.down_proj[:, :, [1, 2, 5, 8]] = 0
+    with _experts_masked(original, {layer: [0] for layer in range(3)}):
+        expected = _logits(original)
+    torch.testing.assert_close(_logits(_load(tmp_path / "out")), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_channels_of_an_moe_model_are_cut_through_the_experts(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "mixtral"
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["mixtral"](), dtype=torch.float32).save_pretrained(path)
+    graph = trace(path)
+    selection = Selection(units={s.id: [5, 6, 9, 20] for s in graph.by_kind("hidden")})
+    _prune(path, graph, selection, tmp_path / "out")
+    pruned = _load(tmp_path / "out")
+    assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 96, 28)
+    assert torch.isfinite(_logits(pruned)).all()
+
+
+def test_non_uniform_expert_counts_are_refused_naming_the_options(moe_model: Path) -> None:
+    graph = trace(moe_model)
+    experts = graph.by_kind("experts")
+    selection = Selection(units={experts[0].id: [0], experts[1].id: [0, 1]})
+    with pytest.raises(PlanError, match=r"one (num_local_experts|num_experts) for every layer.*layer 0: \d+, layer 1: \d+.*--global.*--experts N"):
+        checkpoint_cut_plan(moe_model, graph, selection)
+
+
+def test_fewer_experts_than_the_router_picks_are_refused(moe_model: Path) -> None:
+    graph = trace(moe_model)
+    keep_one = list(range(EXPERTS[_model_type(moe_model)] - 1))
+    selection = Selection(units={s.id: keep_one for s in graph.by_kind("experts")})
+    with pytest.raises(PlanError, match="fewer than the 2 the router picks per token"):
+        checkpoint_cut_plan(moe_model, graph, selection)
+
+
+DEMO = Path(__file__).resolve().parent.parent / "demo"
+
+
+@pytest.fixture(scope="module")
+def mixtral_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Mixtral over the demo model's 4096-token vocabulary, with its tokenizer."""
+    torch.manual_seed(0)
+    config = CONFIGS["mixtral"]()
+    config.vocab_size = 4096
+    config.pad_token_id = config.eos_token_id = config.bos_token_id = 0
+    path = tmp_path_factory.mktemp("mixtral-tok") / "model"
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "model" / name, path / name)
+    return path
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+CALIB = ("--calib", str(DEMO / "text" / "calib.txt"), "--samples", "4", "--seq-len", "32")
+
+
+@pytest.mark.parametrize("saliency", ["reap", "frequency", "importance"])
+def test_experts_option_removes_exactly_that_many_per_layer(mixtral_with_tokenizer: Path, tmp_path: Path, saliency: str) -> None:
+    out = tmp_path / "out"
+    result = _cli(
+        "prune", str(mixtral_with_tokenizer), "-o", str(out), "--ratio", "0.3", "--structures", "experts,expert-channels",
+        "--experts", "1", "--expert-saliency", saliency, "--importance", "taylor", *CALIB,
+    )
+    assert result.exit_code == 0, result.output
+    pruned = _load(out)
+    assert pruned.config.num_local_experts == 3
+    assert all(weight.shape[0] == 3 for weight in _routers(pruned))
+    assert pruned.config.intermediate_size < 48 and pruned.config.intermediate_size % 8 == 0
+    assert torch.isfinite(_logits(pruned)).all()
+
+
+def test_reap_ranks_experts_by_gate_weight_times_output_norm(mixtral_with_tokenizer: Path) -> None:
+    graph = trace(mixtral_with_tokenizer)
+    stats = calibration_routing(mixtral_with_tokenizer, graph, DEMO / "text" / "calib.txt", samples=2, seq_len=16)
+    model = _load(mixtral_with_tokenizer)
+    ids = calibration_batch(load_texts(DEMO / "text" / "calib.txt"), load_tokenizer(mixtral_with_tokenizer), samples=2, seq_len=16, seed=0)
+    hidden: Dict[str, torch.Tensor] = {}
+
+    def keep_input(_module: Any, args: Any) -> None:
+        hidden["x"] = args[0].reshape(-1, args[0].shape[-1])
+
+    model.model.layers[0].mlp.register_forward_pre_hook(keep_input)
+    with torch.no_grad():
+        model(ids)
+        moe = model.model.layers[0].mlp
+        _, weights, index = moe.gate(hidden["x"])
+        expected_chosen = torch.bincount(index.reshape(-1), minlength=4).double()
+        expected = torch.zeros(4, dtype=torch.float64)
+        for e in range(4):
+            # The expert's own output, computed from its slices of the stacked weights.
+            gate, up = torch.nn.functional.linear(hidden["x"], moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
+            out = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, moe.experts.down_proj[e])
+            tokens, slots = torch.nonzero(index == e, as_tuple=True)
+            expected[e] = (weights[tokens, slots].double() * out[tokens].double().norm(dim=-1)).sum() / max(len(tokens), 1)
+    torch.testing.assert_close(torch.from_numpy(stats[0].chosen), expected_chosen)
+    torch.testing.assert_close(torch.from_numpy(stats[0].saliency("reap")), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_global_planning_of_experts_is_refused_when_counts_differ_per_layer(mixtral_with_tokenizer: Path) -> None:
+    graph = trace(mixtral_with_tokenizer)
+    experts = graph.by_kind("experts")
+    scores = Scores(estimator="test", reduction="sum", units={s.id: np.arange(float(s.units)) * (1 + 100 * (s.layer or 0)) for s in graph.structures})
+    target = Target(ratio=0.05, structures=("experts",), min_experts=2)
+    selection = plan_global(graph, scores, target)
+    assert len({len(selection.units.get(s.id, [])) for s in experts}) > 1, "the scores favour layer 0's experts"
+    with pytest.raises(PlanError, match="--global.*--experts N"):
+        checkpoint_cut_plan(mixtral_with_tokenizer, graph, selection)
+
+
+def test_inspect_shows_experts_and_their_routing_share(mixtral_with_tokenizer: Path) -> None:
+    result = _cli("inspect", str(mixtral_with_tokenizer), "--no-cache", *CALIB)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^experts\s+0-2\s+4\s", result.output, re.MULTILINE)
+    assert re.search(r"^expert_channels\s+0-2\s+48\s", result.output, re.MULTILINE)
+    shares = re.findall(r"layer\s+(\d)\s+((?:[\d.]+%\s*){4})", result.output)
+    assert [layer for layer, _ in shares] == ["0", "1", "2"]
+    for _, cells in shares:
+        assert sum(float(c) for c in re.findall(r"([\d.]+)%", cells)) == pytest.approx(100, abs=0.3)
+
+
+@pytest.mark.parametrize("importance", ["wanda-sp", "flap"])
+def test_activation_estimators_are_refused_for_expert_channels_naming_the_option(mixtral_with_tokenizer: Path, importance: str) -> None:
+    result = CliRunner().invoke(main, [
+        "prune", str(mixtral_with_tokenizer), "--dry-run", "--ratio", "0.2", "--structures", "expert-channels", "--importance", importance, *CALIB,
+    ])
+    assert result.exit_code == 2
+    assert "--importance" in result.output and "stacked expert weights" in result.output
+
+
+def test_apply_refuses_a_plan_that_drops_an_expert_but_leaves_the_config_alone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "mixtral"
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["mixtral"](), dtype=torch.float32).save_pretrained(path)
+    # Expert 3's tensors dropped, its router row and the config left as they are.
+    dropped = [f"model.layers.{layer}.block_sparse_moe.experts.3.{w}.weight" for layer in range(3) for w in ("w1", "w2", "w3")]
+    plan = CutPlan(tensors={name: TensorCut(drop=True) for name in dropped})
+    with pytest.raises(PlanError, match=r"lacks expert 3 of 'model\.layers\.0\.mlp\.experts\.down_proj'.*4 experts"):
+        apply_plan(path, plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (("--structures", "heads", "--experts", "1", "--importance", "taylor"), "--experts: removes routed experts: it needs experts among --structures"),
+        (("--structures", "experts", "--importance", "obs"), "--importance: 'obs' (the default) chooses units while reconstructing"),
+        (("--structures", "experts", "--importance", "taylor", "--reconstruct"), "--reconstruct: reconstruction refits nn.Linear layers"),
+    ],
+)
+def test_moe_options_are_refused_before_any_work(mixtral_with_tokenizer: Path, tmp_path: Path, options: Sequence[str], refusal: str) -> None:
+    result = CliRunner().invoke(main, ["prune", str(mixtral_with_tokenizer), "-o", str(tmp_path / "out"), "--ratio", "0.2", *options, *CALIB])
+    assert result.exit_code == 2 and refusal in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_experts_than_the_router_can_spare_are_refused(mixtral_with_tokenizer: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, [
+        "prune", str(mixtral_with_tokenizer), "-o", str(tmp_path / "out"), "--ratio", "0.5", "--structures", "experts",
+        "--experts", "3", "--importance", "taylor", *CALIB,
+    ])
+    assert result.exit_code != 0
+    assert "--experts 3: layers have 4 experts and the router picks 2 per token, so at most 2 can go" in result.output
