@@ -193,3 +193,29 @@ def test_entropy_is_the_gaussian_entropy_of_each_consumed_input_channel() -> Non
     torch.testing.assert_close(scores[:5], expected)
     assert scores[5] == 0.5 * math.log(2 * math.pi * math.e * torch.finfo(torch.float64).tiny)  # a constant channel: the floor
     assert torch.equal(estimator("entropy").index_scores(ParamStats("o_proj.weight", weight), 0, activation), torch.zeros(4, dtype=torch.float64))
+
+
+def test_kinds_on_one_scale_equalises_each_kinds_score_per_parameter_and_keeps_every_ranking(tiny: Path) -> None:
+    import numpy as np
+
+    from structprune.score.importance import ESTIMATORS
+    from structprune.score.scorer import Scores, kinds_on_one_scale
+
+    graph = trace(tiny)
+    generator = np.random.default_rng(0)
+    scale = {"channels": 1.0, "kv_groups": 40.0, "query_heads": 0.01}  # kinds on unrelated scales
+    scored = [s for s in graph.structures if s.kind in scale]
+    raw = Scores(estimator="test", reduction="sum", units={s.id: generator.random(s.units) * scale[s.kind] for s in scored})
+    raw.per_group = {s.id: raw.units[s.id][None, :].repeat(2, axis=0) for s in scored if s.kind == "query_heads"}
+    fixed = kinds_on_one_scale(graph, raw)
+    per_parameter = {}
+    for s in scored:
+        per_parameter.setdefault(s.kind, []).append(float(np.mean(fixed.units[s.id])) / s.unit_params)
+        ratio = fixed.units[s.id] / raw.units[s.id]
+        np.testing.assert_allclose(ratio, ratio[0])  # one factor per kind: every ranking kept
+        if s.id in raw.per_group:
+            np.testing.assert_allclose(fixed.per_group[s.id], raw.per_group[s.id] * ratio[0])
+    means = [float(np.mean(v)) for v in per_parameter.values()]
+    np.testing.assert_allclose(means, means[0])
+    assert not ESTIMATORS["head-gate"].kinds_share_a_scale and not ESTIMATORS["lora-grad"].kinds_share_a_scale
+    assert ESTIMATORS["taylor"].kinds_share_a_scale  # a loss change is one scale: left as it is

@@ -36,7 +36,7 @@ from structprune.score.journal import Journal, default_directory, run_key
 from structprune.score.lora_probes import adapter_sha256, check_adapter_dir
 from structprune.score.routing import SALIENCIES as ROUTING_SALIENCIES
 from structprune.score.routing import expert_saliency, routing_stats
-from structprune.score.scorer import REDUCTIONS, Scores, score
+from structprune.score.scorer import REDUCTIONS, Scores, kinds_on_one_scale, score
 from structprune.score.streaming import StreamedModel
 from structprune.tracing.graph import KINDS, StructureGraph, trace
 
@@ -171,6 +171,8 @@ def make_plan(
         torch.cuda.reset_peak_memory_stats(device)
     scores = _score(model, graph, importance, input_ids, options, workers=workers, resume=resume, progress=progress)
     scores = _routed_expert_scores(model, graph, scores, input_ids, options, workers=workers, progress=progress)
+    if not importance.kinds_share_a_scale:
+        scores = kinds_on_one_scale(graph, scores)
     selection, target = plan_selection(model_dir, graph, scores, options)
     protect, multiple = target.protect, target.multiple
     metadata = {

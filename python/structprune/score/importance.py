@@ -64,6 +64,11 @@ class Importance(ABC):
     hands ``index_scores`` one sample's input ``x`` (as ``weight``, ``[tokens, channels]``) and loss
     gradient ``∂L/∂x`` (as ``grad``) at each layer that consumes units (o_proj for heads, down_proj
     for MLP channels), along ``dim`` 1, and sums each sample's finalized unit scores."""
+    kinds_share_a_scale: ClassVar[bool] = True
+    """Whether a unit's score means the same for every kind of structure (a loss change, as
+    Taylor's), so the planner may weigh a head against MLP channels by score per parameter. When
+    not (a gate's derivative for heads and for channels, a low-rank sketch of the gradient), the
+    planner first puts every kind's scores on one scale (``scorer.kinds_on_one_scale``)."""
     adapts: ClassVar[bool] = False
     """Whether gradients come from LoRA adapters on the block's linear layers rather than from the
     weights (``LoraGrad``): the scorer hands ``index_scores`` each linear weight with its adapter
@@ -238,6 +243,9 @@ class HeadGate(TaylorVector):
 
     name = "head-gate"
     gates = True
+    # A head's gate sums x·∂L/∂x over 64+ channels that partly cancel; per parameter it reads ~5x
+    # lower than a channel's on SmolLM2, and the planner then spends the budget on heads.
+    kinds_share_a_scale = False
 
 
 class Bonsai(Importance):
@@ -287,6 +295,7 @@ class LoraGrad(Importance):
     name = "lora-grad"
     needs_gradients = True
     adapts = True
+    kinds_share_a_scale = False  # the sketch's error scales with each layer's width, not with the loss
     rank: ClassVar[int] = 16
     """Rank of the fresh probes (that of recovery's adapters by default)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -469,6 +469,29 @@ def linear_input_dim(module: nn.Module) -> Optional[int]:
     if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
         return 0
     return None
+
+
+def kinds_on_one_scale(graph: StructureGraph, scores: Scores) -> Scores:
+    """``scores`` with each kind's units (heads, KV groups, MLP channels…) rescaled so that every
+    kind's mean score per parameter (over its structures) is the mean of those means: for
+    estimators whose kinds are not on one scale (``Importance.kinds_share_a_scale``), the
+    uniform planner's split of the budget between kinds then follows each kind's ranking, not the
+    estimator's units. Within a kind, order and ratios are unchanged."""
+    per_parameter: Dict[str, List[float]] = defaultdict(list)
+    for structure in graph.structures:
+        units = scores.units.get(structure.id)
+        if units is not None and units.size and structure.unit_params > 0:
+            per_parameter[structure.kind].append(float(np.mean(units)) / structure.unit_params)
+    means = {kind: float(np.mean(values)) for kind, values in per_parameter.items() if np.mean(values) > 0}
+    if len(means) < 2:
+        return scores
+    target = float(np.mean(list(means.values())))
+    factor = {structure.id: target / means[structure.kind] for structure in graph.structures if structure.kind in means}
+    return replace(
+        scores,
+        units={sid: units * factor.get(sid, 1.0) for sid, units in scores.units.items()},
+        per_group={sid: units * factor.get(sid, 1.0) for sid, units in scores.per_group.items()},
+    )
 
 
 def score(
