@@ -100,8 +100,7 @@ pub(crate) fn copy_tensors(
                     return;
                 }
                 let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
-                let copied = worker.copy(checkpoint, layout, inputs, outputs, item, progress);
-                if let Err(err) = copied.and_then(|()| start_writeback(layout, outputs, item)) {
+                if let Err(err) = worker.copy(checkpoint, layout, inputs, outputs, item, progress) {
                     progress.cancel.store(true, Ordering::Relaxed);
                     failure.lock().unwrap().get_or_insert(err);
                     return;
@@ -114,18 +113,6 @@ pub(crate) fn copy_tensors(
         None if progress.cancel.load(Ordering::Relaxed) => Err(Error::Cancelled),
         None => Ok(()),
     }
-}
-
-/// Starts writing a copied work item's output bytes to the disk, without waiting for it: the disk
-/// then writes while the next items are copied, instead of holding gigabytes of dirty pages for the
-/// final `fsync` to write while nothing else happens (on a 10 GB checkpoint the engine took 1.35×
-/// the time of copying and syncing its bytes without this).
-fn start_writeback(layout: &Layout, outputs: &[(PathBuf, File)], item: &WorkItem) -> Result<()> {
-    let t = &layout.tensors[item.tensor];
-    let (out_shard, tensor_offset) = layout.placements[item.tensor];
-    let (start, len) = t.row_span(&item.rows);
-    let (path, file) = &outputs[out_shard];
-    schedule_writeback(file, tensor_offset + start, len).map_err(Error::io(path))
 }
 
 #[cfg(target_os = "linux")]
@@ -216,7 +203,7 @@ impl Worker {
         let (out_path, output) = &outputs[out_shard];
         let target = Target { file: output, path: out_path };
         let at = tensor_offset + start;
-        match &t.data {
+        let copied = match &t.data {
             Data::Stored(tensor) => {
                 let shard = &checkpoint.shards[tensor.shard];
                 let base = shard.header.data_start + checkpoint.entry(*tensor).begin;
@@ -238,7 +225,12 @@ impl Worker {
                 progress.done.fetch_add(len, Ordering::Relaxed);
                 Ok(())
             }
-        }
+        };
+        copied?;
+        // The disk starts writing this item while the next ones are copied, instead of the final
+        // fsync writing gigabytes of dirty pages alone (on a 10 GB checkpoint: 1.35x the floor
+        // without this, 0.99x with it).
+        schedule_writeback(output, at, len).map_err(Error::io(out_path))
     }
 
     /// Copies `len` bytes from `from` of the source to `to`, file to file when the file system
