@@ -145,7 +145,6 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
     from structprune.recover.iterative import IterativeOptions, prune_iteratively
     from structprune.models.loading import load_pruned
     from structprune.prune import PruneOptions, prune
-    from structprune.score.importance import ESTIMATORS
 
     torch.manual_seed(0)
     options = parse_config(args.one)
@@ -160,9 +159,7 @@ def run_one(args: argparse.Namespace) -> Dict[str, Any]:
             result = prune_iteratively(args.model, out, prune_options, IterativeOptions(**iterative)).final
             result.params_before = read_checkpoint(args.model).parameters
         else:
-            # Perturbative scoring (bonsai) keeps no journal, so it is not cached.
-            cache = False if ESTIMATORS[prune_options.importance].perturbs else Path(args.work) / "scores" / key
-            result = prune(args.model, out, prune_options, resume=cache)
+            result = prune(args.model, out, prune_options, resume=Path(args.work) / "scores" / key)
         prune_s = time.perf_counter() - started
         prune_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the evaluation loads the model
         row = {

@@ -1,6 +1,8 @@
 """Mixture-of-experts models: the routed-expert pattern found in the traced graph, whole experts and
 expert channels cut from per-expert checkpoint tensors, and the pruned model checked against the
-original with those experts masked out of the router (or those channels zeroed)."""
+original with those experts masked out of the router (or those channels zeroed); the estimators that
+read layer inputs (wanda-sp, flap, entropy, head-gate, bonsai) checked on expert channels against
+hand computations from each expert's routed tokens."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner, Result
+from torch.nn.utils import parametrize
 
 from structprune import apply_plan, trace
 from structprune.cli import main
@@ -24,8 +27,11 @@ from structprune.plan.cut_plan import CutPlan, TensorCut
 from structprune.plan.cuts import Selection, checkpoint_cut_plan
 from structprune.plan.selection import Target, plan_global
 from structprune.score.calibration import calibration_batch, load_texts
+from structprune.score.distributed import SINGLE
+from structprune.score.importance import Bonsai, estimator
 from structprune.score.routing import calibration_routing
-from structprune.score.scorer import Scores
+from structprune.score.scorer import Scores, _Folder, _MaskedScoring, score
+from structprune.score.streaming import ActivationStore, StreamedModel
 from structprune.tracing.graph import StructureGraph
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
@@ -268,6 +274,20 @@ def test_reap_ranks_experts_by_gate_weight_times_output_norm(mixtral_with_tokeni
     torch.testing.assert_close(torch.from_numpy(stats[0].saliency("reap")), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_routing_runs_each_expert_once_on_its_tokens_not_a_weight_copy_per_token(mixtral_with_tokenizer: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batched_mm`` gathers an expert's weights for every (token, slot): hundreds of GB per
+    micro-batch on a real model, so the routing pass must not run through it."""
+    from transformers.integrations import moe
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("the routing pass ran the experts through batched_mm")
+
+    graph = trace(mixtral_with_tokenizer)  # tracing does use it, on the meta device (plain ATen ops to follow)
+    monkeypatch.setitem(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "batched_mm", refuse)
+    stats = calibration_routing(mixtral_with_tokenizer, graph, DEMO / "text" / "calib.txt", samples=2, seq_len=16)
+    assert stats[0].chosen.sum() == 2 * 16 * 2  # every token chose its top 2
+
+
 def test_global_planning_of_experts_is_refused_when_counts_differ_per_layer(mixtral_with_tokenizer: Path) -> None:
     graph = trace(mixtral_with_tokenizer)
     experts = graph.by_kind("experts")
@@ -290,13 +310,46 @@ def test_inspect_shows_experts_and_their_routing_share(mixtral_with_tokenizer: P
         assert sum(float(c) for c in re.findall(r"([\d.]+)%", cells)) == pytest.approx(100, abs=0.3)
 
 
-@pytest.mark.parametrize("importance", ["wanda-sp", "flap"])
-def test_activation_estimators_are_refused_for_expert_channels_naming_the_option(mixtral_with_tokenizer: Path, importance: str) -> None:
-    result = CliRunner().invoke(main, [
-        "prune", str(mixtral_with_tokenizer), "--dry-run", "--ratio", "0.2", "--structures", "expert-channels", "--importance", importance, *CALIB,
-    ])
+@pytest.mark.parametrize(
+    ("importance", "saliency"), [("wanda-sp", "importance"), ("flap", "reap"), ("entropy", "frequency"), ("head-gate", "reap"), ("bonsai", "reap")],
+)
+def test_estimators_reading_layer_inputs_prune_expert_channels_end_to_end(mixtral_with_tokenizer: Path, tmp_path: Path, importance: str, saliency: str) -> None:
+    out = tmp_path / "out"
+    result = _cli(
+        "prune", str(mixtral_with_tokenizer), "-o", str(out), "--ratio", "0.2", "--structures", "experts,expert-channels",
+        "--experts", "1", "--expert-saliency", saliency, "--importance", importance, *CALIB,
+    )
+    assert result.exit_code == 0, result.output
+    pruned = _load(out)
+    assert pruned.config.num_local_experts == 3
+    assert pruned.config.intermediate_size < 48
+    assert torch.isfinite(_logits(pruned)).all()
+
+
+@pytest.mark.parametrize("importance", ["head-gate", "bonsai"])
+def test_gate_and_mask_estimators_prune_the_heads_of_an_moe_model(mixtral_with_tokenizer: Path, tmp_path: Path, importance: str) -> None:
+    """Whole experts, which no layer consumes, are left out of what they score (the routing scores them)."""
+    out = tmp_path / "out"
+    result = _cli("prune", str(mixtral_with_tokenizer), "-o", str(out), "--ratio", "0.1", "--structures", "heads", "--importance", importance, "--no-reconstruct", *CALIB)
+    assert result.exit_code == 0, result.output
+    config = _load(out).config
+    assert (config.num_attention_heads, config.num_key_value_heads) != (4, 2) and config.num_local_experts == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (("--structures", "expert-channels", "--importance", "lora-grad"), "'lora-grad' cannot score expert channels: it reads LoRA adapters on nn.Linear layers"),
+        (("--structures", "experts", "--expert-saliency", "importance", "--importance", "flap"), "'flap' cannot score whole experts"),
+        (("--structures", "experts", "--expert-saliency", "importance", "--importance", "entropy"), "consumed by the router's weighted sum"),
+        (("--structures", "experts", "--expert-saliency", "importance", "--importance", "bonsai"), "'bonsai' cannot score whole experts: it masks"),
+        (("--structures", "experts", "--expert-saliency", "importance", "--importance", "head-gate"), "'head-gate' cannot score whole experts: it gates"),
+    ],
+)
+def test_estimators_that_cannot_read_stacked_experts_are_refused_naming_why(mixtral_with_tokenizer: Path, options: Sequence[str], refusal: str) -> None:
+    result = CliRunner().invoke(main, ["prune", str(mixtral_with_tokenizer), "--dry-run", "--ratio", "0.2", *options, *CALIB])
     assert result.exit_code == 2
-    assert "--importance" in result.output and "stacked expert weights" in result.output
+    assert "--importance" in result.output and refusal in result.output, result.output
 
 
 def test_apply_refuses_a_plan_that_drops_an_expert_but_leaves_the_config_alone(tmp_path: Path) -> None:
@@ -317,6 +370,7 @@ def test_apply_refuses_a_plan_that_drops_an_expert_but_leaves_the_config_alone(t
         (("--structures", "heads", "--experts", "1", "--importance", "taylor"), "--experts: removes routed experts: it needs experts among --structures"),
         (("--structures", "experts", "--importance", "obs"), "--importance: 'obs' (the default) chooses units while reconstructing"),
         (("--structures", "experts", "--importance", "taylor", "--reconstruct"), "--reconstruct: reconstruction refits nn.Linear layers"),
+        (("--structures", "expert-channels", "--importance", "flap", "--bias-compensation"), "--bias-compensation: routed experts' stacked down projections have no bias"),
     ],
 )
 def test_moe_options_are_refused_before_any_work(mixtral_with_tokenizer: Path, tmp_path: Path, options: Sequence[str], refusal: str) -> None:
@@ -332,3 +386,174 @@ def test_more_experts_than_the_router_can_spare_are_refused(mixtral_with_tokeniz
     ])
     assert result.exit_code != 0
     assert "--experts 3: layers have 4 experts and the router picks 2 per token, so at most 2 can go" in result.output
+
+
+def _routed_inputs(path: Path, ids: torch.Tensor) -> List[Dict[str, Any]]:
+    """Per MoE layer of the model on ``ids``: the stacked weights and, per expert, the hidden states
+    routed to it and its down_proj input computed by hand (silu(gate)·up from its slices), in float64."""
+    model = _load(path)
+    layers: List[Dict[str, Any]] = []
+
+    def keep(_module: Any, args: Any, kwargs: Any) -> None:
+        layers.append({"hidden": args[0].reshape(-1, args[0].shape[-1]).double(), "index": args[1]})
+
+    for layer in model.model.layers:
+        layer.mlp.experts.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+    for layer, record in zip(model.model.layers, layers):
+        experts = layer.mlp.experts
+        record["gate_up"], record["down"] = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+        record["routed"], record["inner"] = [], []
+        for e in range(experts.down_proj.shape[0]):
+            x = record["hidden"][(record["index"] == e).any(dim=-1)]
+            gate, up = torch.nn.functional.linear(x, record["gate_up"][e]).chunk(2, dim=-1)
+            record["routed"].append(x)
+            record["inner"].append(torch.nn.functional.silu(gate) * up)
+    return layers
+
+
+def _variance(x: torch.Tensor) -> torch.Tensor:
+    """Per column, over the rows; 0 without rows (an expert no token chose)."""
+    return x.var(dim=0, unbiased=False) if len(x) else torch.zeros(x.shape[1], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("importance", ["wanda-sp", "flap", "entropy"])
+def test_activation_estimators_score_expert_channels_from_each_experts_routed_inputs(moe_model: Path, importance: str) -> None:
+    graph = trace(moe_model)
+    # float32: transformers' grouped GEMM, the experts' default kernel, has no float64.
+    streamed = StreamedModel(moe_model, blocks_prefix="model.layers")
+    scores = score(streamed, graph, estimator(importance), _ids(), micro_batch=1, kinds=["expert_channels"])
+    for structure, layer in zip(graph.by_kind("expert_channels"), _routed_inputs(moe_model, _ids())):
+        width = structure.units
+        expected = torch.zeros(width, dtype=torch.float64)
+        for e, (x, z) in enumerate(zip(layer["routed"], layer["inner"])):
+            down, gate_up = layer["down"][e], layer["gate_up"][e]
+            if importance == "wanda-sp":  # |W|·‖X‖ on the consuming columns of down_proj and the gate and up rows
+                expected += (down.abs() * z.norm(dim=0)).sum(0)
+                rows = (gate_up.abs() * x.norm(dim=0)).sum(1)
+                expected += rows[:width] + rows[width:]
+            elif importance == "flap":  # Var(X_j)·‖W[:, j]‖², consuming side only
+                expected += _variance(z) * down.square().sum(0)
+            else:  # ½·log(2πe·Var(X_j)), summed over the experts; a variance of 0 at the smallest float
+                expected += 0.5 * torch.log(2 * torch.pi * torch.e * _variance(z).clamp_min(torch.finfo(torch.float64).tiny))
+        torch.testing.assert_close(torch.from_numpy(scores.units[structure.id]), expected, rtol=1e-5, atol=1e-6)
+
+
+class _ChannelGates(torch.nn.Module):
+    """A parametrization of ``down_proj`` (``[E, H, I]``) scaling input channel c of every expert by ξ_c."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gates = torch.nn.Parameter(torch.ones(width, dtype=torch.float32))
+
+    def forward(self, down: torch.Tensor) -> torch.Tensor:
+        return down * self.gates
+
+
+def test_head_gate_scores_an_expert_channel_by_its_gates_mean_absolute_derivative(moe_model: Path) -> None:
+    graph = trace(moe_model)
+    ids = _ids()
+    scores = score(StreamedModel(moe_model, blocks_prefix="model.layers"), graph, estimator("head-gate"), ids, micro_batch=2, kinds=["expert_channels"])
+    reference = _load(moe_model)
+    gates = []
+    for layer in reference.model.layers:
+        gates.append(_ChannelGates(layer.mlp.experts.down_proj.shape[-1]))
+        parametrize.register_parametrization(layer.mlp.experts, "down_proj", gates[-1])
+    derivatives = []
+    for sample in ids:
+        loss = reference(input_ids=sample[None], labels=sample[None]).loss
+        derivatives.append(torch.autograd.grad(loss, [g.gates for g in gates]))
+    for structure in graph.by_kind("expert_channels"):
+        expected = torch.stack([d[structure.layer] for d in derivatives]).double().abs().mean(0)
+        torch.testing.assert_close(torch.from_numpy(scores.units[structure.id]), expected, rtol=1e-4, atol=1e-9)
+
+
+class _FewMasks(Bonsai):
+    masks = 6
+
+
+def test_bonsai_drops_expert_channels_by_zeroing_them_in_every_expert(mixtral_with_tokenizer: Path) -> None:
+    """The sub-models' losses measured again on a transformers model with the same channels of
+    every expert's down_proj zeroed, regressed in the primal form: the scorer's dual form must
+    agree (to the float32 rounding of the losses: grouped GEMM, the experts' kernel, has no float64)."""
+    graph = trace(mixtral_with_tokenizer)
+    ids = torch.randint(1, 4096, (3, 12), generator=torch.Generator().manual_seed(3))
+    importance = _FewMasks(seed=5)
+    folder = _Folder(graph, importance, ["expert_channels"])
+    streamed = StreamedModel(mixtral_with_tokenizer, blocks_prefix="model.layers")
+    run = _MaskedScoring(streamed, folder, importance, micro_batch=2, store=ActivationStore(), workers=SINGLE, progress=None)
+    run.run(ids)
+    units, _ = folder.result("sum")
+    reference = _load(mixtral_with_tokenizer)
+    dense = {name: reference.get_parameter(name).detach().clone() for name, _, _ in run.atoms}
+    losses = []
+    for mask in range(importance.masks):
+        with torch.no_grad():
+            for (name, dim, labels), drops in zip(run.atoms, run.drops):
+                assert name.endswith(".mlp.experts.down_proj") and dim == 2 and (labels >= 0).all()  # a channel is an atom
+                weight = reference.get_parameter(name)
+                weight.copy_(dense[name])
+                weight[:, :, drops[mask, torch.from_numpy(labels)]] = 0
+            losses.append(float(reference(input_ids=ids, labels=ids).loss))
+    drops = torch.cat(run.drops, dim=1).double()
+    centred = drops - drops.mean(0)
+    target = torch.tensor(losses, dtype=torch.float64)
+    damping = importance.ridge * float(centred.square().sum(1).mean())
+    coefficients = torch.linalg.solve(centred.T @ centred + damping * torch.eye(drops.shape[1], dtype=torch.float64), centred.T @ (target - target.mean()))
+    # The losses of a tiny random model move by ~1e-5 per channel; float32 rounds them to ~5e-7.
+    assert float(coefficients.abs().max()) > 1e-5
+    start = 0
+    for structure, (_, _, labels), layer_drops in zip(graph.by_kind("expert_channels"), run.atoms, run.drops):
+        mine = coefficients[start : start + layer_drops.shape[1]]
+        start += layer_drops.shape[1]
+        assert units[structure.id] == pytest.approx(mine[torch.from_numpy(labels)].tolist(), rel=1e-3, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DeepSeek-V3: grouped routing (8 experts in 4 groups, the top 2 groups' experts
+    eligible), a shared expert, a dense first layer; with the demo tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=4096, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+        moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+        norm_topk_prob=True, routed_scaling_factor=2.5, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+    )
+    path = tmp_path_factory.mktemp("deepseek-v3") / "model"
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "model" / name, path / name)
+    return path
+
+
+def test_deepseek_v3_grouped_router_offers_no_whole_experts_and_says_why(deepseek_v3: Path, tmp_path: Path) -> None:
+    """DeepSeek-V3's router is no softmax over experts: sigmoid scores plus a per-expert correction
+    bias (a buffer) choose the top groups of contiguous experts, then the top-k experts in them.
+    Removing experts would regroup them (and a logit at −inf still leaves its bias in the contest),
+    so pruning is not masking: the tracer pins the experts dimension, naming the buffer, and
+    ``--structures experts`` is refused before any scoring. Expert channels stay offered."""
+    graph = trace(deepseek_v3)
+    assert not graph.by_kind("experts")
+    assert [s.layer for s in graph.by_kind("expert_channels")] == [1, 2]
+    pins = [p for p in graph.pinned if p.param == "model.layers.1.mlp.gate.weight" and p.dim == 0]
+    assert pins and "e_score_correction_bias" in pins[0].reason
+    result = CliRunner().invoke(main, [
+        "prune", str(deepseek_v3), "-o", str(tmp_path / "out"), "--ratio", "0.2", "--structures", "experts", "--importance", "taylor", *CALIB,
+    ])
+    assert result.exit_code == 2, result.output
+    assert "--structures: experts: the model's experts cannot be removed, their dimension is pinned" in result.output
+    assert "e_score_correction_bias" in result.output and "scoring" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_blocks_of_different_kinds_are_refused_by_name_not_a_traceback(deepseek_v3: Path, tmp_path: Path) -> None:
+    """DeepSeek-V3's first block is dense and the others are MoE; streaming builds every block as
+    block 0 is, so scoring the second would look for a dense MLP the checkpoint lacks."""
+    result = CliRunner().invoke(main, [
+        "prune", str(deepseek_v3), "-o", str(tmp_path / "out"), "--ratio", "0.2", "--structures", "heads", "--importance", "taylor", *CALIB,
+    ])
+    assert result.exit_code != 0 and not isinstance(result.exception, KeyError), result.output
+    assert "model.layers.1.mlp.gate_proj.weight" in result.output and "blocks differ in kind" in result.output
+    assert not (tmp_path / "out").exists()

@@ -98,6 +98,26 @@ def test_run_interrupted_in_the_forward_pass_continues_there(tmp_path: Path, uni
     assert_same_result(resumed, uninterrupted["wanda-sp"])
 
 
+def test_bonsai_interrupted_between_blocks_continues_there_and_its_scores_are_reused(tmp_path: Path, loaded_blocks: List[int]) -> None:
+    bonsai = dataclasses.replace(TAYLOR2, importance="bonsai")
+    uninterrupted = make_plan(DEMO, bonsai)
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        make_plan(DEMO, bonsai, resume=state, progress=interrupt_after("perturb", 2))
+    inputs_left = {p.name.split("-")[0] for p in (state / "rank-0" / "activations").glob("*.pt")}
+    assert inputs_left == {"2"}  # only the next block's inputs (every sub-model's) are kept
+    loaded_blocks.clear()
+    resumed = make_plan(DEMO, bonsai, resume=state)
+    assert loaded_blocks == [2, 3, 4, 5]
+    assert_same_result(resumed, uninterrupted)
+    assert not (state / "rank-0" / "activations").exists()
+
+    loaded_blocks.clear()
+    replanned = make_plan(DEMO, dataclasses.replace(bonsai, ratio=0.3), resume=state)
+    assert loaded_blocks == []
+    assert replanned.params_after < resumed.params_after
+
+
 def key(**changes: object) -> Dict[str, object]:
     fields = {"calibration_sha256": "0" * 64, "importance": "taylor", "seed": 0, "micro_batch": 4, "dtype": "float32", "device": "cpu", "processes": 1, "kinds": ["channels", "heads"]}
     fields.update(changes)

@@ -159,6 +159,7 @@ def make_plan(
     graph = trace(model_dir)
     if graph.blocks is None:
         raise PlanError(f"{model_dir}: no repeated blocks found, so the model cannot be scored block by block")
+    _check_experts_offered(graph, options)
     owned_dir = None
     if reconstruct_ and reconstruction_dir is None:
         owned_dir = tempfile.TemporaryDirectory(prefix="structprune-reconstruct-")
@@ -292,8 +293,9 @@ def check_options(options: PruneOptions) -> None:
 
 def _check_experts(options: PruneOptions) -> None:
     """The MoE options: ``--experts`` needs experts among the structures; expert structures are
-    scored from their weights or the routing, not from nn.Linear activations (the stacked expert
-    weights have no linear layer to hook), and not refitted (reconstruction refits nn.Linear layers)."""
+    scored from their weights, the routing or the per-expert inputs of the stacked expert weights
+    (``score.expert_inputs``), by the estimators that can read those (``_refuse_expert_estimator``),
+    and not refitted (reconstruction refits nn.Linear layers)."""
     if options.experts is not None and (options.experts < 0 or "experts" not in options.structures):
         _refuse("--experts", f"removes routed experts: it needs experts among --structures and a count of at least 0, got {options.experts} with {','.join(options.structures)}")
     if options.expert_saliency not in EXPERT_SALIENCIES:
@@ -305,17 +307,54 @@ def _check_experts(options: PruneOptions) -> None:
     if importance.reselects:
         _refuse("--importance", (
             f"'{options.importance}'{' (the default)' if options.importance == 'obs' else ''} chooses units while reconstructing, "
-            f"and stacked expert weights ({', '.join(moe)}) are not reconstructed: pass --importance taylor (or taylor2, l1, l2…)"
+            f"and stacked expert weights ({', '.join(moe)}) are not reconstructed: pass --importance taylor (or wanda-sp, flap, l1…)"
         ))
-    scored_by_weights = "expert-channels" in moe or options.expert_saliency == "importance"
-    if scored_by_weights and (importance.needs_activations or importance.perturbs or importance.gates or importance.adapts):
-        _refuse("--importance", (
-            f"'{options.importance}' scores units from the inputs of nn.Linear layers, and stacked expert weights "
-            f"({', '.join(moe)}) have none: pass --importance taylor, taylor-vector, taylor2, l1, l2 or random"
-            + ("" if "expert-channels" in moe else ", or score whole experts by the routing (--expert-saliency reap or frequency)")
-        ))
+    if "expert-channels" in moe:
+        _refuse_expert_estimator(options.importance, "expert channels", EXPERT_CHANNEL_REFUSALS)
+    if "experts" in moe and options.expert_saliency == "importance":
+        _refuse_expert_estimator(options.importance, "whole experts", WHOLE_EXPERT_REFUSALS, ", or score whole experts by the routing (--expert-saliency reap or frequency)")
     if reconstructs(options):
         _refuse("--reconstruct", f"reconstruction refits nn.Linear layers, and the stacked expert weights ({', '.join(moe)}) are none: pass --no-reconstruct")
+    if options.bias_compensation:
+        _refuse("--bias-compensation", (
+            f"routed experts' stacked down projections have no bias to take the removed units' means, and no stock config a switch "
+            f"adding one: leave {', '.join(moe)} out of --structures or pass no --bias-compensation"
+        ))
+
+
+def _check_experts_offered(graph: StructureGraph, options: PruneOptions) -> None:
+    """``--structures experts`` on a model whose experts dimension the tracer pinned is refused
+    before any scoring, naming why (DeepSeek-V3's grouped router: its per-expert score-correction
+    bias is a buffer, and its top-k runs over contiguous groups of experts, which removing experts
+    would regroup)."""
+    if "experts" not in options.structures or graph.by_kind("experts"):
+        return
+    reasons = sorted({pin.reason for pin in graph.pinned if pin.dim == 0 and ".experts." in pin.param})
+    if not reasons:
+        _refuse("--structures", "experts: the model has no routed experts; `structprune inspect` lists what can be cut")
+    more = f" (and {len(reasons) - 1} more layers)" if len(reasons) > 1 else ""
+    _refuse("--structures", f"experts: the model's experts cannot be removed, their dimension is pinned: {reasons[0]}{more}; `structprune inspect` lists what can be cut")
+
+
+EXPERT_CHANNEL_REFUSALS = {
+    "lora-grad": "reads LoRA adapters on nn.Linear layers (score/lora_probes.py), and the stacked expert weights carry none",
+}
+"""Estimators that cannot score expert channels, and why."""
+
+_CONSUMED_BY_THE_ROUTER = "a whole expert's output is consumed by the router's weighted sum, no layer"
+WHOLE_EXPERT_REFUSALS = {
+    **EXPERT_CHANNEL_REFUSALS,
+    **{name: f"scores a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}" for name in ("flap", "entropy")},
+    "head-gate": f"gates a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}",
+    "bonsai": f"masks a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}",
+}
+"""Estimators that cannot score whole experts through their weights (``--expert-saliency importance``), and why."""
+
+
+def _refuse_expert_estimator(name: str, units: str, refusals: Dict[str, str], alternative: str = "") -> None:
+    if name in refusals:
+        usable = [e for e in ESTIMATORS if e not in refusals and not ESTIMATORS[e].reselects]
+        _refuse("--importance", f"'{name}' cannot score {units}: it {refusals[name]}; pass --importance {', '.join(usable)}{alternative}")
 
 
 def needs_calibration(options: PruneOptions) -> bool:
@@ -469,6 +508,10 @@ def _score(
     # Hidden channels are scored only when asked for: their scores need the gradients of the
     # embeddings and head, the largest tensors of the model.
     kinds = [k for k in KINDS if k != "hidden" or "hidden" in options.structures]
+    if importance.gates or importance.perturbs:
+        # They act on a unit at the layer consuming it, which whole experts lack (the router's
+        # weighted sum consumes them; _check_experts refuses them for experts, which the routing scores).
+        kinds.remove("experts")
     if tuple(options.structures) == ("blocks",):
         kinds = []  # Block Influence comes from the forward pass: no unit scores, no backward pass
     if input_ids is None:

@@ -14,7 +14,7 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Dict, Optional, Type
+from typing import ClassVar, Dict, Optional, Type, Union
 
 import torch
 
@@ -24,13 +24,20 @@ from structprune.score.streaming import ParamStats
 
 @dataclass
 class ActivationStats:
-    """Per-input-channel statistics of the input of one linear layer over the calibration set."""
+    """Per-input-channel statistics of the input of one linear layer over the calibration set; for
+    a mixture-of-experts layer's stacked expert weights, of each expert's input over the tokens
+    routed to it (``total`` and ``squares`` ``[experts, channels]``, ``count`` ``[experts]``)."""
 
     total: torch.Tensor
     squares: torch.Tensor
-    count: int
+    count: Union[int, torch.Tensor]
     input_dim: int
-    """The weight dimension that indexes input channels (1 for nn.Linear, 0 for GPT-2's Conv1D)."""
+    """The weight dimension that indexes input channels (1 for nn.Linear, 0 for GPT-2's Conv1D,
+    2 for stacked experts ``[E, out, in]``, 1 for transposed ones ``[E, in, out]``)."""
+
+    @property
+    def per_expert(self) -> bool:
+        return self.total.dim() == 2
 
     @property
     def norm(self) -> torch.Tensor:
@@ -38,11 +45,29 @@ class ActivationStats:
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.total / max(self.count, 1)
+        return self.total / self._counts()
 
     @property
     def variance(self) -> torch.Tensor:
-        return (self.squares / max(self.count, 1) - self.mean.square()).clamp_min(0)
+        return (self.squares / self._counts() - self.mean.square()).clamp_min(0)
+
+    def _counts(self) -> torch.Tensor:
+        """Tokens seen, at least 1 (an expert no token chose has zero statistics), as a column."""
+        return torch.as_tensor(self.count, dtype=self.total.dtype, device=self.total.device).clamp_min(1).unsqueeze(-1)
+
+    def along_weight(self, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per-channel ``values`` (shaped as ``total``) reshaped to broadcast against ``weight``:
+        along its input dimension, and along its expert dimension (0) for stacked experts."""
+        shape = [1] * weight.dim()
+        shape[self.input_dim] = -1
+        if self.per_expert:
+            shape[0] = values.shape[0]
+        return values.reshape(shape).to(weight)
+
+    def reads(self, weight: torch.Tensor) -> bool:
+        """Whether these are the statistics of ``weight``'s inputs (a linear layer's 2-D weight, or
+        stacked experts' 3-D one)."""
+        return weight.dim() == self.total.dim() + 1
 
 
 class Importance(ABC):
@@ -156,19 +181,17 @@ class RandomImportance(Importance):
 
 
 class WandaStructured(Importance):
-    """Wanda-sp: |W_ij|·‖X_j‖ summed over the unit (X: the layer's inputs over the calibration set);
-    parameters that are not a linear layer's weight score zero."""
+    """Wanda-sp: |W_ij|·‖X_j‖ summed over the unit (X: the layer's inputs over the calibration set;
+    for stacked experts, expert e's weights with the inputs of the tokens routed to e); parameters
+    that are not a linear layer's or stacked experts' weight score zero."""
 
     name = "wanda-sp"
     needs_activations = True
 
     def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
-        if activation is None or stats.weight.dim() != 2:
+        if activation is None or not activation.reads(stats.weight):
             return torch.zeros(stats.weight.shape[dim], device=stats.weight.device, dtype=torch.float64)
-        shape = [1, 1]
-        shape[activation.input_dim] = -1
-        scores = stats.weight.abs() * activation.norm.reshape(shape).to(stats.weight)
-        return _sum_except(scores, dim)
+        return _sum_except(stats.weight.abs() * activation.along_weight(activation.norm, stats.weight), dim)
 
 
 class ConsumerScore(Importance):
@@ -177,13 +200,14 @@ class ConsumerScore(Importance):
     its inputs."""
 
     def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
-        if activation is None or stats.weight.dim() != 2 or dim != activation.input_dim:
+        if activation is None or not activation.reads(stats.weight) or dim != activation.input_dim:
             return torch.zeros(stats.weight.shape[dim], device=stats.weight.device, dtype=torch.float64)
         return self.consumer_scores(stats.weight, dim, activation)
 
     @abstractmethod
     def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
-        """A score per input channel (``dim``) of the consuming layer's ``weight``."""
+        """A score per input channel (``dim``) of the consuming layer's ``weight`` (for stacked
+        experts, summed over the experts: an expert channel is that channel in every expert)."""
 
 
 class Fluctuation(ConsumerScore):
@@ -194,8 +218,7 @@ class Fluctuation(ConsumerScore):
     needs_activations = True
 
     def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
-        column_norms = _sum_except(weight.square(), dim)
-        return activation.variance.to(column_norms) * column_norms
+        return _sum_except(weight.square() * activation.along_weight(activation.variance, weight), dim)
 
 
 class ObsSaliency(ConsumerScore):
@@ -210,8 +233,8 @@ class ObsSaliency(ConsumerScore):
     reselects = True
 
     def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
-        column_norms = _sum_except(weight.double().square(), dim)
-        return activation.squares.to(column_norms) * column_norms
+        weight = weight.double()
+        return _sum_except(weight.square() * activation.along_weight(activation.squares, weight), dim)
 
 
 class ActivationEntropy(ConsumerScore):
@@ -229,7 +252,8 @@ class ActivationEntropy(ConsumerScore):
 
     def consumer_scores(self, weight: torch.Tensor, dim: int, activation: ActivationStats) -> torch.Tensor:
         variance = activation.variance.double().clamp_min(torch.finfo(torch.float64).tiny)
-        return 0.5 * torch.log(2 * math.pi * math.e * variance)
+        entropy = 0.5 * torch.log(2 * math.pi * math.e * variance)
+        return entropy.sum(0) if activation.per_expert else entropy
 
 
 class HeadGate(TaylorVector):
@@ -341,7 +365,7 @@ def estimator(name: str, *, seed: int = 0, lora_adapter: Optional[Path] = None) 
         raise SettingError(f"--importance: unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}", option="--importance")
     cls = ESTIMATORS[name]
     if lora_adapter is not None and cls is not LoraGrad:
-        raise SettingError(f"lora_adapter: is the adapter whose gradients lora-grad reads; importance {name!r} reads none", option="lora_adapter")
+        raise SettingError(f"--lora-adapter: is the adapter whose gradients lora-grad reads; importance {name!r} reads none", option="--lora-adapter")
     if cls is LoraGrad:
         return LoraGrad(seed, lora_adapter)
     return cls(seed) if cls in (RandomImportance, Bonsai) else cls()

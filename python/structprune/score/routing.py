@@ -72,7 +72,7 @@ def experts_module_path(prefix: str, structure: Structure) -> str:
 EXPERTS_ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")
 
 
-def _argument(args: Tuple[Any, ...], kwargs: Dict[str, Any], position: int, name: str) -> torch.Tensor:
+def argument(args: Tuple[Any, ...], kwargs: Dict[str, Any], position: int, name: str) -> torch.Tensor:
     value = args[position] if position < len(args) else kwargs.get(name)
     if not isinstance(value, torch.Tensor):
         raise StreamingError(f"the experts module was called without '{name}' (expected forward({', '.join(EXPERTS_ARGUMENTS)}))")
@@ -90,7 +90,7 @@ class _Recorder:
     def hook(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if self._inside:  # the per-expert calls below go through the module again
             return
-        hidden, index, weights = (_argument(args, kwargs, i, name) for i, name in enumerate(EXPERTS_ARGUMENTS))
+        hidden, index, weights = (argument(args, kwargs, i, name) for i, name in enumerate(EXPERTS_ARGUMENTS))
         self._inside = True
         try:
             self._record(module, hidden, index, weights)
@@ -155,16 +155,17 @@ def routing_stats(
 
 @contextmanager
 def _eager_experts(model: StreamedModel) -> Iterator[None]:
-    """The experts run as batched products (``batched_mm``): the per-expert calls route a handful
-    of tokens each, and transformers' grouped GEMM on CPU wants rows of a multiple of 16 bytes,
-    which a pruned expert width need not have. Same arithmetic."""
+    """The experts run in transformers' eager loop (each expert's products on the tokens routed to
+    it): transformers' grouped GEMM on CPU wants rows of a multiple of 16 bytes, which a pruned
+    expert width need not have, and ``batched_mm`` gathers a copy of an expert's weights for every
+    (token, slot) pair, hundreds of GB per micro-batch for a real model's experts. Same arithmetic."""
     shell: Any = model.shell
     before = getattr(shell.config, "_experts_implementation", None)
     can_set = getattr(type(shell), "_can_set_experts_implementation", None)
     if can_set is None or not can_set():
         yield
         return
-    shell.set_experts_implementation("batched_mm")
+    shell.set_experts_implementation("eager")
     try:
         yield
     finally:

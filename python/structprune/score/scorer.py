@@ -6,7 +6,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
@@ -15,6 +15,10 @@ from torch import nn
 
 from structprune.errors import SettingError
 from structprune.score.distributed import SINGLE, Workers
+from structprune.score.expert_inputs import (
+    ExpertInputRecorder, attach_expert_recorders, check_experts_module, consumes_expert_channels, expert_gate_derivatives, experts_modules,
+)
+from structprune.score.routing import EXPERTS_ARGUMENTS, argument
 from structprune.tracing.graph import Member, StructureGraph
 from structprune.score.importance import ActivationStats, Bonsai, Importance, LoraGrad
 from structprune.score.journal import Journal
@@ -162,13 +166,17 @@ def _reduce(arrays: List[np.ndarray], reduction: str) -> np.ndarray:
 
 class _ActivationRecorder:
     """Per-input-channel sums and sums of squares of the inputs of the loaded block's linear layers:
-    all of them, or only the ``(weight name, input dim)`` pairs in ``only``."""
+    all of them, or only the ``(weight name, input dim)`` pairs in ``only``. When all are recorded,
+    so are the inputs of the stacked expert weights of the experts modules in ``experts`` (block
+    index → module paths inside the block), per expert (``expert_inputs``)."""
 
-    def __init__(self, model: StreamedModel, only: Optional[FrozenSet[WeightDim]] = None) -> None:
+    def __init__(self, model: StreamedModel, only: Optional[FrozenSet[WeightDim]] = None, experts: Optional[Dict[int, List[str]]] = None) -> None:
         self.model = model
         self.only = only
+        self.experts = experts or {}
         self.stats: Dict[str, ActivationStats] = {}
         self._handles: list = []
+        self._expert_recorders: List[ExpertInputRecorder] = []
         self._index = 0
 
     def attach(self, index: int) -> None:
@@ -178,11 +186,17 @@ class _ActivationRecorder:
             weight_name = f"{self.model.prefix}.{index}.{name}.weight"
             if input_dim is not None and (self.only is None or (weight_name, input_dim) in self.only):
                 self._handles.append(module.register_forward_hook(self._hook(weight_name, input_dim)))
+        if self.only is None:
+            self._expert_recorders, handles = attach_expert_recorders(self.model.block, self.experts.get(index, []), f"{self.model.prefix}.{index}")
+            self._handles.extend(handles)
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for recorder in self._expert_recorders:
+            self.stats.update(recorder.stats)
+        self._expert_recorders = []
 
     def _hook(self, weight_name: str, input_dim: int) -> Callable:
         def record(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -198,18 +212,48 @@ class _ActivationRecorder:
         return record
 
 
-def consuming_layers(model: StreamedModel, folder: "_Folder", importance: Importance) -> Dict[str, int]:
-    """Module path inside a block → input dim, for the linear layers whose inputs hold the units
-    of the scored structures: the one place where a gate (``head-gate``) or a mask (``bonsai``)
-    acts on a unit. Refuses structures whose units reach no such layer or several."""
-    input_dims: Dict[str, int] = {}
+@dataclass(frozen=True)
+class Consumers:
+    """The weights inside a block whose inputs hold the units of the scored structures: the one
+    place where a gate (``head-gate``) or a mask (``bonsai``) acts on a unit."""
+
+    layers: Dict[str, int]
+    """Linear layer's module path (``self_attn.o_proj``, ``mlp.down_proj``) → its weight's input dim."""
+    experts: Dict[str, int]
+    """Stacked down projection of routed experts (``mlp.experts.down_proj``, consuming expert
+    channels in every expert) → its input dim (``expert_inputs``)."""
+
+    def paths(self) -> List[str]:
+        return sorted({**self.layers, **self.experts})
+
+    def input_dim(self, path: str) -> int:
+        return self.experts[path] if path in self.experts else self.layers[path]
+
+    def weight_name(self, prefix: str, index: int, path: str) -> str:
+        return f"{prefix}.{index}.{path}" if path in self.experts else f"{prefix}.{index}.{path}.weight"
+
+    def weight(self, block: nn.Module, path: str) -> torch.Tensor:
+        weight = block.get_parameter(path) if path in self.experts else block.get_submodule(path).weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+
+def consuming_layers(model: StreamedModel, folder: "_Folder", importance: Importance) -> Consumers:
+    """The linear layers and stacked expert down projections whose inputs hold the units of the
+    scored structures. Refuses structures whose units reach no such weight or several."""
+    layers: Dict[str, int] = {}
+    experts: Dict[str, int] = {}
     consumers: Dict[int, int] = defaultdict(int)
     for name, members in folder.members.items():
         path = _block_module_path(model.prefix, name)
         module = model.block.get_submodule(path) if path is not None else None
+        stacked = _block_parameter_path(model.prefix, name)
         for sid, _, member in members:
             if path is not None and module is not None and linear_input_dim(module) == member.dim:
-                input_dims[path] = member.dim
+                layers[path] = member.dim
+                consumers[sid] += 1
+            elif stacked is not None and consumes_expert_channels(model.block, stacked, member.dim):
+                experts[stacked] = member.dim
                 consumers[sid] += 1
     # Hidden channels feed every q/k/v/gate/up (and the head), not one layer.
     refused = sorted({folder.graph.get(sid).kind for sid in folder.member_sids() if consumers[sid] != 1})
@@ -218,29 +262,46 @@ def consuming_layers(model: StreamedModel, folder: "_Folder", importance: Import
             f"importance (--importance) {importance.name}: acts on a unit at the input of the one layer that consumes it, and "
             f"{', '.join(refused)} units have none or several: leave them out of the structures (--structures)", option="--importance",
         )
-    return input_dims
+    return Consumers(layers, experts)
 
 
 class _GateRecorder:
     """For a gate estimator: in the backward pass, the input ``x`` of every layer that consumes
     scored units and the loss gradient reaching it, turned into one sample's index scores as they
-    arrive (micro-batches hold one sample), then folded once the block is done."""
+    arrive (micro-batches hold one sample), then folded once the block is done. Expert channels
+    are gated at every expert's down_proj input, from the gradient at the experts' output
+    (``expert_inputs.expert_gate_derivatives``)."""
 
     def __init__(self, model: StreamedModel, folder: "_Folder", importance: Importance) -> None:
         self.model = model
         self.folder = folder
         self.importance = importance
-        self.input_dims = consuming_layers(model, folder, importance)
+        self.consumers = consuming_layers(model, folder, importance)
+        for path in self.consumers.experts:  # refused before the forward pass, not after it
+            check_experts_module(self._experts_module(path), path, gated=True)
         self.pending: Dict[str, List[torch.Tensor]] = defaultdict(list)
+
+    def _experts_module(self, down_projection: str) -> nn.Module:
+        return self.model.block.get_submodule(down_projection.rpartition(".")[0])
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        handles = [self.model.block.get_submodule(path).register_forward_hook(self._hook(path)) for path in sorted(self.input_dims)]
+        handles = [self.model.block.get_submodule(path).register_forward_hook(self._hook(path)) for path in sorted(self.consumers.layers)]
+        for path in sorted(self.consumers.experts):
+            handles.append(self._experts_module(path).register_forward_hook(self._experts_hook(path), with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _experts_hook(self, path: str) -> Callable[..., None]:
+        def on_forward(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: torch.Tensor) -> None:
+            if output.requires_grad:  # the backward pass's recomputation
+                hidden, index, weights = (argument(args, kwargs, i, name).detach() for i, name in enumerate(EXPERTS_ARGUMENTS))
+                output.register_hook(lambda grad: self.pending[path].append(expert_gate_derivatives(module, hidden, index, weights, grad.detach()).cpu()))
+
+        return on_forward
 
     def _hook(self, path: str) -> Callable[..., None]:
         def on_forward(_module: nn.Module, inputs: Tuple[torch.Tensor, ...], _output: Any) -> None:
@@ -260,8 +321,8 @@ class _GateRecorder:
 
     def fold(self, index: int, workers: Workers) -> None:
         for path in sorted(self.pending):
-            name = f"{self.model.prefix}.{index}.{path}.weight"
-            self.folder.add_per_sample(name, self.input_dims[path], self.pending[path], workers)
+            name = self.consumers.weight_name(self.model.prefix, index, path)
+            self.folder.add_per_sample(name, self.consumers.input_dim(path), self.pending[path], workers)
         self.pending.clear()
 
 
@@ -296,9 +357,25 @@ class _MaskedScoring:
     sub-models, each dropping a random ``importance.drop`` of the units, run block by block side by
     side (each block read once; their activations share the store), each sub-model's calibration
     loss is measured, and the losses are regressed on the drops. The units dropped together are
-    the finest ones of each consuming layer (``_atoms``); the dense stream gives Block Influence."""
+    the finest ones of each consuming layer (``_atoms``); the dense stream gives Block Influence.
 
-    def __init__(self, model: StreamedModel, folder: "_Folder", importance: Bonsai, *, micro_batch: int, store: ActivationStore, workers: Workers, progress: Optional[Callable[[str, int, int], None]]) -> None:
+    With a ``journal``, block k is step k + 1 and the regression step B + 1: the state after a
+    step holds the drops drawn so far and Block Influence, and every stream's input to the next
+    block is in the journal's activations (the inputs of blocks already run are deleted), so an
+    interrupted run continues at the next block; the final state holds the folded scores."""
+
+    def __init__(
+        self,
+        model: StreamedModel,
+        folder: "_Folder",
+        importance: Bonsai,
+        *,
+        micro_batch: int,
+        store: ActivationStore,
+        workers: Workers,
+        progress: Optional[Callable[[str, int, int], None]],
+        journal: Optional[Journal] = None,
+    ) -> None:
         self.model = model
         self.folder = folder
         self.importance = importance
@@ -306,11 +383,15 @@ class _MaskedScoring:
         self.drop = importance.drop
         self.ridge = importance.ridge
         self.seed = importance.seed
-        self.input_dims = consuming_layers(model, folder, importance)
+        self.consumers = consuming_layers(model, folder, importance)
         self.micro_batch = micro_batch
         self.store = store
         self.workers = workers
         self.progress = progress
+        self.journal = journal
+        self.end_step = model.num_blocks + 1
+        self.influence = np.zeros(model.num_blocks)
+        """Sums of the dense stream's per-token cosines, per block (1 − their mean once finished)."""
         self.atoms: List[Tuple[str, int, np.ndarray]] = []
         """Per consuming layer (weight name, input dim, atom of every input column; −1: in no unit)."""
         self.drops: List[torch.Tensor] = []
@@ -321,15 +402,19 @@ class _MaskedScoring:
         model = self.model
         batches = list(input_ids.split(self.micro_batch))
         streams = self.masks + 1  # stream 0 is the dense model
-        influence = np.zeros(model.num_blocks)
+        saved = self.journal.resume() if self.journal is not None else None
+        start = self._restore(saved) if saved is not None else 0
+        if start == self.end_step:
+            return self.influence
         block_args = []
         with torch.no_grad():
             for m, batch in enumerate(batches):
                 hidden, args, kwargs = model.embed(batch)
-                self.store.put((0, m), hidden)
+                if start == 0:
+                    self.store.put((0, m), hidden)
                 block_args.append((args, kwargs))
             model.unload_outside()
-            for index in range(model.num_blocks):
+            for index in range(start, model.num_blocks):
                 model.load_block(index)
                 columns = self._draw(index)
                 for stream in range(streams):
@@ -340,18 +425,41 @@ class _MaskedScoring:
                             out = model.run_block(hidden, args, kwargs)
                             self.store.put((index + 1, stream * len(batches) + m), out)
                             if stream == 0:
-                                influence[index] += self._cosine_sum(hidden, out)
-                for stream in range(streams):
+                                self.influence[index] += self._cosine_sum(hidden, out)
+                if self.journal is not None:
+                    self.journal.record(index + 1, self._state())
+                for stream in range(streams if index > 0 else 1):
                     for m in range(len(batches)):
-                        self.store.release((index, m if index == 0 else stream * len(batches) + m))
+                        self.store.discard((index, stream * len(batches) + m))
                 if self.progress:
                     self.progress("perturb", index + 1, model.num_blocks)
             model.unload_block()  # the loss pass needs the head, not the last block
             losses = self._losses(batches, streams)
         tokens = self.workers.sum_values([sum(b.numel() for b in batches)])[0]
+        self.influence = 1.0 - np.asarray(self.workers.sum_values(self.influence.tolist())) / tokens
         if self.drops:  # no units to score (blocks alone): Block Influence only
             self._fold(self._regress(losses[1:]))
-        return 1.0 - np.asarray(self.workers.sum_values(influence.tolist())) / tokens
+        if self.journal is not None:
+            self.journal.finish(self.end_step, {**self._state(), "folder": self.folder.state()})
+        return self.influence
+
+    def _state(self) -> Dict[str, Any]:
+        return {
+            "influence": torch.from_numpy(self.influence.copy()),
+            "atoms": [(name, dim, torch.from_numpy(labels)) for name, dim, labels in self.atoms],
+            "drops": list(self.drops),
+            "block_returns_tuple": self.model.block_returns_tuple,
+        }
+
+    def _restore(self, saved: Dict[str, Any]) -> int:
+        """The drops and Block Influence of the blocks run before; the folded scores once finished."""
+        self.influence = saved["influence"].numpy().copy()
+        self.atoms = [(name, int(dim), labels.numpy()) for name, dim, labels in saved["atoms"]]
+        self.drops = list(saved["drops"])
+        self.model.block_returns_tuple = bool(saved["block_returns_tuple"])
+        if "folder" in saved:
+            self.folder.restore(saved["folder"])
+        return int(saved["step"])
 
     def _draw(self, index: int) -> Dict[str, torch.Tensor]:
         """The atoms of block ``index``'s consuming layers and which of them each sub-model drops
@@ -359,12 +467,10 @@ class _MaskedScoring:
         ``[streams, width]`` input-column multipliers (stream 0, the dense model: all ones)."""
         columns = {}
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:bonsai:{index}".encode()))
-        for path in sorted(self.input_dims):
-            dim = self.input_dims[path]
-            name = f"{self.model.prefix}.{index}.{path}.weight"
-            weight = self.model.block.get_submodule(path).weight
-            assert isinstance(weight, torch.Tensor)  # a linear layer's (consuming_layers found it)
-            width = int(weight.shape[dim])
+        for path in self.consumers.paths():
+            dim = self.consumers.input_dim(path)
+            name = self.consumers.weight_name(self.model.prefix, index, path)
+            width = int(self.consumers.weight(self.model.block, path).shape[dim])
             labels = _atoms(self.folder, name, dim, width)
             atoms = int(labels.max()) + 1
             drops = torch.rand(self.masks, atoms, generator=generator, dtype=torch.float64) < self.drop
@@ -378,17 +484,24 @@ class _MaskedScoring:
 
     @contextmanager
     def _masked(self, columns: Dict[str, torch.Tensor], stream: int) -> Iterator[None]:
-        """Stream ``stream``'s dropped units zeroed at the inputs of their consuming layers."""
+        """Stream ``stream``'s dropped units zeroed at the inputs of their consuming layers; for
+        stacked experts, whose down projection is no module to hook, as zeroed weight columns
+        (the same product), restored afterwards."""
         handles = []
-        if stream > 0:
-            for path, multipliers in columns.items():
-                scale = multipliers[stream].to(self.model.device, self.model.dtype)
-                handles.append(self.model.block.get_submodule(path).register_forward_pre_hook(lambda _module, inputs, scale=scale: (inputs[0] * scale, *inputs[1:])))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        with ExitStack() as restore:
+            if stream > 0:
+                for path, multipliers in columns.items():
+                    if path in self.consumers.experts:
+                        weight = self.consumers.weight(self.model.block, path)
+                        restore.enter_context(_columns_zeroed(weight, self.consumers.input_dim(path), multipliers[stream] == 0))
+                        continue
+                    scale = multipliers[stream].to(self.model.device, self.model.dtype)
+                    handles.append(self.model.block.get_submodule(path).register_forward_pre_hook(lambda _module, inputs, scale=scale: (inputs[0] * scale, *inputs[1:])))
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     def _cosine_sum(self, inputs: torch.Tensor, outputs: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(inputs.double(), outputs.double(), dim=-1).sum())
@@ -429,6 +542,20 @@ class _MaskedScoring:
             self.folder.add({name: ParamStats(name, effects)}, {})
 
 
+@contextmanager
+def _columns_zeroed(weight: torch.Tensor, dim: int, dropped: torch.Tensor) -> Iterator[None]:
+    """``weight``'s indices ``dropped`` (a mask) along ``dim`` zeroed, then put back as they were."""
+    indices = torch.nonzero(dropped).reshape(-1).to(weight.device)
+    with torch.no_grad():
+        kept = weight.index_select(dim, indices)
+        weight.index_fill_(dim, indices, 0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.index_copy_(dim, indices, kept)
+
+
 def _atoms(folder: "_Folder", name: str, dim: int, width: int) -> np.ndarray:
     """The finest units along input ``dim`` of weight ``name``: columns that every scored
     structure puts in the same unit (a query head inside its KV group, an MLP channel) share an
@@ -447,6 +574,14 @@ def _atoms(folder: "_Folder", name: str, dim: int, width: int) -> np.ndarray:
     _, numbered = np.unique(stacked[inside], axis=0, return_inverse=True)
     atoms[inside] = numbered.reshape(-1)
     return atoms
+
+
+def _block_parameter_path(prefix: str, name: str) -> Optional[str]:
+    """``model.layers.3.mlp.experts.down_proj`` → ``mlp.experts.down_proj``; ``None`` outside the blocks."""
+    if not name.startswith(f"{prefix}."):
+        return None
+    index, _, path = name[len(prefix) + 1 :].partition(".")
+    return path if index.isdigit() and path else None
 
 
 def _block_module_path(prefix: str, name: str) -> Optional[str]:
@@ -537,11 +672,10 @@ def score(
         _score_weights_only(model, folder, progress)
     elif importance.perturbs:
         assert isinstance(importance, Bonsai)  # the one perturbative estimator
-        if journal is not None:
-            raise SettingError(f"--resume: importance '{importance.name}' runs forward passes only and keeps no journal; run it without --resume", option="--resume")
-        store = store or ActivationStore(activation_memory)
+        store = store or ActivationStore(activation_memory, directory=journal.activations if journal else None)
+        masked = _MaskedScoring(model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, progress=progress, journal=journal)
         try:
-            result.block_influence = _MaskedScoring(model, folder, importance, micro_batch=micro_batch, store=store, workers=workers, progress=progress).run(input_ids)
+            result.block_influence = masked.run(input_ids)
         finally:
             store.close()
     else:
@@ -619,7 +753,8 @@ class _DataScoring:
         self.input_means: Dict[str, InputMean] = {}
         self.records = importance.needs_activations or bool(means_of)
         # Estimators that use activations need every linear's; means alone need only the consumers'.
-        self.recorder = _ActivationRecorder(model, None if importance.needs_activations else means_of)
+        experts = experts_modules(folder.graph, model.prefix, folder.member_sids()) if importance.needs_activations else None
+        self.recorder = _ActivationRecorder(model, None if importance.needs_activations else means_of, experts)
         self.gates = _GateRecorder(model, folder, importance) if importance.gates else None
         self.probes = lora_probes(model, folder, importance) if isinstance(importance, LoraGrad) else None
 
@@ -718,10 +853,14 @@ class _DataScoring:
 
     def _sum_activation_stats(self, stats: Dict[str, ActivationStats]) -> None:
         names = sorted(stats)
-        counts = torch.tensor([stats[n].count for n in names], dtype=torch.float64)
-        self.workers.sum_([t for n in names for t in (stats[n].total, stats[n].squares)] + [counts])
-        for name, count in zip(names, counts.tolist()):
-            stats[name].count = int(count)
+        # Stacked experts count tokens per expert (a tensor, summed in place); linear layers an int.
+        counts = torch.tensor([stats[n].count for n in names if not isinstance(stats[n].count, torch.Tensor)], dtype=torch.float64)
+        expert_counts = [c for c in (stats[n].count for n in names) if isinstance(c, torch.Tensor)]
+        self.workers.sum_([t for n in names for t in (stats[n].total, stats[n].squares)] + expert_counts + [counts])
+        linear = iter(counts.tolist())
+        for name in names:
+            if not isinstance(stats[name].count, torch.Tensor):
+                stats[name].count = int(next(linear))
 
     def _sum_gradients(self, params: Dict[str, ParamStats]) -> None:
         self.workers.sum_([t for p in params.values() for t in (p.grad, p.fisher) if t is not None])

@@ -140,6 +140,13 @@ class ActivationStore:
         if dropped is not None:
             self.in_memory -= dropped.numel() * dropped.element_size()
 
+    def discard(self, key: Tuple[int, int]) -> None:
+        """Forgets a saved input for good: its memory copy and its file (in ``directory`` too)."""
+        self._forget(key)
+        folder = self.directory or (Path(self._temporary.name) if self._temporary is not None else None)
+        if folder is not None:
+            (folder / _activation_file(key)).unlink(missing_ok=True)
+
     @property
     def spilled(self) -> int:
         """How many of the activations put here went to disk only (past the budget)."""
@@ -422,6 +429,13 @@ class StreamedModel:
             if parameter.numel() == 0 and self._block_shapes[name] != parameter.shape:
                 parameter.data = torch.empty(self._block_shapes[name], dtype=parameter.dtype, device=parameter.device)
         targets: Dict[str, torch.Tensor] = {full + n: p for n, p in self.block.named_parameters()}
+        absent = [name for name in targets if name not in self._stored and name not in self._pieces]
+        if absent:
+            raise StreamingError(
+                f"{self.model_dir}: the checkpoint has no tensor '{absent[0]}', which block {index} would have if it were built as "
+                f"block 0 is; the model's blocks differ in kind (e.g. DeepSeek's first_k_dense_replace dense blocks before "
+                f"mixture-of-experts ones), and scoring streams every block through one block's shell"
+            )
         targets.update({full + n: b for n, b in self.block.named_buffers() if full + n in self._stored})
         with torch.no_grad():
             for name in self._by_position(list(targets)):
