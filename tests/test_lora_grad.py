@@ -129,10 +129,22 @@ def test_refusals_name_the_option(lora_model: Tuple[Path, Path, Any]) -> None:
     with pytest.raises(SettingError, match="--structures") as hidden:
         check_options(PruneOptions(ratio=0.2, importance="lora-grad", structures=("hidden",), calib=CALIB))
     assert hidden.value.option == "--structures"
-    with pytest.raises(SettingError, match="lora_adapter"):
+    with pytest.raises(SettingError, match="--lora-adapter"):
         check_options(PruneOptions(ratio=0.2, importance="taylor", calib=CALIB, lora_adapter=adapter))
     with pytest.raises(SettingError, match="no peft adapter"):
         check_options(PruneOptions(ratio=0.2, importance="lora-grad", calib=CALIB, lora_adapter=merged))
+
+
+def test_cli_passes_the_adapter_and_refuses_it_where_nothing_reads_it(lora_model: Tuple[Path, Path, Any]) -> None:
+    merged, adapter, _ = lora_model
+    common = ["prune", str(DEMO), "--ratio", "0.2", "--calib", str(CALIB), "--samples", "2", "--seq-len", "16", "--dry-run"]
+    with_taylor = CliRunner().invoke(main, [*common, "--importance", "taylor", "--lora-adapter", str(adapter)])
+    assert with_taylor.exit_code == 2 and "--lora-adapter: is the adapter whose gradients lora-grad reads" in with_taylor.output
+    no_adapter = CliRunner().invoke(main, [*common, "--importance", "lora-grad", "--lora-adapter", str(merged)])
+    assert no_adapter.exit_code == 2 and "holds no peft adapter" in no_adapter.output, no_adapter.output
+    # The demo model's modules are not those the adapter was trained on: refused by name, not a traceback.
+    wrong_model = CliRunner().invoke(main, [*common, "--importance", "lora-grad", "--lora-adapter", str(adapter)])
+    assert wrong_model.exit_code == 2 and "--lora-adapter" in wrong_model.output, wrong_model.output
 
 
 def test_prune_with_lora_grad_writes_a_loadable_checkpoint(tmp_path: Path) -> None:

@@ -366,6 +366,7 @@ PRUNING_OPTIONS = (
     click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint."),
     click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix."),
     click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj; BERT's output.dense, before its block's final norm) is fitted to the dense block's output, taking up the drift the blocks before it left."),
+    click.option("--lora-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --importance lora-grad: read the gradients of this peft adapter, trained on MODEL (recover writes it to OUTPUT/adapter, with its merged weights as the MODEL to prune), instead of fresh random probes."),
     click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers."),
 )
 """The options that say how a model is pruned, shared by ``prune`` and ``sweep`` so that a sweep
@@ -391,6 +392,7 @@ def _prune_options(ratio: float, importance: str, pruning: Dict[str, Any]) -> "P
         layout=pruning["layout"], blocks=pruning["block_count"], experts=pruning["expert_count"], expert_saliency=pruning["expert_saliency"],
         bias_compensation=pruning["bias_compensation"],
         reconstruct=pruning["reconstruct"], damping=pruning["damping"], reconstruction_target=pruning["reconstruct_target"],
+        lora_adapter=pruning["lora_adapter"],
     )
 
 

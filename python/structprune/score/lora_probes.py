@@ -58,10 +58,10 @@ def check_adapter_dir(adapter_dir: Path) -> None:
     """Refuses a directory that is not a plain LoRA adapter saved by peft (what recovery writes)."""
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise SettingError(f"lora_adapter: {adapter_dir} holds no peft adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})", option="lora_adapter")
+        raise SettingError(f"--lora-adapter: {adapter_dir} holds no peft adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})", option="--lora-adapter")
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise SettingError(f"lora_adapter: {adapter_dir} is not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, use_dora {config.get('use_dora')})", option="lora_adapter")
+        raise SettingError(f"--lora-adapter: {adapter_dir} is not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, use_dora {config.get('use_dora')})", option="--lora-adapter")
 
 
 def adapter_sha256(adapter_dir: Path) -> str:
@@ -109,10 +109,10 @@ class LoraProbes:
         out_features, in_features = weight.shape
         if self.adapter_dir is not None:
             if module not in self.trained:
-                raise SettingError(f"lora_adapter: {self.adapter_dir} has no adapter for {module}", option="lora_adapter")
+                raise SettingError(f"--lora-adapter: {self.adapter_dir} has no adapter for {module}", option="--lora-adapter")
             a, b = self.trained[module]
             if a.shape[1] != in_features or tuple(b.shape) != (out_features, a.shape[0]):
-                raise SettingError(f"lora_adapter: {self.adapter_dir}: the adapter of {module} does not fit its weight {list(weight.shape)}", option="lora_adapter")
+                raise SettingError(f"--lora-adapter: {self.adapter_dir}: the adapter of {module} does not fit its weight {list(weight.shape)}", option="--lora-adapter")
         else:
             generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{module}".encode()))
             std = self.rank ** -0.5
