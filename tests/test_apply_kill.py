@@ -64,7 +64,13 @@ def spawn(model_dir: Path, plan: Path, out: Path, overwrite: bool = False, cli: 
         command = CLI_CHILD + [str(model_dir), str(plan), "-o", str(out)] + (["--overwrite"] if overwrite else [])
     else:
         command = [sys.executable, "-c", API_CHILD, str(model_dir), str(plan), str(out), str(int(overwrite))]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored, children inherit that, and Python then
+    # installs no KeyboardInterrupt handler: the child gets Ctrl-C's default, as a user's would.
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def timed_child_run(model_dir: Path, plan: Path, out: Path) -> float:
