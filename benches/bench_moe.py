@@ -15,7 +15,9 @@ least frequently routed experts: the baseline), importance (Taylor Σ|w·g| on t
 from the streamed backward), and random (``--importance random`` on the weights), each in its own
 process (``--threads``, default 1), and prints a table: held-out perplexity
 (``demo/text/heldout.txt``, windows of 128 tokens), the run's wall time and the process's peak
-RSS. See benches/README.md.
+RSS. ``--expert-channels`` prints a second table: the channels inside the experts cut instead
+(``--structures expert-channels --ratio R`` for R = 0.2 and 0.4 of all parameters, the same width
+left in every expert) by every estimator that scores them. See benches/README.md.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ SALIENCIES: Tuple[Tuple[str, str, str], ...] = (
     ("random", "importance", "random"),
 )
 """(label, --expert-saliency, --importance)."""
+CHANNEL_ESTIMATORS = ("taylor", "wanda-sp", "flap", "entropy", "head-gate", "bonsai", "random")
+CHANNEL_RATIOS = (0.2, 0.4)
 
 
 @dataclass
@@ -95,11 +99,11 @@ def perplexity(model_dir: Path) -> float:
     return perplexity_of_text(model, HELDOUT, window=128, tokenizer=None).perplexity
 
 
-def prune_in_child(model: Path, out: Path, removed: int, saliency: str, importance: str) -> Tuple[float, float]:
-    """Runs ``structprune prune`` in a child process: (wall seconds, the child's peak RSS in MiB)."""
+def prune_in_child(model: Path, out: Path, cut: Sequence[str]) -> Tuple[float, float]:
+    """Runs ``structprune prune`` with the options ``cut`` in a child process: (wall seconds, the
+    child's peak RSS in MiB)."""
     command = [
-        sys.executable, "-m", "structprune", "prune", str(model), "-o", str(out), "--overwrite", "--ratio", "0.9",
-        "--structures", "experts", "--experts", str(removed), "--expert-saliency", saliency, "--importance", importance,
+        sys.executable, "-m", "structprune", "prune", str(model), "-o", str(out), "--overwrite", *cut,
         "--no-reconstruct", "--calib", str(CALIB), "--samples", "32", "--seq-len", "64", "--threads", str(torch.get_num_threads()),
     ]
     started = time.perf_counter()
@@ -112,19 +116,37 @@ def prune_in_child(model: Path, out: Path, removed: int, saliency: str, importan
     return seconds, usage.ru_maxrss / 1024
 
 
-def run(work: Path, steps: int, fractions: Sequence[float]) -> List[Row]:
+def trained_model(work: Path, steps: int) -> Path:
     model = work / "tiny-mixtral"
     if not (model / "config.json").exists():
         seconds = train_tiny_mixtral(model, steps=steps)
         print(f"trained {model} for {steps} steps in {seconds:.0f} s", file=sys.stderr)
+    return model
+
+
+def run(work: Path, model: Path, fractions: Sequence[float]) -> List[Row]:
     rows = [Row("dense", 0, perplexity(model), 0.0, 0.0)]
     for fraction in fractions:
         removed = round(EXPERTS * fraction)
         for label, saliency, importance in SALIENCIES:
             out = work / f"pruned-{label}-{removed}"
-            seconds, rss = prune_in_child(model, out, removed, saliency, importance)
+            cut = ["--ratio", "0.9", "--structures", "experts", "--experts", str(removed), "--expert-saliency", saliency, "--importance", importance]
+            seconds, rss = prune_in_child(model, out, cut)
             rows.append(Row(label, removed, perplexity(out), seconds, rss))
             print(f"{label} -{removed}: done", file=sys.stderr)
+    return rows
+
+
+def run_expert_channels(work: Path, model: Path) -> List[Tuple[str, float, int, float, float, float]]:
+    """Per estimator and ratio: (estimator, ratio, expert width left, perplexity, seconds, peak RSS MiB)."""
+    rows = []
+    for ratio in CHANNEL_RATIOS:
+        for importance in CHANNEL_ESTIMATORS:
+            out = work / f"channels-{importance}-{ratio}"
+            seconds, rss = prune_in_child(model, out, ["--ratio", str(ratio), "--structures", "expert-channels", "--importance", importance])
+            width = int(transformers.AutoConfig.from_pretrained(out).intermediate_size)
+            rows.append((importance, ratio, width, perplexity(out), seconds, rss))
+            print(f"expert channels {importance} {ratio}: done", file=sys.stderr)
     return rows
 
 
@@ -141,10 +163,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/structprune-bench-moe"), help="Where the trained model and the outputs go (the model is reused).")
     parser.add_argument("--steps", type=int, default=300, help="Training steps of the tiny model (batches of 8 windows of 64 tokens).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads, here and in the pruning runs (one is fastest on a busy machine).")
+    parser.add_argument("--expert-channels", action="store_true", help="Also cut the channels inside the experts, by every estimator that scores them.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    print_table(run(args.work, args.steps, (0.25, 0.5)))
+    model = trained_model(args.work, args.steps)
+    print_table(run(args.work, model, (0.25, 0.5)))
+    if args.expert_channels:
+        print(f"\n{'estimator':<10} {'ratio':>6} {'expert width':>13} {'perplexity':>11} {'time (s)':>9} {'peak RSS (MiB)':>15}")
+        for importance, ratio, width, ppl, seconds, rss in run_expert_channels(args.work, model):
+            print(f"{importance:<10} {ratio:6.2f} {width:>6}/128 {ppl:11.2f} {seconds:9.1f} {rss:15.0f}")
 
 
 if __name__ == "__main__":
