@@ -7,7 +7,7 @@ The embeddings are never cut, so a ratio of all parameters comes out of the enco
 (20% of all is 42.7% of the layers'; the bench prints the figure for every ratio). For every
 estimator and ratio (of all parameters) it runs ``structprune.prune.prune`` as
 ``structprune prune MODEL --ratio R --importance E --calib CALIB --samples 128 --seq-len 128``
-does (structures heads and MLP, uniform, reconstruction on; heads removed make a ``layers``
+does (structures heads and MLP unless ``--structures``, uniform, reconstruction on; heads removed make a ``layers``
 checkpoint, see ``structprune.models.formats``; 128 passages: 32 left the reconstruction
 under-determined, docs/benchmarks.md), loads the output with ``structprune.load_pruned`` and measures,
 against the dense model, on the held-out sentence pairs of ``structprune.evaluate.embeddings``
@@ -109,7 +109,9 @@ def measure(
     layer_params: int,
 ) -> Row:
     started = time.perf_counter()
-    options = PruneOptions(ratio=ratio, importance=importance, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    options = PruneOptions(
+        ratio=ratio, importance=importance, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed, structures=tuple(args.structures.split(",")),
+    )
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "pruned"
         result = prune(model_dir, output, options)
@@ -148,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--importances", nargs="+", default=["taylor", "l2", "wanda-sp", "random"])
     parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--structures", default="heads,mlp", help="what is pruned, as prune's --structures [default: heads,mlp]")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recover-steps", type=int, help="recovery steps; 0: no recovery [default: recover's 1.5 epochs]")
