@@ -163,3 +163,43 @@ def test_a_forward_only_pass_keeps_one_boundary_of_activations(batch: torch.Tens
         assert store.in_memory == last_outputs
     finally:
         store.close()
+
+
+def _gemma3() -> object:
+    # Five sliding-window blocks, then one of full attention with its own rotary base (Gemma 3's pattern).
+    return transformers.Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        architectures=["Gemma3ForCausalLM"],
+    )
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_blocks_of_several_attention_kinds_get_their_own_mask_and_rotary_table(arch: str, tmp_path: Path) -> None:
+    """``layer_types`` mixing sliding-window and full attention: every block runs with its own
+    kind's mask (and, in Gemma 3, rotary table), so the gradients equal full-model autograd on
+    windows longer than the sliding window."""
+    from arch_configs import CONFIGS
+
+    config = _gemma3() if arch == "gemma3" else CONFIGS[arch]()
+    assert len(set(config.layer_types)) == 2 and config.sliding_window < 16
+    torch.manual_seed(0)
+    full = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in full.parameters():  # large weights, so that attention reaches past the window
+            parameter.normal_(0.0, 0.2)
+    full.save_pretrained(tmp_path)
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(3, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    full(input_ids=ids, labels=ids).loss.backward()
+
+    model = StreamedModel(tmp_path, blocks_prefix="model.layers")
+    store = ActivationStore(1 << 30)
+    stats: Dict[str, ParamStats] = {}
+    try:
+        streamed = forward_pass(model, ids, micro_batch=2, store=store)
+        backward_pass(model, streamed, fisher=False, on_params=lambda block: stats.update(copies(block)))
+    finally:
+        store.close()
+    for name, param in full.named_parameters():
+        assert_close_relative(stats[name].grad, param.grad, name)

@@ -81,6 +81,18 @@ class _Capture(nn.Module):
         raise _Captured(hidden_states, args, kwargs)
 
 
+class ArgumentsByKind(dict):
+    """The keyword arguments the model passes to block 0, carrying the positional and keyword
+    arguments of every kind of block (``by_kind``), for a model whose config's ``layer_types``
+    mixes attention kinds: each kind has its own mask (sliding window or full) and, in Gemma 3, its
+    own rotary table. ``StreamedModel.run_block`` picks the loaded block's; every caller passes them
+    through unchanged."""
+
+    def __init__(self, kwargs: Dict[str, Any], by_kind: Dict[str, Tuple[Tuple[Any, ...], Dict[str, Any]]]) -> None:
+        super().__init__(kwargs)
+        self.by_kind = by_kind
+
+
 class _Inject(nn.Module):
     """Stands in for block 0: returns a given tensor as the output of the last block."""
 
@@ -242,6 +254,15 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _layer_kinds(config: Any, blocks: int) -> List[str]:
+    """Each block's ``layer_types`` entry (sliding or full attention…) where the config mixes
+    several; empty where every block is of one kind."""
+    kinds = getattr(config, "layer_types", None)
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != blocks or len(set(kinds)) < 2:
+        return []
+    return [str(kind) for kind in kinds]
+
+
 class StreamedModel:
     """A causal LM checkpoint run block by block (see the module docstring)."""
 
@@ -269,6 +290,8 @@ class StreamedModel:
         self._pieces: Dict[str, List[Tuple[ExpertPiece, TensorInfo]]] = {}
         """Stacked expert parameters (model names) → the per-expert checkpoint tensors they are read from."""
         self._stored = self._index_checkpoint()
+        self.layer_kinds = _layer_kinds(self.config, self.num_blocks)
+        """Each block's ``layer_types`` entry where the config mixes several kinds; empty otherwise."""
         self.shell = self._build_shell()
         self.encoder = is_encoder(self.shell)
         """An encoder reads padded passages (``structprune.score.calibration.passage_batch``) under
@@ -278,6 +301,7 @@ class StreamedModel:
         """An encoder without an MLM head: the pooling of its embeddings, for the probe loss."""
         self.stack = cast(nn.ModuleList, self.shell.get_submodule(self.prefix))
         self.block = self.stack[0]
+        self._loaded_kind: Optional[str] = None
         self._block_shapes = {name: parameter.shape for name, parameter in self.block.named_parameters()}
         self._outside_names: List[str] = []
         self._outside_loaded: Set[str] = set()
@@ -302,11 +326,19 @@ class StreamedModel:
         for key, value in list(vars(shell_config).items()):
             if isinstance(value, list) and len(value) == self.num_blocks:
                 setattr(shell_config, key, value[:1])
+        # With blocks of several kinds, one block of each is built, so that what the model sets up
+        # per kind (Gemma 3's rotary table for each) exists; the blocks after the first are dropped.
+        kinds = list(dict.fromkeys(self.layer_kinds))
+        if kinds:
+            shell_config.num_hidden_layers, shell_config.layer_types = len(kinds), kinds
         model_class = shell_class(shell_config)
         # SDPA where the architecture has it; Gemma 2's soft-capped attention has only the eager path.
         attention = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
         with _no_init(), torch.device(self.device):
             model = model_class._from_config(shell_config, dtype=self.dtype, attn_implementation=attention)
+        if kinds:
+            del cast(nn.ModuleList, model.get_submodule(self.prefix))[1:]
+            model.config.num_hidden_layers, model.config.layer_types = 1, kinds[:1]
         # Skipping initialisation also skips tying; tie before loading so tied weights load once.
         model.tie_weights()
         model.eval()
@@ -424,6 +456,7 @@ class StreamedModel:
     def load_block(self, index: int) -> None:
         """Fills the shell's block with the weights (and stored buffers) of block ``index``."""
         _return_freed_heap()
+        self._loaded_kind = self.layer_kinds[index] if self.layer_kinds else None
         full = f"{self.prefix}.{index}."
         for name, parameter in self.block.named_parameters():
             if parameter.numel() == 0 and self._block_shapes[name] != parameter.shape:
@@ -466,8 +499,25 @@ class StreamedModel:
             self.stack[0] = self.block
 
     def embed(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Any, ...], Dict[str, Any]]:
-        """Hidden states entering block 0 and the arguments the model passes to every block."""
+        """Hidden states entering block 0 and the arguments the model passes to every block (an
+        :class:`ArgumentsByKind` where blocks of several kinds take different ones)."""
         self._ensure_outside(skip=self._output_only)
+        hidden, args, kwargs = self._capture(input_ids)
+        if not self.layer_kinds:
+            return hidden, args, kwargs
+        by_kind = {}
+        shell_config = cast(Any, self.shell).config
+        own = shell_config.layer_types
+        try:
+            # The shell's model reads the kind of its one block from its config at every forward.
+            for kind in dict.fromkeys(self.layer_kinds):
+                shell_config.layer_types = [kind]
+                by_kind[kind] = self._capture(input_ids)[1:]
+        finally:
+            shell_config.layer_types = own
+        return hidden, args, ArgumentsByKind(kwargs, by_kind)
+
+    def _capture(self, input_ids: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Any, ...], Dict[str, Any]]:
         with self._standing_in(_Capture()):
             try:
                 self.shell(input_ids=input_ids.to(self.device), use_cache=False, **self._mask_argument(input_ids))
@@ -477,6 +527,8 @@ class StreamedModel:
 
     def run_block(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
         """The loaded block's hidden-state output for ``hidden``."""
+        if isinstance(kwargs, ArgumentsByKind) and self._loaded_kind is not None:
+            args, kwargs = kwargs.by_kind[self._loaded_kind]
         with float32_linears(self.device, self.dtype, accumulate_weight_grads=True):
             output = self.block(hidden, *args, **kwargs)
         self.block_returns_tuple = isinstance(output, (tuple, list))
