@@ -585,11 +585,10 @@ def _block_parameter_path(prefix: str, name: str) -> Optional[str]:
 
 
 def _block_module_path(prefix: str, name: str) -> Optional[str]:
-    """``model.layers.3.self_attn.o_proj.weight`` → ``self_attn.o_proj``; ``None`` outside the blocks."""
-    if not name.startswith(f"{prefix}.") or not name.endswith(".weight"):
-        return None
-    index, _, path = name[len(prefix) + 1 : -len(".weight")].partition(".")
-    return path if index.isdigit() and path else None
+    """``model.layers.3.self_attn.o_proj.weight`` → ``self_attn.o_proj``; ``None`` outside the
+    blocks or for a parameter that is no module's ``weight``."""
+    path = _block_parameter_path(prefix, name)
+    return path[: -len(".weight")] if path is not None and path.endswith(".weight") else None
 
 
 def _block_index(prefix: str, params: Dict[str, ParamStats]) -> int:
