@@ -17,7 +17,10 @@ process (``--threads``, default 1), and prints a table: held-out perplexity
 (``demo/text/heldout.txt``, windows of 128 tokens), the run's wall time and the process's peak
 RSS. ``--expert-channels`` prints a second table: the channels inside the experts cut instead
 (``--structures expert-channels --ratio R`` for R = 0.2 and 0.4 of all parameters, the same width
-left in every expert) by every estimator that scores them. See benches/README.md.
+left in every expert) by every estimator that scores them without reconstruction, then by
+``obs`` (OBS selection of the channels while each expert is refitted) and by Taylor with
+``--reconstruct`` (each kept expert's down projection refitted on its routed inputs). See
+benches/README.md.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -47,7 +50,12 @@ SALIENCIES: Tuple[Tuple[str, str, str], ...] = (
     ("random", "importance", "random"),
 )
 """(label, --expert-saliency, --importance)."""
-CHANNEL_ESTIMATORS = ("taylor", "wanda-sp", "flap", "entropy", "head-gate", "bonsai", "random")
+CHANNEL_ESTIMATORS: Tuple[Tuple[str, str, bool], ...] = (
+    *((name, name, False) for name in ("taylor", "wanda-sp", "flap", "entropy", "head-gate", "bonsai", "lora-grad", "random")),
+    ("obs", "obs", True),
+    ("taylor+rec", "taylor", True),
+)
+"""(label, --importance, --reconstruct)."""
 CHANNEL_RATIOS = (0.2, 0.4)
 
 
@@ -99,12 +107,12 @@ def perplexity(model_dir: Path) -> float:
     return perplexity_of_text(model, HELDOUT, window=128, tokenizer=None).perplexity
 
 
-def prune_in_child(model: Path, out: Path, cut: Sequence[str]) -> Tuple[float, float]:
+def prune_in_child(model: Path, out: Path, cut: Sequence[str], *, reconstruct: bool = False) -> Tuple[float, float]:
     """Runs ``structprune prune`` with the options ``cut`` in a child process: (wall seconds, the
     child's peak RSS in MiB)."""
     command = [
         sys.executable, "-m", "structprune", "prune", str(model), "-o", str(out), "--overwrite", *cut,
-        "--no-reconstruct", "--calib", str(CALIB), "--samples", "32", "--seq-len", "64", "--threads", str(torch.get_num_threads()),
+        "--reconstruct" if reconstruct else "--no-reconstruct", "--calib", str(CALIB), "--samples", "32", "--seq-len", "64", "--threads", str(torch.get_num_threads()),
     ]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -141,12 +149,49 @@ def run_expert_channels(work: Path, model: Path) -> List[Tuple[str, float, int, 
     """Per estimator and ratio: (estimator, ratio, expert width left, perplexity, seconds, peak RSS MiB)."""
     rows = []
     for ratio in CHANNEL_RATIOS:
-        for importance in CHANNEL_ESTIMATORS:
-            out = work / f"channels-{importance}-{ratio}"
-            seconds, rss = prune_in_child(model, out, ["--ratio", str(ratio), "--structures", "expert-channels", "--importance", importance])
+        for label, importance, reconstruct in CHANNEL_ESTIMATORS:
+            out = work / f"channels-{label}-{ratio}"
+            cut = ["--ratio", str(ratio), "--structures", "expert-channels", "--importance", importance]
+            seconds, rss = prune_in_child(model, out, cut, reconstruct=reconstruct)
             width = int(transformers.AutoConfig.from_pretrained(out).intermediate_size)
-            rows.append((importance, ratio, width, perplexity(out), seconds, rss))
-            print(f"expert channels {importance} {ratio}: done", file=sys.stderr)
+            rows.append((label, ratio, width, perplexity(out), seconds, rss))
+            print(f"expert channels {label} {ratio}: done", file=sys.stderr)
+    return rows
+
+
+CHOICE_ESTIMATORS = ("taylor", "wanda-sp", "lora-grad", "l2")
+"""The weight estimators compared choosing each expert's own channels against one choice for all."""
+
+
+def per_expert_against_shared(work: Path, model: Path) -> List[Tuple[str, float, float, float]]:
+    """Per estimator and ratio: (estimator, ratio, perplexity with each expert's own lowest
+    channels removed (what ``prune`` does here), with the same channels removed in every expert).
+    One scoring per estimator; the two plans differ only in the choice (``Scores.per_expert``)."""
+    from structprune import apply_plan, trace
+    from structprune.models.loading import load_tokenizer
+    from structprune.plan.cuts import checkpoint_cut_plan
+    from structprune.plan.selection import Target, plan_uniform
+    from structprune.score.calibration import calibration_batch, load_texts
+    from structprune.score.importance import estimator
+    from structprune.score.scorer import score
+    from structprune.score.streaming import StreamedModel
+
+    graph = trace(model)
+    batch = calibration_batch(load_texts(CALIB), load_tokenizer(model), samples=32, seq_len=64, seed=0)
+    config = transformers.AutoConfig.from_pretrained(model)
+    rows = []
+    for name in CHOICE_ESTIMATORS:
+        scores = score(StreamedModel(model, blocks_prefix="model.layers"), graph, estimator(name), batch, kinds=["expert_channels"])
+        for ratio in CHANNEL_RATIOS:
+            perplexities = []
+            for choice in (scores, replace(scores, per_expert={})):
+                selection = plan_uniform(graph, choice, Target(ratio=ratio, structures=("expert-channels",)), config.num_attention_heads, config.hidden_size)
+                out = work / f"choice-{name}-{ratio}-{'own' if choice is scores else 'shared'}"
+                shutil.rmtree(out, ignore_errors=True)
+                apply_plan(model, checkpoint_cut_plan(model, graph, selection), out)
+                perplexities.append(perplexity(out))
+            rows.append((name, ratio, *perplexities))
+            print(f"expert-channel choice {name} {ratio}: done", file=sys.stderr)
     return rows
 
 
@@ -164,6 +209,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="Training steps of the tiny model (batches of 8 windows of 64 tokens).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads, here and in the pruning runs (one is fastest on a busy machine).")
     parser.add_argument("--expert-channels", action="store_true", help="Also cut the channels inside the experts, by every estimator that scores them.")
+    parser.add_argument("--channel-choice", action="store_true", help="Also compare each expert keeping its own channels with one choice of channels for all experts.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -173,6 +219,10 @@ def main() -> None:
         print(f"\n{'estimator':<10} {'ratio':>6} {'expert width':>13} {'perplexity':>11} {'time (s)':>9} {'peak RSS (MiB)':>15}")
         for importance, ratio, width, ppl, seconds, rss in run_expert_channels(args.work, model):
             print(f"{importance:<10} {ratio:6.2f} {width:>6}/128 {ppl:11.2f} {seconds:9.1f} {rss:15.0f}")
+    if args.channel_choice:
+        print(f"\n{'estimator':<10} {'ratio':>6} {'own per expert':>15} {'shared':>9}")
+        for name, ratio, own, shared in per_expert_against_shared(args.work, model):
+            print(f"{name:<10} {ratio:6.2f} {own:15.2f} {shared:9.2f}")
 
 
 if __name__ == "__main__":

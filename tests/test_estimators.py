@@ -141,7 +141,7 @@ def test_bonsai_scores_are_the_ridge_regression_of_the_submodels_losses(tiny: Pa
         workers=SINGLE, progress=None,
     )
     influence = run.run(batch)
-    units, groups = folder.result("sum")
+    units, groups, _ = folder.result("sum")
     reference = transformers.LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float64).eval()
     losses = []
     for mask in range(importance.masks):

@@ -189,3 +189,108 @@ def test_iterations_score_with_the_adapters_recovery_trained(tmp_path: Path, mon
     assert adapters == [None, 16]  # step 1: fresh probes; step 2: the recovery's adapter (rank 16)
     assert result.removed_fraction == pytest.approx(0.1, abs=0.02)
     assert not (tmp_path / ".out.structprune-iterative").exists()
+
+
+# Stacked expert weights: one probe per expert, recomputed through the experts module by a hook.
+# Over the demo tokenizer's 4096 tokens, which the prune test calibrates with.
+MOE_CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=4096, hidden_size=32, intermediate_size=12, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2,
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=4096, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=5, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MOE_CONFIGS))
+def moe_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Any]:
+    torch.manual_seed(0)
+    # grouped_mm, transformers' default experts kernel, has no float64 one.
+    model = transformers.AutoModelForCausalLM.from_config(MOE_CONFIGS[request.param](), dtype=torch.float64, experts_implementation="eager")
+    path = tmp_path_factory.mktemp(f"lora-grad-{request.param}") / "model"
+    model.save_pretrained(path)
+    return path, model
+
+
+def _stacked_criteria(model: Any, batch: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    """Per layer, LoRAPrune's criterion |W ⊙ (G_B·A + B·G_A − G_B·G_A)| of each stacked expert
+    weight, ``[E, rows, cols]``, from autograd through a model whose expert weights carry the
+    probes the scorer draws (``fresh_probe``; scale 1) at zero value, as the scorer's do."""
+    from structprune.score.lora_probes import fresh_probe
+
+    probes: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    weights: Dict[str, torch.Tensor] = {}
+    for name, parameter in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            a, b = (t.requires_grad_(True) for t in fresh_probe(0, name, 16, tuple(parameter.shape)))
+            probes[name] = (a, b)
+            product = b @ a  # fresh probes sit at the block's weights: W + B·A − (B·A).detach()
+            weights[name] = parameter.detach() + (product - product.detach())
+    loss = torch.func.functional_call(model, weights, (), {"input_ids": batch, "labels": batch}, strict=False).loss
+    loss.backward()
+    layers: List[Dict[str, torch.Tensor]] = [{} for _ in model.model.layers]
+    for name, (a, b) in probes.items():
+        criterion = (weights[name] * (b.grad @ a + b @ a.grad - b.grad @ a.grad)).abs().detach()
+        layers[int(name.split(".")[2])][name.rsplit(".", 1)[1]] = criterion
+    return layers
+
+
+def test_expert_channels_and_experts_score_loraprunes_criterion_of_per_expert_adapters(moe_model: Tuple[Path, Any]) -> None:
+    path, model = moe_model
+    batch = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(3))
+    graph = trace(path)
+    streamed = StreamedModel(path, dtype=torch.float64, blocks_prefix="model.layers")
+    scores = score(streamed, graph, estimator("lora-grad"), batch, micro_batch=2, kinds=["experts", "expert_channels"])
+    reference = _stacked_criteria(model, batch)
+    checked = []
+    for s in graph.structures:
+        if s.kind not in ("experts", "expert_channels"):
+            continue
+        gate_up, down = reference[s.layer]["gate_up_proj"], reference[s.layer]["down_proj"]
+        width = down.shape[2]
+        if s.kind == "experts":  # the router's row has no adapter: it scores zero
+            expected = gate_up.sum(dim=(1, 2)) + down.sum(dim=(1, 2))
+        else:  # channel c: rows c (gate) and width + c (up) of gate_up, column c of down, in every expert
+            expected = gate_up[:, :width].sum(dim=(0, 2)) + gate_up[:, width:].sum(dim=(0, 2)) + down.sum(dim=(0, 1))
+        assert scores.units[s.id] == pytest.approx(expected.numpy(), rel=1e-6), (s.kind, s.layer)
+        checked.append(s.kind)
+    assert sorted(checked) == ["expert_channels"] * 2 + ["experts"] * 2
+
+
+def test_expert_adapters_leave_the_loss_and_the_expert_weights_untouched(moe_model: Tuple[Path, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = moe_model
+    batch = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    graph = trace(path)
+    plain = score(StreamedModel(path, dtype=torch.float64, blocks_prefix="model.layers"), graph, estimator("taylor"), batch, kinds=["expert_channels"])
+    seen: List[Tuple[str, bool]] = []
+    collect = streaming._GradTracker.stats
+
+    def spying(self: Any, samples: int) -> Any:  # right after a block's backward, before any release
+        seen.extend((name, p.grad is not None or p.requires_grad) for name, p in self.params.items())
+        return collect(self, samples)
+
+    monkeypatch.setattr(streaming._GradTracker, "stats", spying)
+    with_probes = score(StreamedModel(path, dtype=torch.float64, blocks_prefix="model.layers"), graph, estimator("lora-grad"), batch, kinds=["expert_channels"])
+    assert with_probes.loss == pytest.approx(plain.loss, rel=1e-12)  # the adapters add exactly zero
+    assert any(name.endswith("experts.down_proj") for name, _ in seen) and not any(has for _, has in seen)
+
+
+def test_prune_expert_channels_with_lora_grad_writes_a_loadable_checkpoint(moe_model: Tuple[Path, Any], tmp_path: Path) -> None:
+    path, _ = moe_model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((DEMO / name).read_bytes())
+    output = tmp_path / "out"
+    arguments = [
+        "prune", str(path), "-o", str(output), "--ratio", "0.02", "--structures", "expert-channels", "--importance", "lora-grad",
+        "--no-reconstruct", "--calib", str(CALIB), "--samples", "4", "--seq-len", "16",
+    ]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    before = transformers.AutoConfig.from_pretrained(path)
+    key = "moe_intermediate_size" if hasattr(before, "moe_intermediate_size") else "intermediate_size"
+    assert getattr(pruned.config, key) < getattr(before, key)
+    assert torch.isfinite(pruned(torch.zeros((1, 5), dtype=torch.long)).logits).all()

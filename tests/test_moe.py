@@ -339,11 +339,11 @@ def test_gate_and_mask_estimators_prune_the_heads_of_an_moe_model(mixtral_with_t
 @pytest.mark.parametrize(
     ("options", "refusal"),
     [
-        (("--structures", "expert-channels", "--importance", "lora-grad"), "'lora-grad' cannot score expert channels: it reads LoRA adapters on nn.Linear layers"),
         (("--structures", "experts", "--expert-saliency", "importance", "--importance", "flap"), "'flap' cannot score whole experts"),
         (("--structures", "experts", "--expert-saliency", "importance", "--importance", "entropy"), "consumed by the router's weighted sum"),
         (("--structures", "experts", "--expert-saliency", "importance", "--importance", "bonsai"), "'bonsai' cannot score whole experts: it masks"),
         (("--structures", "experts", "--expert-saliency", "importance", "--importance", "head-gate"), "'head-gate' cannot score whole experts: it gates"),
+        (("--structures", "experts,expert-channels", "--expert-saliency", "importance", "--importance", "obs"), "'obs' cannot score whole experts: it scores"),
     ],
 )
 def test_estimators_that_cannot_read_stacked_experts_are_refused_naming_why(mixtral_with_tokenizer: Path, options: Sequence[str], refusal: str) -> None:
@@ -368,8 +368,7 @@ def test_apply_refuses_a_plan_that_drops_an_expert_but_leaves_the_config_alone(t
     ("options", "refusal"),
     [
         (("--structures", "heads", "--experts", "1", "--importance", "taylor"), "--experts: removes routed experts: it needs experts among --structures"),
-        (("--structures", "experts", "--importance", "obs"), "--importance: 'obs' (the default) chooses units while reconstructing"),
-        (("--structures", "experts", "--importance", "taylor", "--reconstruct"), "--reconstruct: reconstruction refits nn.Linear layers"),
+        (("--structures", "experts", "--importance", "obs"), "--importance: 'obs' (the default) chooses units while reconstructing, and whole experts go by the routing"),
         (("--structures", "expert-channels", "--importance", "flap", "--bias-compensation"), "--bias-compensation: routed experts' stacked down projections have no bias"),
     ],
 )
@@ -484,7 +483,7 @@ def test_bonsai_drops_expert_channels_by_zeroing_them_in_every_expert(mixtral_wi
     streamed = StreamedModel(mixtral_with_tokenizer, blocks_prefix="model.layers")
     run = _MaskedScoring(streamed, folder, importance, micro_batch=2, store=ActivationStore(), workers=SINGLE, progress=None)
     run.run(ids)
-    units, _ = folder.result("sum")
+    units, _, _ = folder.result("sum")
     reference = _load(mixtral_with_tokenizer)
     dense = {name: reference.get_parameter(name).detach().clone() for name, _, _ in run.atoms}
     losses = []
@@ -548,12 +547,105 @@ def test_deepseek_v3_grouped_router_offers_no_whole_experts_and_says_why(deepsee
     assert not (tmp_path / "out").exists()
 
 
-def test_blocks_of_different_kinds_are_refused_by_name_not_a_traceback(deepseek_v3: Path, tmp_path: Path) -> None:
-    """DeepSeek-V3's first block is dense and the others are MoE; streaming builds every block as
-    block 0 is, so scoring the second would look for a dense MLP the checkpoint lacks."""
+def test_deepseek_v3_dense_and_moe_blocks_are_scored_and_pruned_end_to_end(deepseek_v3: Path, tmp_path: Path) -> None:
+    """DeepSeek-V3's first block is dense and the others are MoE: streaming runs each block in a
+    module built as the model builds that block, so Taylor's streamed backward goes through both.
+    Of what the graph offers (MLA pins the heads), the hidden width is what a stock config holds:
+    the output loads as the stock architecture. The MLP channels are of several widths, each its
+    own config key (MLA ranks, the dense MLP, the shared expert): a uniform plan is refused by name."""
+    out = tmp_path / "out"
+    result = _cli("prune", str(deepseek_v3), "-o", str(out), "--ratio", "0.2", "--multiple", "4", "--structures", "hidden", "--importance", "taylor", *CALIB)
+    assert result.exit_code == 0, result.output
+    pruned, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    assert pruned.config.hidden_size < 32 and pruned.config.first_k_dense_replace == 1
+    with torch.no_grad():
+        assert torch.isfinite(pruned(_ids()).logits).all()
     result = CliRunner().invoke(main, [
-        "prune", str(deepseek_v3), "-o", str(tmp_path / "out"), "--ratio", "0.2", "--structures", "heads", "--importance", "taylor", *CALIB,
+        "prune", str(deepseek_v3), "-o", str(tmp_path / "mlp"), "--ratio", "0.2", "--structures", "mlp", "--importance", "taylor", *CALIB,
     ])
-    assert result.exit_code != 0 and not isinstance(result.exception, KeyError), result.output
-    assert "model.layers.1.mlp.gate_proj.weight" in result.output and "blocks differ in kind" in result.output
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "--structures mlp: the model's channels structures differ in width" in result.output
+    assert not (tmp_path / "mlp").exists()
+
+
+def test_deepseek_v3_expert_channels_are_refused_before_scoring_naming_the_shared_expert(deepseek_v3: Path, tmp_path: Path) -> None:
+    """DeepSeek's shared experts are ``moe_intermediate_size × n_shared_experts`` wide: narrower
+    routed experts would narrow them too, which no cut of theirs does. Refused at once, not after
+    the scoring passes."""
+    result = CliRunner().invoke(main, [
+        "prune", str(deepseek_v3), "-o", str(tmp_path / "out"), "--ratio", "0.05", "--structures", "expert-channels", "--importance", "taylor", *CALIB,
+    ])
+    assert result.exit_code == 2, result.output
+    assert "--structures: expert-channels: narrower experts cannot be written for this model" in result.output
+    assert "shared_experts.down_proj.weight" in result.output and "scoring" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_deepseek_v3_reconstruction_refits_consumers_in_dense_and_moe_blocks(deepseek_v3: Path, tmp_path: Path) -> None:
+    """Reconstruction streams the pruned model block by block through blocks of both kinds: the
+    dense MLP's down projection (block 0) and the shared expert's (blocks 1 and 2) are refitted,
+    none to a larger error."""
+    from structprune.io.checkpoint import read_checkpoint
+    from structprune.plan.reconstruct import reconstruct, stored_dtype_map
+    from structprune.tracing.export import checkpoint_layout
+
+    graph = trace(deepseek_v3)
+    mlps = [s for s in graph.by_kind("channels") if any(".mlp." in m.param for m in s.members)]
+    selection = Selection(units={s.id: [1, 4, 6, 11] for s in mlps})
+    layout = checkpoint_layout(deepseek_v3, list(read_checkpoint(deepseek_v3).tensors))
+    stored = {model_name: name for name, model_name in layout.renamed.items()}
+    model = StreamedModel(deepseek_v3, blocks_prefix="model.layers")
+    ids = torch.randint(1, 4096, (4, 16), generator=torch.Generator().manual_seed(2))
+    result = reconstruct(
+        model, graph, selection, ids, tmp_path / "weights", stored_names=stored, stored_dtypes=stored_dtype_map(deepseek_v3),
+        expert_pieces=layout.experts, micro_batch=2,
+    )
+    refitted = [report.weight for report in result.layers]
+    assert refitted == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight", "model.layers.2.mlp.shared_experts.down_proj.weight"]
+    assert all(report.error_after <= report.error_before for report in result.layers), result.layers
+
+
+def _kept(plan: CutPlan, name: str) -> List[int]:
+    indices = plan.tensors[name].keep[1]
+    return plan.index_sets[indices] if isinstance(indices, str) else list(indices)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "wanda-sp", "head-gate", "bonsai", "lora-grad"])
+def test_moe_blocks_after_a_dense_one_prune_heads_and_expert_channels_equal_to_masking(tmp_path: Path, importance: str) -> None:
+    """Qwen2-MoE with ``mlp_only_layers=[0]``: a dense MLP block, then MoE blocks, each run in a
+    module of its own structure (the gate and mask estimators hook their consumers in both).
+    Scored and pruned without reconstruction, the output loads as the stock architecture and
+    computes what the original computes with the removed heads' o_proj columns and each
+    expert's removed channels zeroed."""
+    torch.manual_seed(0)
+    config = CONFIGS["qwen2_moe"]()
+    config.vocab_size, config.mlp_only_layers = 4096, [0]
+    config.pad_token_id = config.eos_token_id = config.bos_token_id = 0
+    path = tmp_path / "model"
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "model" / name, path / name)
+    out, plan_file = tmp_path / "out", tmp_path / "plan.json"
+    result = _cli(
+        "prune", str(path), "-o", str(out), "--ratio", "0.1", "--structures", "heads,expert-channels", "--importance", importance,
+        "--no-reconstruct", "--plan-out", str(plan_file), *CALIB,
+    )
+    assert result.exit_code == 0, result.output
+    plan = CutPlan.load(plan_file)
+    original = _load(path)
+    assert type(original.model.layers[0].mlp).__name__ == "Qwen2MoeMLP"
+    with torch.no_grad():
+        for i, layer in enumerate(original.model.layers):
+            kept = _kept(plan, f"model.layers.{i}.self_attn.o_proj.weight")
+            assert len(kept) < layer.self_attn.o_proj.weight.shape[1]
+            layer.self_attn.o_proj.weight[:, [c for c in range(layer.self_attn.o_proj.weight.shape[1]) if c not in kept]] = 0
+            if i == 0:
+                continue
+            for expert in range(EXPERTS["qwen2_moe"]):
+                kept = _kept(plan, f"model.layers.{i}.mlp.experts.{expert}.down_proj.weight")
+                assert len(kept) < WIDTH["qwen2_moe"]
+                layer.mlp.experts.down_proj[expert, :, [c for c in range(WIDTH["qwen2_moe"]) if c not in kept]] = 0
+    pruned, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    torch.testing.assert_close(_logits(pruned.eval()), _logits(original), rtol=1e-5, atol=1e-5)

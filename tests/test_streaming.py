@@ -203,3 +203,59 @@ def test_blocks_of_several_attention_kinds_get_their_own_mask_and_rotary_table(a
         store.close()
     for name, param in full.named_parameters():
         assert_close_relative(stats[name].grad, param.grad, name)
+
+
+# Blocks the modeling code builds differently from their index: DeepSeek-V3's dense first block
+# before MoE ones, Qwen2-MoE's mlp_only_layers, Qwen3-MoE's decoder_sparse_step (every second block MoE).
+MIXED_BLOCKS = {
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+        moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+        norm_topk_prob=True, routed_scaling_factor=2.5, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2, decoder_sparse_step=1,
+        mlp_only_layers=[0], pad_token_id=0, eos_token_id=0, bos_token_id=0,
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        moe_intermediate_size=16, num_experts=5, num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[], head_dim=8,
+        pad_token_id=0, eos_token_id=0, bos_token_id=0,
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MIXED_BLOCKS))
+def test_blocks_built_differently_by_index_stream_through_their_own_representative(arch: str, tmp_path: Path) -> None:
+    """Blocks whose weights differ by layer index (dense and mixture-of-experts blocks) each run in
+    a block built as the model builds theirs, holding one block's weights at a time: the loss and
+    every gradient equal full-model autograd."""
+    config = MIXED_BLOCKS[arch]()
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(1, config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    want = full(input_ids=ids, labels=ids).loss
+    want.backward()
+
+    model = StreamedModel(tmp_path, blocks_prefix="model.layers")
+    kinds = {type(model.block_of(i).mlp).__name__ for i in range(model.num_blocks)}
+    assert len(kinds) == 2, kinds
+    store = ActivationStore(1 << 30)
+    stats: Dict[str, ParamStats] = {}
+    loaded: list[int] = []
+    try:
+        streamed = forward_pass(model, ids, micro_batch=2, store=store)
+        got = backward_pass(
+            model, streamed, fisher=False, on_params=lambda block: stats.update(copies(block)),
+            on_load=lambda index: loaded.append(sum(p.numel() for m in model.representatives for p in m.parameters())),
+        )
+    finally:
+        store.close()
+    assert got == pytest.approx(float(want.detach()), rel=1e-5)
+    # Only the loaded block's weights are allocated among the representatives.
+    assert loaded == [sum(p.numel() for n, p in full.named_parameters() if n.startswith(f"model.layers.{i}.")) for i in reversed(range(model.num_blocks))]
+    for name, param in full.named_parameters():
+        assert_close_relative(stats[name].grad, param.grad, name)

@@ -18,7 +18,7 @@ from structprune._core import MAX_MEMORY_BUDGET, MAX_THREADS
 from structprune.apply import DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET, apply_plan, check_output, check_plan_shapes, plan_output
 from structprune.errors import SettingError, StructpruneError
 from structprune.io.checkpoint import Checkpoint, read_checkpoint
-from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, DEFAULT_SAMPLES, RECONSTRUCTION_TARGETS, format_size, parse_size
+from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY, DEFAULT_DAMPING, DEFAULT_REFIT_LR, DEFAULT_SAMPLES, RECONSTRUCTION_TARGETS, format_size, parse_size
 from structprune.io.termination import Terminated, cleanup_on_sigterm
 from structprune.models.formats import FORMATS
 from structprune.plan.selection import NORMALIZATIONS
@@ -366,6 +366,8 @@ PRUNING_OPTIONS = (
     click.option("--reconstruct/--no-reconstruct", default=None, help="[default: on, except with hidden, --bias-compensation or blocks alone] Refit the kept input columns of every layer that loses inputs (o_proj, down_proj…) by least squares on the pruned model's own calibration activations, block by block (SlimGPT/ZipLM's column update). The output stays a stock checkpoint."),
     click.option("--damping", type=click.FloatRange(min=0), default=DEFAULT_DAMPING, show_default=True, help="With --reconstruct: λ relative to the mean diagonal of the kept inputs' Gram matrix."),
     click.option("--reconstruct-target", type=click.Choice(RECONSTRUCTION_TARGETS), default="dense", show_default=True, help="With --reconstruct: what the refitted layers reproduce from the pruned model's inputs. layer: their own dense weights' outputs (SlimGPT/ZipLM); dense: the same, except that a layer whose output joins the residual stream (down_proj; BERT's output.dense, before its block's final norm) is fitted to the dense block's output, taking up the drift the blocks before it left."),
+    click.option("--refit-steps", type=click.IntRange(min=0), default=0, show_default=True, help="With --reconstruct: after each block's least-squares fits, fit all its kept weights together (projections, norms, biases) by this many Adam steps so that the pruned block's output matches the dense block's on the calibration windows (block-wise distillation, one block at a time; 0: none)."),
+    click.option("--refit-lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_REFIT_LR, show_default=True, help="With --refit-steps: Adam's peak learning rate (5% warm-up, cosine decay)."),
     click.option("--lora-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --importance lora-grad: read the gradients of this peft adapter, trained on MODEL (recover writes it to OUTPUT/adapter, with its merged weights as the MODEL to prune), instead of fresh random probes."),
     click.option("--format", "layout", type=click.Choice(FORMATS), default="auto", show_default=True, help="Checkpoint format: stock config; DeciLM/Nemotron-NAS (Llama, per-layer MLP widths and KV heads; vLLM loads it); layers (any model, structprune.load_pruned). auto: stock when uniform, else decilm when it fits, else layers."),
 )
@@ -392,7 +394,7 @@ def _prune_options(ratio: float, importance: str, pruning: Dict[str, Any]) -> "P
         layout=pruning["layout"], blocks=pruning["block_count"], experts=pruning["expert_count"], expert_saliency=pruning["expert_saliency"],
         bias_compensation=pruning["bias_compensation"],
         reconstruct=pruning["reconstruct"], damping=pruning["damping"], reconstruction_target=pruning["reconstruct_target"],
-        lora_adapter=pruning["lora_adapter"],
+        refit_steps=pruning["refit_steps"], refit_lr=pruning["refit_lr"], lora_adapter=pruning["lora_adapter"],
     )
 
 
@@ -469,6 +471,7 @@ STAGES = {
     "forward": "scoring: forward pass over the calibration windows, block by block",
     "backward": "scoring: backward pass, block by block",
     "reconstruct": "reconstructing: refitting the kept weights on the pruned model's activations, block by block",
+    "refit": "reconstructing: least-squares fits, then the joint refit of every block's weights (Adam steps), block by block",
     "perturb": "scoring: sub-models with random units masked, forward only, block by block",
     "sparsify": "sparsifying: masks (and SparseGPT's updates) of every linear layer, block by block",
 }

@@ -26,7 +26,8 @@ from structprune.models.loading import resolve_device
 from structprune.plan.compensation import DECILM_REFUSAL, compensate_biases
 from structprune.plan.compensation import HIDDEN_REFUSAL as HIDDEN_COMPENSATION_REFUSAL
 from structprune.plan.cut_plan import CutPlan
-from structprune.plan.cuts import Selection, checkpoint_cut_plan, router_top_k
+from structprune.plan.cuts import Selection, checkpoint_cut_plan, router_top_k, stock_config_check
+from structprune.plan.refit import DEFAULT_REFIT_LR, RefitSettings
 from structprune.plan.reconstruct import DEFAULT_DAMPING, HIDDEN_REFUSAL, Reconstruction, apply_to_plan, reconstruct, stored_dtype_map
 from structprune.plan.selection import GQA_MODES, NORMALIZATIONS, PLANNINGS, STRUCTURE_CHOICES, Target, default_protection, layer_widths, plan_global, plan_uniform
 from structprune.score.calibration import batch_sha256
@@ -96,7 +97,8 @@ class PruneOptions:
     """Refit the kept input columns of every layer that loses inputs (least squares on the pruned
     model's calibration activations, block by block: ``structprune.plan.reconstruct``). Needs
     calibration data, whatever the estimator. ``None``: on wherever it applies (not with hidden
-    channels, bias compensation, or blocks alone); see ``reconstructs``."""
+    channels, bias compensation, or blocks and whole experts alone) and helps (not with expert
+    channels but for obs); see ``reconstructs``."""
     damping: float = DEFAULT_DAMPING
     """Reconstruction's λ relative to the mean diagonal of the kept inputs' Gram matrix."""
     reconstruction_target: str = "dense"
@@ -104,6 +106,12 @@ class PruneOptions:
     of their own dense weights on the pruned inputs; ``dense`` (measured best on SmolLM2 at 20% and
     50%), the same except that a layer feeding the residual stream (down_proj) reproduces the dense
     block's output, correcting the drift of the blocks before."""
+    refit_steps: int = 0
+    """With reconstruction: Adam steps of the joint refit of every kept block after its
+    least-squares fits (``structprune.plan.refit``: all the block's weights, towards the dense
+    block's output on the dense inputs); 0: none."""
+    refit_lr: float = DEFAULT_REFIT_LR
+    """The block refit's peak learning rate."""
     lora_adapter: Optional[Path] = None
     """With ``lora-grad``: a peft LoRA adapter trained on (and merged into) this checkpoint, whose
     gradients the estimator reads (``prune --iterations K --recover-steps N`` passes the one each
@@ -160,6 +168,7 @@ def make_plan(
     if graph.blocks is None:
         raise PlanError(f"{model_dir}: no repeated blocks found, so the model cannot be scored block by block")
     _check_experts_offered(graph, options)
+    _check_expert_width_expressible(model_dir, graph, options)
     owned_dir = None
     if reconstruct_ and reconstruction_dir is None:
         owned_dir = tempfile.TemporaryDirectory(prefix="structprune-reconstruct-")
@@ -202,6 +211,8 @@ def make_plan(
             plan = checkpoint_cut_plan(model_dir, graph, selection, metadata=metadata, layout=options.layout)
         apply_to_plan(plan, reconstruction)
         plan.metadata["reconstruction"].update(damping=options.damping, target=options.reconstruction_target)
+        if options.refit_steps:
+            plan.metadata["reconstruction"]["refit"].update(lr=options.refit_lr)
     before = read_checkpoint(model_dir).parameters
     after = sum(prod(t.shape) for t in plan_output(model_dir, plan).tensors)
     plan.metadata["params"] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -241,19 +252,22 @@ def plan_selection(model_dir: Union[str, Path], graph: StructureGraph, scores: S
 
 
 def reconstructs(options: PruneOptions) -> bool:
-    """Whether ``options`` reconstruct: as asked, else wherever reconstruction applies (measured to
-    win on SmolLM2 at every ratio tried: docs/benchmarks.md)."""
+    """Whether ``options`` reconstruct: as asked, else wherever reconstruction applies and was
+    measured to help (on SmolLM2 at every ratio tried: docs/benchmarks.md). Not with expert
+    channels, unless obs chooses them: on a tiny trained Mixtral whose experts keep channels of
+    their own, refitting the experts after Taylor's choice moved held-out perplexity by −1.3% to
+    +1.2% (benches/README.md), no gain to turn on unasked."""
     if options.reconstruct is not None:
         return options.reconstruct
     if tuple(options.structures) == ("blocks",):
         return False  # no layer loses inputs: nothing to refit
-    if any(s in MOE_STRUCTURES for s in options.structures):
-        return False  # stacked expert weights are no nn.Linear to refit (_check_experts)
+    if set(options.structures) <= {"blocks", "experts"}:
+        return False  # whole experts need no refit (the router renormalises over the others)
     if options.calib is None and options.importance != "obs":
         return False  # nothing to fit on; a data-free estimator still prunes
     if options.importance == "obs":
         return True
-    return not ("hidden" in options.structures or options.bias_compensation)
+    return not ("hidden" in options.structures or "expert-channels" in options.structures or options.bias_compensation)
 
 
 def check_options(options: PruneOptions) -> None:
@@ -283,6 +297,8 @@ def check_options(options: PruneOptions) -> None:
             _refuse(option, f"must be at least {least}, got {number}")
     if options.damping < 0:
         _refuse("--damping", f"must be at least 0, got {options.damping}")
+    if options.refit_steps < 0 or not options.refit_lr > 0:
+        _refuse("--refit-steps", f"steps must be at least 0 and the learning rate positive, got {options.refit_steps} and {options.refit_lr}")
     if options.protect is not None and min(options.protect) < 0:
         _refuse("--protect", f"block counts must be at least 0, got {options.protect}")
     if options.blocks is not None and (options.blocks < 0 or "blocks" not in options.structures):
@@ -294,8 +310,9 @@ def check_options(options: PruneOptions) -> None:
 def _check_experts(options: PruneOptions) -> None:
     """The MoE options: ``--experts`` needs experts among the structures; expert structures are
     scored from their weights, the routing or the per-expert inputs of the stacked expert weights
-    (``score.expert_inputs``), by the estimators that can read those (``_refuse_expert_estimator``),
-    and not refitted (reconstruction refits nn.Linear layers)."""
+    (``score.expert_inputs``), by the estimators that can read those (``_refuse_expert_estimator``);
+    expert channels are refitted per expert and reselected by obs (``plan.reconstruct``), whole
+    experts need neither (obs on its own is refused there: it would have nothing to choose)."""
     if options.experts is not None and (options.experts < 0 or "experts" not in options.structures):
         _refuse("--experts", f"removes routed experts: it needs experts among --structures and a count of at least 0, got {options.experts} with {','.join(options.structures)}")
     if options.expert_saliency not in EXPERT_SALIENCIES:
@@ -304,17 +321,14 @@ def _check_experts(options: PruneOptions) -> None:
     if not moe:
         return
     importance = ESTIMATORS[options.importance]
-    if importance.reselects:
+    if importance.reselects and set(options.structures) <= {"blocks", "experts"}:
         _refuse("--importance", (
             f"'{options.importance}'{' (the default)' if options.importance == 'obs' else ''} chooses units while reconstructing, "
-            f"and stacked expert weights ({', '.join(moe)}) are not reconstructed: pass --importance taylor (or wanda-sp, flap, l1…)"
+            "and whole experts go by the routing (--expert-saliency) with nothing to refit: pass --importance taylor (or wanda-sp, l1…), "
+            "or cut expert-channels too"
         ))
-    if "expert-channels" in moe:
-        _refuse_expert_estimator(options.importance, "expert channels", EXPERT_CHANNEL_REFUSALS)
     if "experts" in moe and options.expert_saliency == "importance":
         _refuse_expert_estimator(options.importance, "whole experts", WHOLE_EXPERT_REFUSALS, ", or score whole experts by the routing (--expert-saliency reap or frequency)")
-    if reconstructs(options):
-        _refuse("--reconstruct", f"reconstruction refits nn.Linear layers, and the stacked expert weights ({', '.join(moe)}) are none: pass --no-reconstruct")
     if options.bias_compensation:
         _refuse("--bias-compensation", (
             f"routed experts' stacked down projections have no bias to take the removed units' means, and no stock config a switch "
@@ -336,15 +350,20 @@ def _check_experts_offered(graph: StructureGraph, options: PruneOptions) -> None
     _refuse("--structures", f"experts: the model's experts cannot be removed, their dimension is pinned: {reasons[0]}{more}; `structprune inspect` lists what can be cut")
 
 
-EXPERT_CHANNEL_REFUSALS = {
-    "lora-grad": "reads LoRA adapters on nn.Linear layers (score/lora_probes.py), and the stacked expert weights carry none",
-}
-"""Estimators that cannot score expert channels, and why."""
+def _check_expert_width_expressible(model_dir: Path, graph: StructureGraph, options: PruneOptions) -> None:
+    """``--structures expert-channels`` on a model whose config cannot hold a narrower expert is
+    refused before scoring, naming why (DeepSeek: its shared experts' width is
+    ``moe_intermediate_size × n_shared_experts``, so narrowing the routed experts narrows them too)."""
+    if "expert-channels" not in options.structures or not graph.by_kind("expert_channels"):
+        return
+    reason = stock_config_check(graph, read_config(model_dir) or {}, "expert_channels")
+    if reason is not None:
+        _refuse("--structures", f"expert-channels: narrower experts cannot be written for this model: {reason}; `structprune inspect` lists what can be cut")
+
 
 _CONSUMED_BY_THE_ROUTER = "a whole expert's output is consumed by the router's weighted sum, no layer"
 WHOLE_EXPERT_REFUSALS = {
-    **EXPERT_CHANNEL_REFUSALS,
-    **{name: f"scores a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}" for name in ("flap", "entropy")},
+    **{name: f"scores a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}" for name in ("flap", "entropy", "obs")},
     "head-gate": f"gates a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}",
     "bonsai": f"masks a unit at the input of the layer that consumes it, and {_CONSUMED_BY_THE_ROUTER}",
 }
@@ -387,6 +406,8 @@ def _check_combinations(options: PruneOptions) -> None:
                 f"'{options.importance}' (the default) chooses the units while reconstructing, which rules out "
                 f"{' and '.join(unsupported)}: pass another --importance (taylor, wanda-sp, flap…)"
             ))
+    if options.refit_steps and not reconstruct_:
+        _refuse("--refit-steps", "the block refit starts from reconstruction's least-squares fits: it needs --reconstruct")
     if reconstruct_:
         if "hidden" in options.structures:
             _refuse("--reconstruct", HIDDEN_REFUSAL)
@@ -417,14 +438,15 @@ def _reconstruct(
     *,
     reselect: bool,
 ) -> Reconstruction:
-    from structprune.tracing.export import checkpoint_name_map
+    from structprune.tracing.export import checkpoint_layout
 
-    names = list(read_checkpoint(model.model_dir).tensors)
-    stored_names = {model_name: name for name, model_name in checkpoint_name_map(model.model_dir, names).items()}
+    layout = checkpoint_layout(model.model_dir, list(read_checkpoint(model.model_dir).tensors))
+    stored_names = {model_name: name for name, model_name in layout.renamed.items()}
     result = reconstruct(
-        model, graph, selection, share, directory, stored_names=stored_names, stored_dtypes=stored_dtype_map(model.model_dir),
+        model, graph, selection, share, directory, stored_names=stored_names, stored_dtypes=stored_dtype_map(model.model_dir), expert_pieces=layout.experts,
         damping=options.damping, target=options.reconstruction_target, micro_batch=options.micro_batch, activation_memory=options.activation_memory, workers=workers,
         progress=progress, reselect=reselect,
+        refit=RefitSettings(steps=options.refit_steps, lr=options.refit_lr, seed=options.seed) if options.refit_steps else None,
     )
     return result
 

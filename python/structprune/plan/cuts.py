@@ -39,11 +39,22 @@ TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
 class Selection:
     """What to remove. ``units`` maps a structure id to unit indices removed in it; ``per_group``
     maps a ``query_heads`` structure id to, for every KV group, the query-head slots removed in that
-    group (the same count in each); ``blocks`` lists whole blocks to remove."""
+    group (the same count in each); ``per_expert`` maps an ``expert_channels`` structure id to, for
+    every expert, the channels removed in that expert (the same count in each: a stock config has
+    one expert width); ``blocks`` lists whole blocks to remove."""
 
     units: Dict[int, List[int]] = field(default_factory=dict)
     per_group: Dict[int, List[List[int]]] = field(default_factory=dict)
+    per_expert: Dict[int, List[List[int]]] = field(default_factory=dict)
     blocks: List[int] = field(default_factory=list)
+
+
+def removed_count(selection: Selection, sid: int) -> int:
+    """How many units structure ``sid`` loses (in each KV group or expert, where chosen per one)."""
+    for nested in (selection.per_group, selection.per_expert):
+        if sid in nested:
+            return len(nested[sid][0])
+    return len(selection.units.get(sid, []))
 
 
 def cut_plan(
@@ -70,6 +81,7 @@ def cut_plan(
     to_model = {name: (model_names or {}).get(name, name) for name in names if name not in pieces}
     _validate(graph, selection)
     removed = removed_indices(graph, selection)
+    by_expert = expert_removals(graph, selection)
     dropped_layers = set(selection.blocks)
     new_layer = _layer_renumbering(graph, dropped_layers)
     plan = CutPlan(metadata=dict(metadata or {}))
@@ -83,7 +95,12 @@ def cut_plan(
             plan.tensors[name] = TensorCut(drop=True)
             continue
         if piece is not None:
-            cut = _expert_piece_cut(name, piece, graph.params[source], removed.get(source, {}), shared, plan)
+            cut = _expert_piece_cut(name, piece, graph.params[source], _with_expert_removals(removed.get(source, {}), by_expert.get(source, {}), piece.expert), shared, plan)
+        elif source in by_expert:
+            raise PlanError(
+                f"tensor '{name}' holds every expert's weights in one tensor, which keeps one list of channels for all of them: "
+                f"channels chosen per expert need each expert's tensors apart in the checkpoint"
+            )
         else:
             cut = TensorCut()
             for dim, gone in sorted(removed.get(source, {}).items()):
@@ -100,7 +117,7 @@ def cut_plan(
         plan.files = formats.decilm_files()
     plan.metadata.setdefault("format", chosen)
     if verify:
-        stacked = _stacked_shapes(graph, pieces, removed)
+        stacked = _stacked_shapes(graph, pieces, _counted_removals(removed, by_expert))
         _verify_with_head_dim(config, plan.config, lambda: verify_config(graph, config, plan, to_model, dropped_layers, stacked=stacked))
     return plan
 
@@ -135,6 +152,23 @@ def _expert_piece_cut(
         if local:
             cut.keep[dim - 1] = _shared_set(_kept(size, local), shared, plan)
     return cut
+
+
+def _with_expert_removals(removed: Mapping[int, Set[int]], by_expert: Mapping[int, List[Set[int]]], expert: int) -> Dict[int, Set[int]]:
+    """What one expert of a stacked parameter loses: what all its experts lose, and its own channels."""
+    merged = {dim: set(gone) for dim, gone in removed.items()}
+    for dim, per_expert in by_expert.items():
+        merged.setdefault(dim, set()).update(per_expert[expert])
+    return merged
+
+
+def _counted_removals(removed: Mapping[str, Mapping[int, Set[int]]], by_expert: Mapping[str, Mapping[int, List[Set[int]]]]) -> Dict[str, Dict[int, Set[int]]]:
+    """``removed`` with expert 0's own removals added: every expert loses as many, so shapes follow."""
+    merged = {param: {dim: set(gone) for dim, gone in dims.items()} for param, dims in removed.items()}
+    for param, dims in by_expert.items():
+        for dim, per_expert in dims.items():
+            merged.setdefault(param, {}).setdefault(dim, set()).update(per_expert[0])
+    return merged
 
 
 def _stacked_shapes(graph: StructureGraph, pieces: Mapping[str, ExpertPiece], removed: Mapping[str, Mapping[int, Set[int]]]) -> Dict[str, Tuple[int, ...]]:
@@ -181,6 +215,15 @@ def _validate(graph: StructureGraph, selection: Selection) -> None:
         if units and len(units) >= structure.units:
             where = f" of layer {structure.layer}" if structure.layer is not None else ""
             raise PlanError(f"invalid selection: removing all {structure.units} units of {structure.kind} structure {sid}{where} leaves nothing")
+    for sid, per_expert in selection.per_expert.items():
+        structure = graph.structures[sid]
+        experts = {graph.params[m.param][0] for m in structure.members}
+        if structure.kind != "expert_channels" or len(experts) != 1 or any(m.dim == 0 for m in structure.members):
+            raise PlanError(f"invalid selection: per-expert removal needs an expert_channels structure, {sid} is {structure.kind}")
+        if len(per_expert) != min(experts) or len({len(set(c)) for c in per_expert} | {len(c) for c in per_expert}) != 1:
+            raise PlanError(f"invalid selection: structure {sid} needs one list of distinct channels per expert ({min(experts)}), each of the same length")
+        if not 0 < len(per_expert[0]) < structure.units or any(not 0 <= c < structure.units for channels in per_expert for c in channels):
+            raise PlanError(f"invalid selection: structure {sid} has {structure.units} channels per expert, and each expert must keep some")
     for sid, groups in selection.per_group.items():
         structure = graph.structures[sid]
         if structure.kind != "query_heads" or structure.nested_in is None:
@@ -216,6 +259,18 @@ def removed_indices(graph: StructureGraph, selection: Selection) -> Dict[str, Di
                     in_group = np.concatenate([m.indices([group]) for m in group_members])
                     both = np.intersect1d(member.indices(slots), in_group)
                     removed[member.param][member.dim].update(both.tolist())
+    return removed
+
+
+def expert_removals(graph: StructureGraph, selection: Selection) -> Dict[str, Dict[int, List[Set[int]]]]:
+    """Stacked expert parameter (model name) → dimension → for each expert, the indices that
+    expert alone loses along it (``Selection.per_expert``; not in ``removed_indices``)."""
+    removed: Dict[str, Dict[int, List[Set[int]]]] = defaultdict(dict)
+    for sid, per_expert in selection.per_expert.items():
+        for member in graph.structures[sid].members:
+            sets = removed[member.param].setdefault(member.dim, [set() for _ in per_expert])
+            for expert, channels in enumerate(per_expert):
+                sets[expert].update(member.indices(channels).tolist())
     return removed
 
 
@@ -262,10 +317,7 @@ def _remaining_per_layer(graph: StructureGraph, kind: str, selection: Selection,
     for s in graph.by_kind(kind):
         if s.layer is not None and s.layer in dropped:
             continue
-        gone = len(selection.units.get(s.id, []))
-        if s.id in selection.per_group:
-            gone = len(selection.per_group[s.id][0])
-        remaining[s.layer] = s.units - gone
+        remaining[s.layer] = s.units - removed_count(selection, s.id)
     return remaining
 
 
@@ -312,7 +364,7 @@ def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selecti
         widths.set("num_key_value_heads", "kv_groups", kv_before, kv)
         widths.set(keys["num_attention_heads"], "query_heads", config.get(keys["num_attention_heads"]), query)
     channels = _remaining_per_layer(graph, "channels", selection, dropped)
-    if channels:
+    if channels and _cuts_any(graph, "channels", selection):
         widths.set(_channel_key(config, graph.by_kind("channels")[0].units), "channels", graph.by_kind("channels")[0].units, channels)
     _expert_widths(graph, config, selection, widths)
     hidden = graph.by_kind("hidden")
@@ -326,6 +378,12 @@ def _widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selecti
             if isinstance(value, list) and len(value) == total:
                 widths.uniform[key] = [v for i, v in enumerate(value) if i not in dropped]
     return widths
+
+
+def _cuts_any(graph: StructureGraph, kind: str, selection: Selection) -> bool:
+    """Whether the selection removes units of ``kind``: the config key of a width left whole is
+    not looked for (DeepSeek's channels: MLA ranks, dense and shared-expert MLPs, each its own key)."""
+    return any(selection.units.get(s.id) for s in graph.by_kind(kind))
 
 
 def _expert_widths(graph: StructureGraph, config: Mapping[str, Any], selection: Selection, widths: _Widths) -> None:
@@ -572,7 +630,7 @@ CHECKED_BLOCKS = 2
 def _counted_shapes(graph: StructureGraph, selection: Selection) -> Dict[str, Tuple[int, ...]]:
     """What ``planned_shapes`` gives for ``cut_plan(graph, config, selection, list(graph.params))``,
     from the number of indices removed along each dimension."""
-    removed = removed_indices(graph, selection)
+    removed = _counted_removals(removed_indices(graph, selection), expert_removals(graph, selection))
     dropped = set(selection.blocks)
     renumbered = _layer_renumbering(graph, dropped)
     shapes: Dict[str, Tuple[int, ...]] = {}

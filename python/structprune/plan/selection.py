@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional
 
 import numpy as np
 
-from structprune.plan.cuts import Selection
+from structprune.plan.cuts import Selection, removed_count
 from structprune.errors import PlanError
 from structprune.tracing.graph import Structure, StructureGraph
 
@@ -149,11 +149,14 @@ def _removal_costs(structure: Structure, scores: Scores) -> np.ndarray:
     if structure.kind == "query_heads" and structure.id in scores.per_group:
         # Each KV group drops its own lowest slots; the k-th removal costs the k-th lowest of each.
         return np.sort(scores.per_group[structure.id], axis=1).sum(axis=0)
+    if structure.kind == "expert_channels" and structure.id in scores.per_expert:
+        return np.sort(scores.per_expert[structure.id], axis=1).sum(axis=0)  # each expert its own lowest, likewise
     return np.sort(scores.units[structure.id])
 
 
 def _kind(graph: StructureGraph, scores: Scores, name: str, head_count: int, protected: FrozenSet[int] = frozenset()) -> _Kind:
     structures = _targeted(graph, name, protected)
+    _refuse_mixed_widths(name, structures)
     per_step = np.stack([_removal_costs(s, scores) for s in structures]).sum(axis=0)
     units = structures[0].units
     return _Kind(
@@ -163,6 +166,25 @@ def _kind(graph: StructureGraph, scores: Scores, name: str, head_count: int, pro
         cumulative=np.concatenate([[0.0], np.cumsum(per_step)]),
         per_unit_of_heads=head_count // units if name != "heads" and units else 1,
     )
+
+
+# The --structures entry that names each kind, for messages.
+_OPTION_OF_KIND = {"channels": "mlp", "expert_channels": "expert-channels", "kv_groups": "heads", "query_heads": "heads"}
+
+
+def _refuse_mixed_widths(name: str, structures: Sequence[Structure]) -> None:
+    """A uniform plan removes as many units from every structure of a kind, which needs one width:
+    refused, naming the widths, where they differ (DeepSeek's and Qwen-MoE's dense MLP blocks
+    beside shared experts, DeepSeek's MLA ranks: channels of several widths, each its own config key)."""
+    layers: Dict[int, List[str]] = {}
+    for s in structures:
+        layers.setdefault(s.units, []).append("all" if s.layer is None else str(s.layer))
+    if len(layers) > 1:
+        widths = "; ".join(f"{units} in layer(s) {', '.join(dict.fromkeys(where))}" for units, where in sorted(layers.items()))
+        raise PlanError(
+            f"--structures {_OPTION_OF_KIND.get(name, name)}: the model's {name} structures differ in width ({widths}); a uniform plan "
+            f"removes as many units from each, which one stock config width cannot hold: leave it out of --structures"
+        )
 
 
 def _heads_left(kind: _Kind, removed: int) -> int:
@@ -356,6 +378,8 @@ def _select_per_structure(graph: StructureGraph, scores: Scores, counts: Dict[in
             continue
         if graph.get(sid).kind == "query_heads" and sid in scores.per_group:
             selection.per_group[sid] = [_lowest(row, count) for row in scores.per_group[sid]]
+        elif graph.get(sid).kind == "expert_channels" and sid in scores.per_expert:
+            selection.per_expert[sid] = [_lowest(row, count) for row in scores.per_expert[sid]]
         else:
             selection.units[sid] = _lowest(scores.units[sid], count)
     return selection
@@ -372,13 +396,16 @@ def normalized(graph: StructureGraph, scores: Scores, how: str) -> Scores:
     reduce = reducers[how]
     units: Dict[int, np.ndarray] = {}
     per_group: Dict[int, np.ndarray] = {}
+    per_expert: Dict[int, np.ndarray] = {}
     for sid, values in scores.units.items():
         scale = float(reduce(np.abs(values)))
         scale = scale if scale > 0 else 1.0
         units[sid] = values / scale
         if sid in scores.per_group:
             per_group[sid] = scores.per_group[sid] / scale
-    return replace(scores, units=units, per_group=per_group)
+        if sid in scores.per_expert:
+            per_expert[sid] = scores.per_expert[sid] / scale
+    return replace(scores, units=units, per_group=per_group, per_expert=per_expert)
 
 
 @dataclass
@@ -467,8 +494,5 @@ def layer_widths(graph: StructureGraph, selection: Selection) -> Dict[str, List[
     for s in graph.structures:
         if s.layer is None or s.layer in selection.blocks:
             continue
-        gone = len(selection.units.get(s.id, []))
-        if s.id in selection.per_group:
-            gone = len(selection.per_group[s.id][0])
-        widths.setdefault(s.kind, []).append(s.units - gone)
+        widths.setdefault(s.kind, []).append(s.units - removed_count(selection, s.id))
     return widths

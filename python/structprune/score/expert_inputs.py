@@ -55,6 +55,25 @@ def down_inputs(module: nn.Module, hidden: torch.Tensor, expert: int) -> torch.T
     return gate(out)
 
 
+def weighted_down_grams(module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: List[int]) -> torch.Tensor:
+    """For each of ``experts``, ``G_e = Σ g² z zᵀ`` over the (token, slot) pairs routed to it: z the
+    pair's down_proj input, g its gate weight (``hidden``, ``index``, ``weights``: the experts
+    module's arguments). ``[len(experts), I, I]`` in float64: the expert's block of the Hessian of
+    the layer's output error (its output reaches the layer's output scaled by g)."""
+    hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+    index = index.reshape(hidden.shape[0], -1)
+    weights = weights.reshape(index.shape)
+    width = _stacked(module, "down_proj").shape[expert_input_dim(module)]
+    grams = torch.zeros(len(experts), width, width, dtype=torch.float64, device=hidden.device)
+    with torch.no_grad():
+        for slot, expert in enumerate(experts):
+            tokens, slots = torch.nonzero(index == expert, as_tuple=True)
+            if len(tokens):
+                z = down_inputs(module, hidden[tokens], expert).double() * weights[tokens, slots, None].double()
+                grams[slot] = z.T @ z
+    return grams
+
+
 def _stacked(module: nn.Module, name: str) -> torch.Tensor:
     value = getattr(module, name)
     assert isinstance(value, torch.Tensor), f"{type(module).__name__}.{name} is no tensor"
@@ -165,4 +184,9 @@ def consumes_expert_channels(block: nn.Module, path: str, dim: int) -> bool:
         owner = block.get_submodule(owner_path)
     except AttributeError:
         return False
-    return all(hasattr(owner, attribute) for attribute in INTERFACE) and name == stacked_names(owner)[1] and dim == expert_input_dim(owner)
+    return has_experts_interface(owner) and name == stacked_names(owner)[1] and dim == expert_input_dim(owner)
+
+
+def has_experts_interface(module: nn.Module) -> bool:
+    """Whether ``module`` is an experts module with transformers' experts interface (``INTERFACE``)."""
+    return all(hasattr(module, attribute) for attribute in INTERFACE)

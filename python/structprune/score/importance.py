@@ -329,22 +329,37 @@ class LoraGrad(Importance):
 
     def index_scores(self, stats: ParamStats, dim: int, activation: Optional[ActivationStats]) -> torch.Tensor:
         adapter, weight = stats.adapter, stats.weight
-        scores = torch.zeros(weight.shape[dim], dtype=torch.float64, device=weight.device)
         if adapter is None:
-            return scores
-        # G_B·A + B·G_A − G_B·G_A = [G_B, B − G_B]·[A; G_A]: one product of inner size 2r.
-        left = torch.cat([adapter.grad_b, adapter.b - adapter.grad_b], dim=1)
-        right = torch.cat([adapter.a, adapter.grad_a], dim=0)
-        # Row slices of the weight's size at most 16 MiB in float32: the estimate is never whole.
-        step = max(1, (16 << 20) // (4 * weight.shape[1]))
-        for start in range(0, weight.shape[0], step):
-            rows = slice(start, start + step)
-            part = (left[rows] @ right).mul_(weight[rows]).abs_()
-            if dim == 0:
-                scores[rows] = part.sum(dim=1).double()
-            else:
-                scores += part.sum(dim=0).double()
-        return scores
+            return torch.zeros(weight.shape[dim], dtype=torch.float64, device=weight.device)
+        if weight.dim() == 2:
+            return _lora_criterion(weight, adapter.a, adapter.b, adapter.grad_a, adapter.grad_b, dim)
+        # Stacked experts [E, rows, cols], one adapter per expert: dimension 0 scores each expert
+        # whole, the others each channel summed over the experts (as every estimator's stacked sums).
+        per_expert = [
+            _lora_criterion(weight[e], adapter.a[e], adapter.b[e], adapter.grad_a[e], adapter.grad_b[e], max(dim - 1, 0))
+            for e in range(weight.shape[0])
+        ]
+        if dim == 0:
+            return torch.stack([scores.sum() for scores in per_expert])
+        return torch.stack(per_expert).sum(dim=0)
+
+
+def _lora_criterion(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, dim: int) -> torch.Tensor:
+    """LoRAPrune's criterion of one matrix, summed along every dimension but ``dim``."""
+    scores = torch.zeros(weight.shape[dim], dtype=torch.float64, device=weight.device)
+    # G_B·A + B·G_A − G_B·G_A = [G_B, B − G_B]·[A; G_A]: one product of inner size 2r.
+    left = torch.cat([grad_b, b - grad_b], dim=1)
+    right = torch.cat([a, grad_a], dim=0)
+    # Row slices of the weight's size at most 16 MiB in float32: the estimate is never whole.
+    step = max(1, (16 << 20) // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        part = (left[rows] @ right).mul_(weight[rows]).abs_()
+        if dim == 0:
+            scores[rows] = part.sum(dim=1).double()
+        else:
+            scores += part.sum(dim=0).double()
+    return scores
 
 
 def _grad(stats: ParamStats) -> torch.Tensor:

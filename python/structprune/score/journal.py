@@ -41,7 +41,7 @@ from structprune.io.atomic import TEMPORARY_GLOB, write_json_atomically
 from structprune.score.streaming import save_torch_atomically
 
 # Bumped whenever what a state file holds changes, so that old state is refused rather than misread.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -17,6 +17,7 @@ from structprune.errors import SettingError
 from structprune.score.distributed import SINGLE, Workers
 from structprune.score.expert_inputs import (
     ExpertInputRecorder, attach_expert_recorders, check_experts_module, consumes_expert_channels, expert_gate_derivatives, experts_modules,
+    has_experts_interface,
 )
 from structprune.score.routing import EXPERTS_ARGUMENTS, argument
 from structprune.tracing.graph import Member, StructureGraph
@@ -24,7 +25,7 @@ from structprune.score.importance import ActivationStats, Bonsai, Importance, Lo
 from structprune.score.journal import Journal
 from structprune.score.lora_probes import LoraProbes
 from structprune.io.sizes import DEFAULT_ACTIVATION_MEMORY
-from structprune.score.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass
+from structprune.score.streaming import ActivationStore, BackwardState, ParamStats, StreamedModel, StreamedPass, backward_pass, forward_pass, holds
 
 REDUCTIONS = ("sum", "mean", "max", "prod", "first")
 
@@ -51,6 +52,9 @@ class Scores:
     units: Dict[int, np.ndarray] = field(default_factory=dict)
     per_group: Dict[int, np.ndarray] = field(default_factory=dict)
     """query_heads structure id → [KV group, slot] scores, for removing different slots per group."""
+    per_expert: Dict[int, np.ndarray] = field(default_factory=dict)
+    """expert_channels structure id → [expert, channel] scores, for removing different channels
+    in each expert (where the checkpoint stores each expert's tensors apart: ``_Folder``)."""
     block_influence: Optional[np.ndarray] = None
     """1 − mean cos(block input, block output) per block (ShortGPT): low means the block barely acts."""
     loss: Optional[float] = None
@@ -62,7 +66,9 @@ class Scores:
 class _Folder:
     """Folds per-index scores of parameters onto the units of the structures that contain them."""
 
-    def __init__(self, graph: StructureGraph, importance: Importance, kinds: Optional[Collection[str]] = None) -> None:
+    def __init__(
+        self, graph: StructureGraph, importance: Importance, kinds: Optional[Collection[str]] = None, stored_per_expert: Collection[str] = (),
+    ) -> None:
         self.graph = graph
         self.importance = importance
         self.members: Dict[str, List[Tuple[int, int, Member]]] = defaultdict(list)
@@ -74,6 +80,21 @@ class _Folder:
         self.member_scores: Dict[int, Dict[int, np.ndarray]] = defaultdict(dict)
         self.group_indices = self._group_indices()
         self.group_scores: Dict[int, Dict[int, np.ndarray]] = defaultdict(dict)
+        self.per_expert = self._per_expert_structures(stored_per_expert)
+        self.expert_scores: Dict[int, Dict[int, np.ndarray]] = defaultdict(dict)
+
+    def _per_expert_structures(self, stored_per_expert: Collection[str]) -> Set[int]:
+        """The expert-channel structures whose channels each expert may lose on its own: every
+        member a stacked weight whose experts the checkpoint stores as separate tensors (each can
+        then keep its own channels; a stacked tensor on disk keeps one index list for all). Not for
+        the estimators that score a channel of all experts at once (a gate on it, a mask of it)."""
+        if self.importance.gates or self.importance.perturbs:
+            return set()
+        scored = self.member_sids()
+        return {
+            s.id for s in self.graph.by_kind("expert_channels")
+            if s.id in scored and all(m.param in stored_per_expert and m.dim != 0 for m in s.members)
+        }
 
     def member_sids(self) -> Set[int]:
         """The structures being scored."""
@@ -106,6 +127,18 @@ class _Folder:
                 self.member_scores[sid][i] = _finalize(self.importance, scores[member.index_matrix(units)].sum(axis=1))
                 if (sid, i) in self.group_indices:
                     self.group_scores[sid][i] = _finalize(self.importance, scores[self.group_indices[(sid, i)]].sum(axis=2))
+                if sid in self.per_expert:
+                    self.expert_scores[sid][i] = self._per_expert_scores(stats, member, activations.get(name), units)
+
+    def _per_expert_scores(self, stats: ParamStats, member: Member, activation: Optional[ActivationStats], units: int) -> np.ndarray:
+        """``[experts, units]``: the unit scores of each expert's slice of a stacked weight, scored
+        as a weight of its own (its gradient, adapter and routed-input statistics sliced alike)."""
+        rows = []
+        for expert in range(stats.weight.shape[0]):
+            sliced = _expert_slice(stats, expert)
+            scores = self.importance.index_scores(sliced, member.dim - 1, _expert_activation(activation, expert)).double().cpu().numpy()
+            rows.append(_finalize(self.importance, scores[member.index_matrix(units)].sum(axis=1)))
+        return np.stack(rows)
 
     def add_per_sample(self, name: str, dim: int, samples: List[torch.Tensor], workers: Workers) -> None:
         """Folds the index scores of one parameter dimension sample by sample (a gate estimator's):
@@ -125,16 +158,42 @@ class _Folder:
 
     def state(self) -> Dict[str, Any]:
         """The member scores so far, as tensors (what a resume directory can hold)."""
-        return {"units": _as_tensors(self.member_scores), "groups": _as_tensors(self.group_scores)}
+        return {"units": _as_tensors(self.member_scores), "groups": _as_tensors(self.group_scores), "experts": _as_tensors(self.expert_scores)}
 
     def restore(self, state: Dict[str, Any]) -> None:
         self.member_scores = defaultdict(dict, _as_arrays(state["units"]))
         self.group_scores = defaultdict(dict, _as_arrays(state["groups"]))
+        self.expert_scores = defaultdict(dict, _as_arrays(state["experts"]))
 
-    def result(self, reduction: str) -> Tuple[Dict[int, np.ndarray], Dict[int, np.ndarray]]:
+    def result(self, reduction: str) -> Tuple[Dict[int, np.ndarray], Dict[int, np.ndarray], Dict[int, np.ndarray]]:
+        """Unit scores, per-KV-group query-head scores and per-expert channel scores by structure.
+        A structure gets per-expert scores only where every member was scored expert by expert
+        (a gate's or a mask's scores are of the channel in all experts at once)."""
         units = {sid: _reduce([per[i] for i in sorted(per)], reduction) for sid, per in self.member_scores.items()}
         groups = {sid: _reduce([per[i] for i in sorted(per)], reduction) for sid, per in self.group_scores.items()}
-        return units, groups
+        experts = {
+            sid: _reduce([per[i] for i in sorted(per)], reduction) for sid, per in self.expert_scores.items()
+            if set(per) == set(self.member_scores.get(sid, {}))
+        }
+        return units, groups, experts
+
+
+def _expert_slice(stats: ParamStats, expert: int) -> ParamStats:
+    adapter = stats.adapter
+    if adapter is not None:
+        adapter = replace(adapter, a=adapter.a[expert], b=adapter.b[expert], grad_a=adapter.grad_a[expert], grad_b=adapter.grad_b[expert])
+    return ParamStats(
+        stats.name, stats.weight[expert], None if stats.grad is None else stats.grad[expert], None if stats.fisher is None else stats.fisher[expert], adapter,
+    )
+
+
+def _expert_activation(activation: Optional[ActivationStats], expert: int) -> Optional[ActivationStats]:
+    """One expert's routed-input statistics, for its slice of the stacked weight (the input
+    dimension one lower without the expert dimension)."""
+    if activation is None:
+        return None
+    count = activation.count[expert] if isinstance(activation.count, torch.Tensor) else activation.count
+    return ActivationStats(activation.total[expert], activation.squares[expert], count, activation.input_dim - 1)
 
 
 def _as_tensors(scores: Dict[int, Dict[int, np.ndarray]]) -> Dict[int, Dict[int, torch.Tensor]]:
@@ -237,6 +296,14 @@ class Consumers:
         assert isinstance(weight, torch.Tensor)
         return weight
 
+    def held_by(self, block: nn.Module) -> "Consumers":
+        """The consumers ``block`` holds: where blocks differ in structure (DeepSeek's dense MLP
+        block before mixture-of-experts ones), each is in some blocks only."""
+        return Consumers(
+            {path: dim for path, dim in self.layers.items() if holds(block, path)},
+            {path: dim for path, dim in self.experts.items() if holds(block, path.rpartition(".")[0])},
+        )
+
 
 def consuming_layers(model: StreamedModel, folder: "_Folder", importance: Importance) -> Consumers:
     """The linear layers and stacked expert down projections whose inputs hold the units of the
@@ -246,13 +313,14 @@ def consuming_layers(model: StreamedModel, folder: "_Folder", importance: Import
     consumers: Dict[int, int] = defaultdict(int)
     for name, members in folder.members.items():
         path = _block_module_path(model.prefix, name)
-        module = model.block.get_submodule(path) if path is not None else None
         stacked = _block_parameter_path(model.prefix, name)
+        block = model.block_of(_index_in(model.prefix, name)) if stacked is not None else None
+        module = block.get_submodule(path) if block is not None and path is not None else None
         for sid, _, member in members:
             if path is not None and module is not None and linear_input_dim(module) == member.dim:
                 layers[path] = member.dim
                 consumers[sid] += 1
-            elif stacked is not None and consumes_expert_channels(model.block, stacked, member.dim):
+            elif block is not None and stacked is not None and consumes_expert_channels(block, stacked, member.dim):
                 experts[stacked] = member.dim
                 consumers[sid] += 1
     # Hidden channels feed every q/k/v/gate/up (and the head), not one layer.
@@ -277,18 +345,21 @@ class _GateRecorder:
         self.folder = folder
         self.importance = importance
         self.consumers = consuming_layers(model, folder, importance)
-        for path in self.consumers.experts:  # refused before the forward pass, not after it
-            check_experts_module(self._experts_module(path), path, gated=True)
+        for block in model.representatives:  # refused before the forward pass, not after it
+            for path in self.consumers.held_by(block).experts:
+                check_experts_module(_experts_module(block, path), path, gated=True)
         self.pending: Dict[str, List[torch.Tensor]] = defaultdict(list)
-
-    def _experts_module(self, down_projection: str) -> nn.Module:
-        return self.model.block.get_submodule(down_projection.rpartition(".")[0])
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        handles = [self.model.block.get_submodule(path).register_forward_hook(self._hook(path)) for path in sorted(self.consumers.layers)]
-        for path in sorted(self.consumers.experts):
-            handles.append(self._experts_module(path).register_forward_hook(self._experts_hook(path), with_kwargs=True))
+        """Hooks the consumers in every module that runs blocks (``StreamedModel.representatives``:
+        blocks of different structures run in different modules), for the whole pass."""
+        handles: List[torch.utils.hooks.RemovableHandle] = []
+        for block in self.model.representatives:
+            consumers = self.consumers.held_by(block)
+            handles.extend(block.get_submodule(path).register_forward_hook(self._hook(path)) for path in sorted(consumers.layers))
+            for path in sorted(consumers.experts):
+                handles.append(_experts_module(block, path).register_forward_hook(self._experts_hook(path), with_kwargs=True))
         try:
             yield
         finally:
@@ -327,28 +398,36 @@ class _GateRecorder:
 
 
 def lora_probes(model: StreamedModel, folder: "_Folder", importance: LoraGrad) -> LoraProbes:
-    """Adapters on the block's linear layers whose weights hold units of the scored structures.
-    Refuses structures with members outside the blocks (hidden channels: the embeddings and head
-    carry no adapter) and GPT-2's Conv1D layers (stored transposed; no adapter here)."""
+    """Adapters on the block's linear layers and stacked expert weights that hold units of the
+    scored structures. Refuses structures with members outside the blocks (hidden channels: the
+    embeddings and head carry no adapter), GPT-2's Conv1D layers (stored transposed; no adapter
+    here) and experts modules the adapters cannot be recomputed through (``check_experts_module``)."""
     if folder.wants(model.outside_names()):
         raise SettingError(
             f"importance (--importance) {importance.name}: reads LoRA adapters on the blocks' linear layers, and hidden units also live in the "
             f"embeddings and head: leave them out of the structures (--structures)", option="--importance",
         )
-    paths: Set[str] = set()
+    linears: Set[str] = set()
+    experts: Set[str] = set()
     for name in folder.members:
-        path = _block_module_path(model.prefix, name)
+        path = _block_parameter_path(model.prefix, name)
         if path is None:
             continue
-        input_dim = linear_input_dim(model.block.get_submodule(path))
+        owner_path, _, leaf = path.rpartition(".")
+        owner = model.block_of(_index_in(model.prefix, name)).get_submodule(owner_path)
+        if has_experts_interface(owner):
+            check_experts_module(owner, owner_path, gated=True)
+            experts.add(owner_path)
+            continue
+        input_dim = linear_input_dim(owner) if leaf == "weight" else None
         if input_dim == 0:
             raise SettingError(f"importance (--importance) {importance.name}: {name} is a Conv1D layer, which takes no adapter here", option="--importance")
         if input_dim == 1:
-            paths.add(path)
+            linears.add(owner_path)
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     return LoraProbes(
-        model.block, model.prefix, sorted(paths), rank=importance.rank, seed=importance.seed, dtype=dtype, device=model.device,
-        adapter_dir=importance.adapter,
+        lambda: model.block, lambda: model.representatives, model.prefix, sorted(linears), experts=sorted(experts), rank=importance.rank,
+        seed=importance.seed, dtype=dtype, device=model.device, adapter_dir=importance.adapter,
     )
 
 
@@ -467,7 +546,7 @@ class _MaskedScoring:
         ``[streams, width]`` input-column multipliers (stream 0, the dense model: all ones)."""
         columns = {}
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:bonsai:{index}".encode()))
-        for path in self.consumers.paths():
+        for path in self.consumers.held_by(self.model.block).paths():
             dim = self.consumers.input_dim(path)
             name = self.consumers.weight_name(self.model.prefix, index, path)
             width = int(self.consumers.weight(self.model.block, path).shape[dim])
@@ -591,6 +670,16 @@ def _block_module_path(prefix: str, name: str) -> Optional[str]:
     return path[: -len(".weight")] if path is not None and path.endswith(".weight") else None
 
 
+def _index_in(prefix: str, name: str) -> int:
+    """``model.layers.3.mlp.down_proj.weight`` → 3 (a name inside the blocks)."""
+    return int(name[len(prefix) + 1 :].partition(".")[0])
+
+
+def _experts_module(block: nn.Module, down_projection: str) -> nn.Module:
+    """The experts module whose stacked down projection is ``down_projection`` (inside ``block``)."""
+    return block.get_submodule(down_projection.rpartition(".")[0])
+
+
 def _block_index(prefix: str, params: Dict[str, ParamStats]) -> int:
     first = next(iter(params))
     return int(first[len(prefix) + 1 :].split(".", 1)[0])
@@ -625,6 +714,7 @@ def kinds_on_one_scale(graph: StructureGraph, scores: Scores) -> Scores:
         scores,
         units={sid: units * factor.get(sid, 1.0) for sid, units in scores.units.items()},
         per_group={sid: units * factor.get(sid, 1.0) for sid, units in scores.per_group.items()},
+        per_expert={sid: units * factor.get(sid, 1.0) for sid, units in scores.per_expert.items()},
     )
 
 
@@ -660,7 +750,7 @@ def score(
         raise ValueError(f"unknown reduction '{reduction}'; choose one of {', '.join(REDUCTIONS)}")
     if store is not None and journal is not None:
         raise ValueError("a journalled scoring run saves activations in its resume directory: pass no store")
-    folder = _Folder(graph, importance, kinds)
+    folder = _Folder(graph, importance, kinds, model.stored_per_expert)
     result = Scores(estimator=importance.name, reduction=reduction)
     needs_data = importance.needs_gradients or importance.needs_activations or importance.perturbs
     if needs_data and input_ids is None:
@@ -689,7 +779,7 @@ def score(
         finally:
             store.close()
         result.input_means = run.input_means
-    result.units, result.per_group = folder.result(reduction)
+    result.units, result.per_group, result.per_expert = folder.result(reduction)
     return result
 
 

@@ -4,7 +4,9 @@ Peak memory is one decoder block plus the parts outside the blocks (embeddings, 
 plus the calibration activations, whatever the model's depth: a 65B checkpoint is scored on one
 GPU. The model's own modules do the computation: a one-block *shell* of the model (same class,
 ``num_hidden_layers = 1``) holds the non-block weights, and its single block is refilled with each
-layer's weights in turn. The arguments the model passes to its blocks (rotary embeddings, masks,
+layer's weights in turn; blocks that the model builds differently from their index (DeepSeek's dense
+blocks before mixture-of-experts ones) run in a block of their own structure, swapped in as they
+load (``StreamedModel.load_block``). The arguments the model passes to its blocks (rotary embeddings, masks,
 positions) are captured by running the shell with a module standing in for the block that records
 its call and stops; the loss is computed by running the shell with a stand-in that returns the last
 block's output. So any decoder-only transformers model whose blocks are called one after another is
@@ -254,6 +256,24 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def holds(block: nn.Module, path: str) -> bool:
+    """Whether ``block`` has a submodule at ``path`` (blocks of different structure hold different ones)."""
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _experts_kernel(model_class: Any, dtype: torch.dtype) -> Dict[str, str]:
+    """The experts kernel for the shell where transformers' default cannot run: its ``grouped_mm``
+    has no float64 kernel (the eager per-expert loop computes the same in any dtype)."""
+    can_set = getattr(model_class, "_can_set_experts_implementation", None)
+    if dtype == torch.float64 and can_set is not None and can_set():
+        return {"experts_implementation": "eager"}
+    return {}
+
+
 def _layer_kinds(config: Any, blocks: int) -> List[str]:
     """Each block's ``layer_types`` entry (sliding or full attention…) where the config mixes
     several; empty where every block is of one kind."""
@@ -301,8 +321,10 @@ class StreamedModel:
         """An encoder without an MLM head: the pooling of its embeddings, for the probe loss."""
         self.stack = cast(nn.ModuleList, self.shell.get_submodule(self.prefix))
         self.block = self.stack[0]
+        """The module that runs the loaded block: its group's representative (``load_block``)."""
         self._loaded_kind: Optional[str] = None
-        self._block_shapes = {name: parameter.shape for name, parameter in self.block.named_parameters()}
+        self._group = 0
+        self._group_of, self._representatives, self._block_shapes = self._block_groups()
         self._outside_names: List[str] = []
         self._outside_loaded: Set[str] = set()
         self._load_outside_blocks()
@@ -322,10 +344,9 @@ class StreamedModel:
         from structprune.models.meta import model_class as shell_class
 
         shell_config = copy.deepcopy(self.config)
+        for key in _per_layer_keys(self.config, self.num_blocks):
+            setattr(shell_config, key, getattr(shell_config, key)[:1])
         shell_config.num_hidden_layers = 1
-        for key, value in list(vars(shell_config).items()):
-            if isinstance(value, list) and len(value) == self.num_blocks:
-                setattr(shell_config, key, value[:1])
         # With blocks of several kinds, one block of each is built, so that what the model sets up
         # per kind (Gemma 3's rotary table for each) exists; the blocks after the first are dropped.
         kinds = list(dict.fromkeys(self.layer_kinds))
@@ -335,7 +356,7 @@ class StreamedModel:
         # SDPA where the architecture has it; Gemma 2's soft-capped attention has only the eager path.
         attention = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
         with _no_init(), torch.device(self.device):
-            model = model_class._from_config(shell_config, dtype=self.dtype, attn_implementation=attention)
+            model = model_class._from_config(shell_config, dtype=self.dtype, attn_implementation=attention, **_experts_kernel(model_class, self.dtype))
         if kinds:
             del cast(nn.ModuleList, model.get_submodule(self.prefix))[1:]
             model.config.num_hidden_layers, model.config.layer_types = 1, kinds[:1]
@@ -346,6 +367,78 @@ class StreamedModel:
         if not isinstance(model.get_submodule(self.prefix), nn.ModuleList):
             raise StreamingError(f"{self.prefix} is not the block list of {type(model).__name__}")
         return model
+
+    def _block_groups(self) -> Tuple[List[int], List[nn.Module], List[Dict[str, torch.Size]]]:
+        """Each block's group, one module per group (the *representative* that runs its blocks)
+        and each group's parameter shapes.
+
+        Blocks are grouped by what the model builds for their layer index: the classes of their
+        submodules and their parameters' and buffers' names and shapes, read from the whole model
+        built on the meta device (no memory), and by their ``layer_types`` kind. The modeling code
+        decides the structure from the index (DeepSeek's ``first_k_dense_replace`` dense blocks
+        before mixture-of-experts ones, Qwen-MoE's ``mlp_only_layers`` and
+        ``decoder_sparse_step``), so it is read here, not derived per architecture. Block 0's group
+        runs in the shell's own block; every other group in a block built as the model builds the
+        group's first, whose weights are freed at once (``load_block`` allocates them)."""
+        from structprune.models.meta import instantiate_on_meta
+
+        attention = cast(Any, self.shell).config._attn_implementation
+        meta, _ = instantiate_on_meta(type(self.shell), self.config, attention)
+        blocks = cast(nn.ModuleList, meta.get_submodule(self.prefix))
+        if len(blocks) != self.num_blocks:
+            raise StreamingError(f"{self.prefix} of {type(meta).__name__} holds {len(blocks)} blocks, the config says {self.num_blocks}")
+        keys: Dict[Tuple[Any, ...], int] = {}
+        group_of = []
+        representatives: List[nn.Module] = []
+        shapes: List[Dict[str, torch.Size]] = []
+        for index, block in enumerate(blocks):
+            key = (_structure(block), self.layer_kinds[index] if self.layer_kinds else None)
+            if key not in keys:
+                keys[key] = len(representatives)
+                representative = self.block if index == 0 else self._built_as(type(block), index)
+                shapes.append({name: parameter.shape for name, parameter in representative.named_parameters()})
+                if index > 0:
+                    _free_parameters(representative)
+                representatives.append(representative)
+            group_of.append(keys[key])
+        return group_of, representatives, shapes
+
+    def _built_as(self, block_class: type, index: int) -> nn.Module:
+        """Block ``index`` as the model builds it (``block_class(config, layer_idx)``), on the
+        device, from the shell's own config object with the full model's depth and per-layer
+        entries while it is built: what the shell later sets on its config (attention or experts
+        implementation) then holds for this block too."""
+        config = cast(Any, self.shell).config
+        per_layer = {key: getattr(config, key) for key in _per_layer_keys(self.config, self.num_blocks) if hasattr(config, key)}
+        depth = config.num_hidden_layers
+        try:
+            for key in per_layer:
+                setattr(config, key, copy.deepcopy(getattr(self.config, key)))
+            config.num_hidden_layers = self.num_blocks
+            with _no_init(), torch.device(self.device), _default_dtype(self.dtype):
+                block = cast(nn.Module, block_class(config, index))
+        except (TypeError, ValueError) as err:
+            raise StreamingError(
+                f"{self.model_dir}: block {index} is built unlike block 0, and {block_class.__name__}(config, layer_idx) cannot build it on its own: {err}"
+            ) from err
+        finally:
+            for key, value in per_layer.items():
+                setattr(config, key, value)
+            config.num_hidden_layers = depth
+        block.eval()
+        block.requires_grad_(False)
+        return block
+
+    @property
+    def representatives(self) -> List[nn.Module]:
+        """Every module that runs blocks, one per structure (``block`` is one of them): hooks meant
+        for a whole pass go on each."""
+        return list(self._representatives)
+
+    def block_of(self, index: int) -> nn.Module:
+        """The module that runs block ``index`` (for its structure: module paths and classes; its
+        weights are those of the loaded block, or empty)."""
+        return self._representatives[self._group_of[index]]
 
     def _read(self, name: str) -> torch.Tensor:
         """A model-named tensor read from the checkpoint, on the device, in the compute dtype."""
@@ -450,29 +543,43 @@ class StreamedModel:
     def unload_block(self) -> None:
         """Frees the loaded block's weights while no block runs (the loss pass); ``load_block``
         allocates them again."""
-        for parameter in self.block.parameters():
-            parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        _free_parameters(self.block)
 
     def load_block(self, index: int) -> None:
-        """Fills the shell's block with the weights (and stored buffers) of block ``index``."""
+        """Fills the representative of block ``index``'s group with the weights (and stored
+        buffers) of block ``index``, and makes it ``block`` (and the shell's block) after freeing
+        the previous representative's weights: one block's weights are in memory at a time."""
         _return_freed_heap()
+        self._switch_to(self._group_of[index])
         self._loaded_kind = self.layer_kinds[index] if self.layer_kinds else None
         full = f"{self.prefix}.{index}."
+        shapes = self._block_shapes[self._group]
         for name, parameter in self.block.named_parameters():
-            if parameter.numel() == 0 and self._block_shapes[name] != parameter.shape:
-                parameter.data = torch.empty(self._block_shapes[name], dtype=parameter.dtype, device=parameter.device)
+            if parameter.numel() == 0 and shapes[name] != parameter.shape:
+                parameter.data = torch.empty(shapes[name], dtype=parameter.dtype, device=parameter.device)
         targets: Dict[str, torch.Tensor] = {full + n: p for n, p in self.block.named_parameters()}
         absent = [name for name in targets if name not in self._stored and name not in self._pieces]
         if absent:
-            raise StreamingError(
-                f"{self.model_dir}: the checkpoint has no tensor '{absent[0]}', which block {index} would have if it were built as "
-                f"block 0 is; the model's blocks differ in kind (e.g. DeepSeek's first_k_dense_replace dense blocks before "
-                f"mixture-of-experts ones), and scoring streams every block through one block's shell"
-            )
+            raise StreamingError(f"{self.model_dir}: the checkpoint has no tensor '{absent[0]}', which the model builds for block {index}")
         targets.update({full + n: b for n, b in self.block.named_buffers() if full + n in self._stored})
         with torch.no_grad():
             for name in self._by_position(list(targets)):
                 self._read_into(name, targets[name])
+
+    def _switch_to(self, group: int) -> None:
+        """Makes ``group``'s representative the block that runs, freeing the weights of the one before."""
+        if group == self._group:
+            return
+        self.unload_block()
+        self._group = group
+        self.block = self._representatives[group]
+        self.stack[0] = self.block
+
+    @property
+    def stored_per_expert(self) -> Set[str]:
+        """The stacked expert parameters (model names) whose experts the checkpoint stores as
+        separate tensors."""
+        return set(self._pieces)
 
     def block_parameters(self, index: int) -> Dict[str, nn.Parameter]:
         """The loaded block's parameters under their names in the full model."""
@@ -559,6 +666,38 @@ class StreamedModel:
         with self._standing_in(_Inject((last_hidden,) if self.block_returns_tuple else last_hidden)), float32_linears(self.device, self.dtype, accumulate_weight_grads=True):
             output = self.shell(inputs_embeds=placeholder, labels=labels, use_cache=False)
         return output.loss
+
+
+def _per_layer_keys(config: Any, blocks: int) -> List[str]:
+    """The config entries that hold one value per block (``layer_types``…), which the one-block
+    shell cuts to block 0's."""
+    return [key for key, value in vars(config).items() if isinstance(value, list) and len(value) == blocks]
+
+
+def _structure(block: nn.Module) -> Tuple[Any, ...]:
+    """What a block is built of: each submodule's path and class, and its own parameters' and
+    buffers' names and shapes."""
+    return tuple(
+        (path, type(module).__name__, tuple((name, tuple(tensor.shape)) for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]))
+        for path, module in block.named_modules()
+    )
+
+
+def _free_parameters(module: nn.Module) -> None:
+    """Replaces the module's parameters' storage with empty tensors (the Parameter objects stay)."""
+    for parameter in module.parameters():
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating-point tensors created inside are of ``dtype``, as in transformers' ``_from_config(dtype=…)``."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _tied_names(model: nn.Module) -> List[str]:
