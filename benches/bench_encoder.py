@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from structprune.io.sizes import DEFAULT_REFIT_LR
 from structprune.evaluate.embeddings import EmbeddingQuality, embedding_quality, encode, pair_embeddings, sentence_pairs
 from structprune.models.loading import load_pruned, load_tokenizer
 from structprune.models.sentence import Pooling, read_pooling
@@ -111,6 +112,7 @@ def measure(
     started = time.perf_counter()
     options = PruneOptions(
         ratio=ratio, importance=importance, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed, structures=tuple(args.structures.split(",")),
+        refit_steps=args.refit_steps, refit_lr=args.refit_lr,
     )
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "pruned"
@@ -153,6 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--structures", default="heads,mlp", help="what is pruned, as prune's --structures [default: heads,mlp]")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refit-steps", type=int, default=0, help="prune's --refit-steps: the block-wise joint refit after reconstruction [default: 0, none]")
+    parser.add_argument("--refit-lr", type=float, default=DEFAULT_REFIT_LR, help="prune's --refit-lr [default: prune's]")
     parser.add_argument("--recover-steps", type=int, help="recovery steps; 0: no recovery [default: recover's 1.5 epochs]")
     parser.add_argument("--recover-lr", type=float, default=RecoverOptions.lr, help="recovery's peak learning rate [default: recover's]")
     parser.add_argument("--threads", type=int, default=1)
