@@ -107,16 +107,23 @@ def test_scores_are_loraprunes_criterion_from_the_adapters_gradients(lora_model:
     assert sorted(checked) == ["channels", "channels", "kv_groups", "kv_groups"]
 
 
-def test_no_block_weight_gets_a_gradient(lora_model: Tuple[Path, Path, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    merged, _, _ = lora_model
+def _block_weights_with_gradients(monkeypatch: pytest.MonkeyPatch) -> List[Tuple[str, bool]]:
+    """Filled, as scoring runs, with each block weight's name and whether it has (or asks for) a
+    gradient, seen right after the block's backward, before anything is released."""
     seen: List[Tuple[str, bool]] = []
     collect = streaming._GradTracker.stats
 
-    def spying(self: Any, samples: int) -> Any:  # right after a block's backward, before any release
+    def spying(self: Any, samples: int) -> Any:
         seen.extend((name, p.grad is not None or p.requires_grad) for name, p in self.params.items())
         return collect(self, samples)
 
     monkeypatch.setattr(streaming._GradTracker, "stats", spying)
+    return seen
+
+
+def test_no_block_weight_gets_a_gradient(lora_model: Tuple[Path, Path, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    merged, _, _ = lora_model
+    seen = _block_weights_with_gradients(monkeypatch)
     batch = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
     streamed = StreamedModel(merged, blocks_prefix="model.layers")
     scores = score(streamed, trace(merged), estimator("lora-grad"), batch, kinds=["query_heads", "kv_groups", "channels"])
@@ -265,14 +272,7 @@ def test_expert_adapters_leave_the_loss_and_the_expert_weights_untouched(moe_mod
     batch = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
     graph = trace(path)
     plain = score(StreamedModel(path, dtype=torch.float64, blocks_prefix="model.layers"), graph, estimator("taylor"), batch, kinds=["expert_channels"])
-    seen: List[Tuple[str, bool]] = []
-    collect = streaming._GradTracker.stats
-
-    def spying(self: Any, samples: int) -> Any:  # right after a block's backward, before any release
-        seen.extend((name, p.grad is not None or p.requires_grad) for name, p in self.params.items())
-        return collect(self, samples)
-
-    monkeypatch.setattr(streaming._GradTracker, "stats", spying)
+    seen = _block_weights_with_gradients(monkeypatch)
     with_probes = score(StreamedModel(path, dtype=torch.float64, blocks_prefix="model.layers"), graph, estimator("lora-grad"), batch, kinds=["expert_channels"])
     assert with_probes.loss == pytest.approx(plain.loss, rel=1e-12)  # the adapters add exactly zero
     assert any(name.endswith("experts.down_proj") for name, _ in seen) and not any(has for _, has in seen)
