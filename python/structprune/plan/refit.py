@@ -129,12 +129,14 @@ def refit_block(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
     per_step = min(max(1, math.ceil(settings.samples / max(1, micro_batch))), micro_batches)
+    # Each micro-batch's token count is fixed: read its target once for it, not at every step.
+    counted = [_count(token_mask(m), target(m)) for m in range(micro_batches)]
     try:
         for p in params:
             p.requires_grad_(True)
         for step in range(settings.steps):
             chosen = torch.randperm(micro_batches, generator=generator)[:per_step].tolist()
-            counts = [_count(token_mask(m), target(m)) for m in chosen]
+            counts = [counted[m] for m in chosen]
             total = sum(counts) if workers.world_size == 1 else workers.sum_values([sum(counts)])[0]
             optimizer.zero_grad(set_to_none=False)
             for m in chosen:
